@@ -1,0 +1,356 @@
+"""CPU implementations of gpunn's backend operations, in NumPy.
+
+These functions are two things at once: the NumPy backend's hot path, and the
+reference that every CUDA kernel in :mod:`gpunn.kernels` is tested against.
+Each kernel wrapper has the same name, arguments and meaning as its function
+here.  All arrays share one floating dtype (float32 or float64); outputs are
+preallocated by the caller and written in place, so a training step allocates
+(almost) nothing.
+
+Shapes: ``M`` is the batch, ``K`` the input features, ``N`` the output
+features of a layer (or the number of outputs of the model for losses).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import special
+
+from gpunn import codes
+
+
+# --------------------------------------------------------------------------
+# Activations: forward in place on the pre-activation, derivative from what
+# the forward pass kept (the output ``y``; the pre-activation ``z`` for GELU).
+# --------------------------------------------------------------------------
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def apply_activation(z, act, alpha, y):
+    """``y = act(z)`` elementwise; ``y`` may be ``z`` itself (in place)."""
+    if act == codes.ACT_LINEAR:
+        if y is not z:
+            np.copyto(y, z)
+    elif act == codes.ACT_RELU:
+        np.maximum(z, 0, out=y)
+    elif act == codes.ACT_LEAKY_RELU:
+        # max(z, alpha*z) equals leaky ReLU for 0 <= alpha <= 1
+        if 0.0 <= alpha <= 1.0:
+            np.maximum(z, z * z.dtype.type(alpha), out=y)
+        else:
+            np.copyto(y, np.where(z > 0, z, z * z.dtype.type(alpha)))
+    elif act == codes.ACT_SIGMOID:
+        special.expit(z, out=y)
+    elif act == codes.ACT_TANH:
+        np.tanh(z, out=y)
+    elif act == codes.ACT_GELU:
+        # exact GELU: z * Phi(z), Phi the standard normal CDF
+        phi = special.erf(z * z.dtype.type(_SQRT_HALF))
+        phi += 1
+        phi *= 0.5
+        np.multiply(z, phi, out=y)
+    else:
+        raise ValueError(f"unknown activation code {act!r}")
+    return y
+
+
+def multiply_activation_grad(g, y, z, act, alpha):
+    """``g *= act'(.)`` in place, where ``g`` is dL/dy of shape (M, N).
+
+    ReLU, leaky ReLU, sigmoid and tanh take their derivative from the output
+    ``y``; GELU needs the pre-activation ``z``.
+    """
+    if act == codes.ACT_LINEAR:
+        return g
+    if act == codes.ACT_RELU:
+        g *= y > 0
+    elif act == codes.ACT_LEAKY_RELU:
+        g *= np.where(y > 0, g.dtype.type(1), g.dtype.type(alpha))
+    elif act == codes.ACT_SIGMOID:
+        g *= y
+        g *= 1 - y
+    elif act == codes.ACT_TANH:
+        g *= 1 - y * y
+    elif act == codes.ACT_GELU:
+        if z is None:
+            raise ValueError("z: GELU's derivative needs the pre-activation, got None")
+        cdf = special.erf(z * z.dtype.type(_SQRT_HALF))
+        cdf += 1
+        cdf *= 0.5
+        pdf = np.exp(-0.5 * z * z) * z.dtype.type(_INV_SQRT_2PI)
+        pdf *= z
+        pdf += cdf
+        g *= pdf
+    else:
+        raise ValueError(f"unknown activation code {act!r}")
+    return g
+
+
+# --------------------------------------------------------------------------
+# Fused linear layer
+# --------------------------------------------------------------------------
+
+
+def linear_forward(x, w, b, act, alpha, y, z=None):
+    """``z = x @ w + b``; ``y = act(z)``.
+
+    x: (M, K), w: (K, N), b: (N,) or None, y: (M, N) output.
+    z: (M, N) output, required only when ``act`` is in
+    ``codes.ACT_NEEDS_PREACTIVATION`` (GELU); pass None otherwise.
+    """
+    if act in codes.ACT_NEEDS_PREACTIVATION:
+        if z is None:
+            raise ValueError("z: this activation needs the pre-activation buffer, got None")
+        np.matmul(x, w, out=z)
+        if b is not None:
+            z += b
+        apply_activation(z, act, alpha, y)
+    else:
+        np.matmul(x, w, out=y)
+        if b is not None:
+            y += b
+        apply_activation(y, act, alpha, y)
+    return y
+
+
+def linear_backward_data(dy, w, y, z, act, alpha, dx):
+    """``dx = (dy * act'(.)) @ w.T``; ``dy`` (M, N) is left unchanged.
+
+    w: (K, N), y: (M, N) forward output, z: (M, N) pre-activation or None,
+    dx: (M, K) output.
+    """
+    g = multiply_activation_grad(dy.copy(), y, z, act, alpha)
+    np.matmul(g, w.T, out=dx)
+    return dx
+
+
+def linear_backward_weight(x, dy, y, z, act, alpha, dw, db):
+    """``g = dy * act'(.)``; ``dw = x.T @ g``; ``db = sum_batch g``.
+
+    x: (M, K), dy/y/z: (M, N), dw: (K, N) output, db: (N,) output or None.
+    ``dy`` is left unchanged.
+    """
+    g = multiply_activation_grad(dy.copy(), y, z, act, alpha)
+    np.matmul(x.T, g, out=dw)
+    if db is not None:
+        np.sum(g, axis=0, out=db)
+    return dw
+
+
+def linear_backward(x, w, dy, y, z, act, alpha, dx, dw, db):
+    """Both gradients of the fused layer at once; **overwrites** ``dy`` with g.
+
+    g = dy * act'(.); dx = g @ w.T (skipped when dx is None, e.g. the first
+    layer); dw = x.T @ g; db = sum_batch g (skipped when db is None).
+    """
+    g = multiply_activation_grad(dy, y, z, act, alpha)
+    np.matmul(x.T, g, out=dw)
+    if db is not None:
+        np.sum(g, axis=0, out=db)
+    if dx is not None:
+        np.matmul(g, w.T, out=dx)
+
+
+def softmax(z, out):
+    """Row-wise softmax of z (M, N) into out (may be z)."""
+    np.subtract(z, z.max(axis=1, keepdims=True), out=out)
+    np.exp(out, out=out)
+    out /= out.sum(axis=1, keepdims=True)
+    return out
+
+
+def softmax_backward(g, y):
+    """In place: ``g = y * (g - sum_j g*y)`` (softmax's Jacobian-vector product)."""
+    s = np.einsum("ij,ij->i", g, y)[:, None]
+    g -= s
+    g *= y
+    return g
+
+
+# --------------------------------------------------------------------------
+# Fused losses
+# --------------------------------------------------------------------------
+
+
+def _row_weights(weight, m, dtype):
+    if weight is None:
+        return np.ones(m, dtype=dtype)
+    return weight
+
+
+def loss_grad(kind, pred, target, weight, grad, sums):
+    """Loss and its gradient in one pass.
+
+    pred: (M, N) logits (kinds ``LOSS_SIGMOID_BCE``/``LOSS_SOFTMAX_*``) or
+    model outputs (the rest). target: (M, N) floats, or (M,) integer class
+    indices for the sparse kinds. weight: (M,) sample weights or None (ones).
+
+    With l_i the loss of row i (the mean over the N outputs for BCE, MSE and
+    MAE; the sum over classes for cross-entropies), the batch loss is
+    ``L = sum_i w_i l_i / M`` (Keras's sum-over-batch-size reduction).
+
+    grad: (M, N) output ``dL/dpred``, or None to skip it.
+    sums: array of 2 accumulated in place: ``sums[0] += sum_i w_i l_i`` and,
+    for classification kinds, ``sums[1] += sum_i w_i c_i`` with c_i the
+    row's accuracy (the fraction of outputs on the right side of the
+    threshold for binary kinds; argmax agreement for categorical kinds).
+    """
+    m, n = pred.shape
+    dt = pred.dtype
+    w = _row_weights(weight, m, dt)
+    eps = dt.type(codes.EPSILON)
+    correct = None
+    if kind == codes.LOSS_SIGMOID_BCE:
+        t = target
+        per_el = np.maximum(pred, 0) - pred * t + np.log1p(np.exp(-np.abs(pred)))
+        rows = per_el.mean(axis=1)
+        if grad is not None:
+            special.expit(pred, out=grad)
+            grad -= t
+            grad *= (w / dt.type(m * n))[:, None]
+        correct = ((pred > 0) == (t > 0.5)).mean(axis=1)
+    elif kind in (codes.LOSS_SOFTMAX_CCE, codes.LOSS_SOFTMAX_SPARSE_CCE):
+        zmax = pred.max(axis=1, keepdims=True)
+        shifted = pred - zmax
+        lse = np.log(np.exp(shifted).sum(axis=1))
+        if kind == codes.LOSS_SOFTMAX_SPARSE_CCE:
+            labels = target.astype(np.intp, copy=False)
+            rows = lse - shifted[np.arange(m), labels]
+            correct = pred.argmax(axis=1) == labels
+        else:
+            t = target
+            tsum = t.sum(axis=1)
+            rows = lse * tsum - np.einsum("ij,ij->i", t, shifted)
+            correct = pred.argmax(axis=1) == t.argmax(axis=1)
+        if grad is not None:
+            np.subtract(shifted, lse[:, None], out=grad)
+            np.exp(grad, out=grad)
+            if kind == codes.LOSS_SOFTMAX_SPARSE_CCE:
+                grad[np.arange(m), labels] -= 1
+            else:
+                grad *= tsum[:, None]
+                grad -= t
+            grad *= (w / dt.type(m))[:, None]
+    elif kind == codes.LOSS_BCE:
+        t = target
+        pc = np.clip(pred, eps, 1 - eps)
+        rows = -(t * np.log(pc) + (1 - t) * np.log(1 - pc)).mean(axis=1)
+        if grad is not None:
+            inside = (pred > eps) & (pred < 1 - eps)
+            np.divide(pc - t, pc * (1 - pc), out=grad)
+            grad *= inside
+            grad *= (w / dt.type(m * n))[:, None]
+        correct = ((pred > 0.5) == (t > 0.5)).mean(axis=1)
+    elif kind in (codes.LOSS_CCE, codes.LOSS_SPARSE_CCE):
+        if kind == codes.LOSS_SPARSE_CCE:
+            labels = target.astype(np.intp, copy=False)
+            t = np.zeros_like(pred)
+            t[np.arange(m), labels] = 1
+        else:
+            t = target
+        s = pred.sum(axis=1, keepdims=True)
+        q = pred / s
+        qc = np.clip(q, eps, 1 - eps)
+        rows = -(t * np.log(qc)).sum(axis=1)
+        if grad is not None:
+            inside = (q > eps) & (q < 1 - eps)
+            tm = t * inside
+            # d/dp_k of -sum_j t_j log(p_j / s) = -t_k/p_k + sum_j t_j / s
+            np.divide(-tm, np.where(inside, pred, 1), out=grad)
+            grad += tm.sum(axis=1, keepdims=True) / s
+            grad *= (w / dt.type(m))[:, None]
+        correct = pred.argmax(axis=1) == t.argmax(axis=1)
+    elif kind == codes.LOSS_MSE:
+        diff = pred - target
+        rows = (diff * diff).mean(axis=1)
+        if grad is not None:
+            np.multiply(diff, (2 * w / dt.type(m * n))[:, None], out=grad)
+    elif kind == codes.LOSS_MAE:
+        diff = pred - target
+        rows = np.abs(diff).mean(axis=1)
+        if grad is not None:
+            np.sign(diff, out=grad)
+            grad *= (w / dt.type(m * n))[:, None]
+    else:
+        raise ValueError(f"unknown loss code {kind!r}")
+    sums[0] += np.dot(w, rows.astype(dt, copy=False))
+    if correct is not None:
+        sums[1] += np.dot(w, correct.astype(dt, copy=False))
+    return sums
+
+
+# --------------------------------------------------------------------------
+# Optimizers on one flat parameter buffer (Keras 3 update rules)
+# --------------------------------------------------------------------------
+
+
+def sgd_update(params, grads, velocity, lr, momentum, nesterov):
+    """SGD in place on flat (P,) arrays.
+
+    momentum == 0: ``p -= lr * g`` (velocity may be None).
+    Otherwise ``v = momentum * v - lr * g``; then ``p += v``, or with
+    Nesterov ``p += momentum * v - lr * g``.
+    """
+    dt = params.dtype.type
+    if momentum == 0:
+        params -= dt(lr) * grads
+        return
+    velocity *= dt(momentum)
+    velocity -= dt(lr) * grads
+    if nesterov:
+        params += dt(momentum) * velocity
+        params -= dt(lr) * grads
+    else:
+        params += velocity
+
+
+def adam_update(params, grads, m, v, lr, beta1, beta2, epsilon, step, weight_decay):
+    """Adam (and AdamW when ``weight_decay > 0``) in place on flat (P,) arrays.
+
+    step is the 1-based update count t.
+    ``p -= lr * weight_decay * p`` (decoupled decay, AdamW); then
+    ``m += (g - m)(1 - b1)``; ``v += (g^2 - v)(1 - b2)``;
+    ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``.
+    """
+    dt = params.dtype.type
+    if weight_decay:
+        params *= dt(1 - lr * weight_decay)
+    lr_t = lr * np.sqrt(1 - beta2**step) / (1 - beta1**step)
+    m += (grads - m) * dt(1 - beta1)
+    v += (grads * grads - v) * dt(1 - beta2)
+    denom = np.sqrt(v)
+    denom += dt(epsilon)
+    np.divide(m, denom, out=denom)
+    denom *= dt(lr_t)
+    params -= denom
+
+
+def rmsprop_update(params, grads, velocity, average_grad, momentum_buf, lr, rho, momentum, epsilon):
+    """RMSprop in place on flat (P,) arrays (Keras 3 rule, epsilon inside the root).
+
+    ``v = rho v + (1 - rho) g^2``; centered (``average_grad`` not None):
+    ``a = rho a + (1 - rho) g`` and ``d = v - a^2 + eps``, else ``d = v + eps``;
+    ``inc = lr g / sqrt(d)``; with momentum ``mb = momentum mb + inc; p -= mb``,
+    else ``p -= inc``.
+    """
+    dt = params.dtype.type
+    velocity *= dt(rho)
+    velocity += dt(1 - rho) * grads * grads
+    if average_grad is not None:
+        average_grad *= dt(rho)
+        average_grad += dt(1 - rho) * grads
+        denom = velocity - average_grad * average_grad
+    else:
+        denom = velocity.copy()
+    denom += dt(epsilon)
+    np.sqrt(denom, out=denom)
+    np.divide(grads, denom, out=denom)
+    denom *= dt(lr)
+    if momentum_buf is not None and momentum > 0:
+        momentum_buf *= dt(momentum)
+        momentum_buf += denom
+        params -= momentum_buf
+    else:
+        params -= denom
