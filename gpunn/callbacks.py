@@ -1,0 +1,333 @@
+"""Callbacks with Keras's names, arguments and behaviour."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+
+import numpy as np
+
+
+class Callback:
+    """Base class: override any ``on_*`` hook; ``self.model`` is set by fit."""
+
+    def __init__(self):
+        self.model = None
+        self.params = {}
+
+    def set_model(self, model):
+        self.model = model
+
+    def set_params(self, params):
+        self.params = params
+
+    def on_train_begin(self, logs=None): ...
+    def on_train_end(self, logs=None): ...
+    def on_epoch_begin(self, epoch, logs=None): ...
+    def on_epoch_end(self, epoch, logs=None): ...
+    def on_train_batch_begin(self, batch, logs=None): ...
+    def on_train_batch_end(self, batch, logs=None): ...
+
+    @property
+    def wants_batch_logs(self) -> bool:
+        """True when this callback overrides on_train_batch_end (which then costs a host sync per batch)."""
+        return type(self).on_train_batch_end is not Callback.on_train_batch_end
+
+
+class History(Callback):
+    """Records every epoch's logs: ``history.history["loss"]`` etc."""
+
+    def __init__(self):
+        super().__init__()
+        self.history: dict[str, list] = {}
+        self.epoch: list[int] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch.append(epoch)
+        for k, v in (logs or {}).items():
+            self.history.setdefault(k, []).append(v)
+
+
+class CallbackList:
+    def __init__(self, callbacks, model, params):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks: expected gpunn.callbacks.Callback instances, got {type(cb).__name__}")
+            cb.set_model(model)
+            cb.set_params(params)
+        self.wants_batch_logs = any(cb.wants_batch_logs for cb in self.callbacks)
+
+    def __getattr__(self, hook):
+        if not hook.startswith("on_"):
+            raise AttributeError(hook)
+
+        def call(*args, **kwargs):
+            for cb in self.callbacks:
+                getattr(cb, hook)(*args, **kwargs)
+
+        return call
+
+
+def _monitor_op(monitor, mode, argument="mode"):
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"{argument}: expected 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto":
+        mode = "max" if any(k in monitor for k in ("acc", "precision", "recall", "auc")) else "min"
+    return mode
+
+
+class EarlyStopping(Callback):
+    """Stop training when ``monitor`` has stopped improving for ``patience`` epochs."""
+
+    def __init__(
+        self,
+        monitor="val_loss",
+        min_delta=0,
+        patience=0,
+        verbose=0,
+        mode="auto",
+        baseline=None,
+        restore_best_weights=False,
+        start_from_epoch=0,
+    ):
+        super().__init__()
+        self.monitor = monitor
+        self.min_delta = abs(float(min_delta))
+        if int(patience) < 0:
+            raise ValueError(f"patience: expected a non-negative integer, got {patience!r}")
+        self.patience = int(patience)
+        self.verbose = verbose
+        self.mode = _monitor_op(monitor, mode)
+        self.baseline = baseline
+        self.restore_best_weights = restore_best_weights
+        self.start_from_epoch = int(start_from_epoch)
+        self.stopped_epoch = 0
+
+    def _better(self, current, reference):
+        if self.mode == "min":
+            return current < reference - self.min_delta
+        return current > reference + self.min_delta
+
+    def on_train_begin(self, logs=None):
+        self.wait = 0
+        self.stopped_epoch = 0
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_weights = None
+        self.best_epoch = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get(self.monitor)
+        if current is None:
+            warnings.warn(
+                f"EarlyStopping: monitor {self.monitor!r} is not in the logs (available: {', '.join(logs or {})})",
+                stacklevel=2,
+            )
+            return
+        if epoch < self.start_from_epoch:
+            return
+        if self.restore_best_weights and self.best_weights is None:
+            self.best_weights = self.model.get_weights()
+        self.wait += 1
+        if self._better(current, self.best):
+            self.best = current
+            self.best_epoch = epoch
+            if self.restore_best_weights:
+                self.best_weights = self.model.get_weights()
+            if self.baseline is None or self._better(current, self.baseline):
+                self.wait = 0
+            return
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.stopped_epoch > 0 and self.verbose > 0:
+            print(f"Epoch {self.stopped_epoch + 1}: early stopping")
+        if self.restore_best_weights and self.best_weights is not None:
+            if self.verbose > 0:
+                print(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
+            self.model.set_weights(self.best_weights)
+
+
+class ModelCheckpoint(Callback):
+    """Save the model (atomically) every epoch, or only when ``monitor`` improves.
+
+    ``filepath`` may hold format fields such as ``{epoch:02d}`` or ``{val_loss:.3f}``.
+    """
+
+    def __init__(
+        self,
+        filepath,
+        monitor="val_loss",
+        verbose=0,
+        save_best_only=False,
+        save_weights_only=False,
+        mode="auto",
+        save_freq="epoch",
+    ):
+        super().__init__()
+        if not isinstance(filepath, (str, os.PathLike)):
+            raise TypeError(f"filepath: expected a path, got {filepath!r}")
+        if save_freq != "epoch":
+            raise ValueError(f"save_freq: only 'epoch' is supported, got {save_freq!r}")
+        self.filepath = os.fspath(filepath)
+        self.monitor = monitor
+        self.verbose = verbose
+        self.save_best_only = save_best_only
+        self.save_weights_only = save_weights_only
+        self.mode = _monitor_op(monitor, mode)
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        path = self.filepath.format(epoch=epoch + 1, **logs)
+        if self.save_best_only:
+            current = logs.get(self.monitor)
+            if current is None:
+                warnings.warn(f"ModelCheckpoint: monitor {self.monitor!r} is not in the logs", stacklevel=2)
+                return
+            improved = current < self.best if self.mode == "min" else current > self.best
+            if not improved:
+                return
+            if self.verbose > 0:
+                print(f"Epoch {epoch + 1}: {self.monitor} improved from {self.best:.5f} to {current:.5f}, saving model to {path}")
+            self.best = current
+        elif self.verbose > 0:
+            print(f"Epoch {epoch + 1}: saving model to {path}")
+        if self.save_weights_only:
+            self.model.save_weights(path)
+        else:
+            self.model.save(path)
+
+
+class TerminateOnNaN(Callback):
+    """Stop training (without an error) when a batch's loss is NaN or infinite."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            print(f"Batch {batch}: Invalid loss, terminating training")
+            self.model.stop_training = True
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by ``factor`` when ``monitor`` plateaus."""
+
+    def __init__(
+        self, monitor="val_loss", factor=0.1, patience=10, verbose=0, mode="auto", min_delta=1e-4, cooldown=0, min_lr=0.0
+    ):
+        super().__init__()
+        if not 0 < factor < 1:
+            raise ValueError(f"factor: expected a number in (0, 1), got {factor!r}")
+        self.monitor = monitor
+        self.factor = float(factor)
+        self.patience = int(patience)
+        self.verbose = verbose
+        self.mode = _monitor_op(monitor, mode)
+        self.min_delta = float(min_delta)
+        self.cooldown = int(cooldown)
+        self.min_lr = float(min_lr)
+
+    def on_train_begin(self, logs=None):
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.wait = 0
+        self.cooldown_counter = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        logs["learning_rate"] = self.model.optimizer.learning_rate
+        current = logs.get(self.monitor)
+        if current is None:
+            warnings.warn(f"ReduceLROnPlateau: monitor {self.monitor!r} is not in the logs", stacklevel=2)
+            return
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.wait = 0
+        improved = current < self.best - self.min_delta if self.mode == "min" else current > self.best + self.min_delta
+        if improved:
+            self.best = current
+            self.wait = 0
+        elif self.cooldown_counter <= 0:
+            self.wait += 1
+            if self.wait >= self.patience:
+                old = self.model.optimizer.learning_rate
+                if old > self.min_lr:
+                    new = max(old * self.factor, self.min_lr)
+                    self.model.optimizer.learning_rate = new
+                    if self.verbose > 0:
+                        print(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {new}.")
+                    self.cooldown_counter = self.cooldown
+                    self.wait = 0
+
+
+class CSVLogger(Callback):
+    """Stream each epoch's logs to a CSV file (``epoch`` first, then sorted keys)."""
+
+    def __init__(self, filename, separator=",", append=False):
+        super().__init__()
+        self.filename = os.fspath(filename)
+        self.sep = separator
+        self.append = append
+        self.keys = None
+        self._file = None
+
+    def on_train_begin(self, logs=None):
+        exists = self.append and os.path.exists(self.filename) and os.path.getsize(self.filename) > 0
+        self._file = open(self.filename, "a" if self.append else "w", newline="")
+        self._writer = None
+        self._header_done = exists
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.keys is None:
+            self.keys = sorted(logs)
+        if self._writer is None:
+            self._writer = csv.DictWriter(self._file, fieldnames=["epoch"] + self.keys, delimiter=self.sep)
+            if not self._header_done:
+                self._writer.writeheader()
+        self._writer.writerow({"epoch": epoch, **{k: logs.get(k, "NA") for k in self.keys}})
+        self._file.flush()
+
+    def on_train_end(self, logs=None):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class LearningRateScheduler(Callback):
+    """Set the learning rate at each epoch start from ``schedule(epoch, lr)``."""
+
+    def __init__(self, schedule, verbose=0):
+        super().__init__()
+        if not callable(schedule):
+            raise TypeError(f"schedule: expected a callable (epoch, lr) -> lr, got {schedule!r}")
+        self.schedule = schedule
+        self.verbose = verbose
+
+    def on_epoch_begin(self, epoch, logs=None):
+        lr = float(self.schedule(epoch, self.model.optimizer.learning_rate))
+        self.model.optimizer.learning_rate = lr
+        if self.verbose > 0:
+            print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {lr}.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = self.model.optimizer.learning_rate
+
+
+class LambdaCallback(Callback):
+    """Callbacks from plain functions, e.g. ``LambdaCallback(on_epoch_end=lambda e, logs: ...)``."""
+
+    def __init__(self, **hooks):
+        super().__init__()
+        for name, fn in hooks.items():
+            if not name.startswith("on_") or not hasattr(Callback, name):
+                raise ValueError(f"{name}: not a callback hook")
+            setattr(self, name, fn)
+
+    @property
+    def wants_batch_logs(self):
+        return "on_train_batch_end" in self.__dict__

@@ -1,0 +1,173 @@
+"""Metrics tracked during fit/evaluate, accumulated on the backend's device.
+
+Each metric keeps a 2-element state (numerator, denominator) in a backend
+array, updated with a few array operations per batch and read back to the
+host only when a progress line or the epoch's logs need it.  Sample weights
+weigh each row, as in Keras.
+
+``"accuracy"`` is resolved as Keras does: binary accuracy for a
+binary-cross-entropy loss or a single output, sparse categorical accuracy
+for integer labels, categorical accuracy otherwise.  Where the loss already
+counts that accuracy in its fused pass, no extra work is done per batch.
+"""
+
+from __future__ import annotations
+
+from gpunn._names import lookup
+
+
+class Metric:
+    """A running ratio sum(num)/sum(den) over the batches seen so far."""
+
+    name = ""
+
+    def __init__(self, name=None):
+        if name is not None:
+            self.name = name
+
+    def update(self, xp, pred, target, weight, state) -> None:
+        raise NotImplementedError
+
+    def result(self, state) -> float:
+        num, den = float(state[0]), float(state[1])
+        return num / den if den else 0.0
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _weighted_rows(xp, rows, weight, state):
+    rows = rows.astype(state.dtype, copy=False)
+    if weight is None:
+        state[0] += rows.sum()
+        state[1] += rows.shape[0]
+    else:
+        state[0] += (rows * weight).sum()
+        state[1] += weight.sum()
+
+
+class BinaryAccuracy(Metric):
+    name = "binary_accuracy"
+
+    def __init__(self, name=None, threshold=0.5):
+        super().__init__(name)
+        self.threshold = threshold
+
+    def update(self, xp, pred, target, weight, state):
+        rows = ((pred > self.threshold) == (target.reshape(pred.shape) > 0.5)).mean(axis=1)
+        _weighted_rows(xp, rows, weight, state)
+
+
+class CategoricalAccuracy(Metric):
+    name = "categorical_accuracy"
+
+    def update(self, xp, pred, target, weight, state):
+        _weighted_rows(xp, pred.argmax(axis=1) == target.argmax(axis=1), weight, state)
+
+
+class SparseCategoricalAccuracy(Metric):
+    name = "sparse_categorical_accuracy"
+
+    def update(self, xp, pred, target, weight, state):
+        _weighted_rows(xp, pred.argmax(axis=1) == target.reshape(-1).astype(pred.dtype), weight, state)
+
+
+class MeanSquaredError(Metric):
+    name = "mean_squared_error"
+
+    def update(self, xp, pred, target, weight, state):
+        diff = pred - target.reshape(pred.shape)
+        _weighted_rows(xp, (diff * diff).mean(axis=1), weight, state)
+
+
+class MeanAbsoluteError(Metric):
+    name = "mean_absolute_error"
+
+    def update(self, xp, pred, target, weight, state):
+        _weighted_rows(xp, xp.abs(pred - target.reshape(pred.shape)).mean(axis=1), weight, state)
+
+
+def _binary_outcomes(xp, pred, target, threshold):
+    """(predicted positive, actually positive) elementwise; integer labels are one-hot encoded."""
+    if target.ndim == 1 and pred.shape[1] > 1:
+        classes = xp.arange(pred.shape[1], dtype=pred.dtype)
+        actual = target[:, None] == classes[None, :]
+        predicted = pred.argmax(axis=1)[:, None] == classes[None, :]
+    else:
+        actual = target.reshape(pred.shape) > 0.5
+        predicted = pred > threshold
+    return predicted, actual
+
+
+class Precision(Metric):
+    """tp / (tp + fp), elementwise over outputs with a 0.5 threshold."""
+
+    name = "precision"
+
+    def __init__(self, name=None, threshold=0.5):
+        super().__init__(name)
+        self.threshold = threshold
+
+    def update(self, xp, pred, target, weight, state):
+        predicted, actual = _binary_outcomes(xp, pred, target, self.threshold)
+        w = 1 if weight is None else weight[:, None]
+        state[0] += ((predicted & actual) * w).sum()
+        state[1] += (predicted * w).sum()
+
+
+class Recall(Precision):
+    """tp / (tp + fn), elementwise over outputs with a 0.5 threshold."""
+
+    name = "recall"
+
+    def update(self, xp, pred, target, weight, state):
+        predicted, actual = _binary_outcomes(xp, pred, target, self.threshold)
+        w = 1 if weight is None else weight[:, None]
+        state[0] += ((predicted & actual) * w).sum()
+        state[1] += (actual * w).sum()
+
+
+_CLASSES = {
+    "binary_accuracy": BinaryAccuracy,
+    "categorical_accuracy": CategoricalAccuracy,
+    "sparse_categorical_accuracy": SparseCategoricalAccuracy,
+    "mse": MeanSquaredError,
+    "mean_squared_error": MeanSquaredError,
+    "mae": MeanAbsoluteError,
+    "mean_absolute_error": MeanAbsoluteError,
+    "precision": Precision,
+    "recall": Recall,
+}
+ACCURACY_NAMES = ("accuracy", "acc")
+
+
+def names() -> list[str]:
+    return sorted(list(_CLASSES) + list(ACCURACY_NAMES))
+
+
+def resolve_accuracy(loss, n_outputs: int, sparse_targets: bool) -> type[Metric]:
+    """Keras's choice of accuracy for a loss and output/label shapes."""
+    if loss.name == "binary_crossentropy" or n_outputs == 1:
+        return BinaryAccuracy
+    if sparse_targets or loss.sparse:
+        return SparseCategoricalAccuracy
+    return CategoricalAccuracy
+
+
+def get(identifier, loss=None, n_outputs=None, sparse_targets=False) -> Metric:
+    """Resolve a metric name or instance; "accuracy"/"acc" need loss and shapes."""
+    if isinstance(identifier, Metric):
+        return identifier
+    if isinstance(identifier, str) and identifier.strip().lower() in ACCURACY_NAMES:
+        return resolve_accuracy(loss, n_outputs, sparse_targets)(name=identifier.strip().lower())
+    cls = lookup("metrics", "metric", identifier, _CLASSES)
+    return cls(name=identifier.strip().lower())
+
+
+def validate(identifier) -> None:
+    """Raise early (at compile time) for an unknown metric name."""
+    if isinstance(identifier, Metric):
+        return
+    if isinstance(identifier, str) and identifier.strip().lower() in ACCURACY_NAMES:
+        return
+    lookup("metrics", "metric", identifier, _CLASSES)

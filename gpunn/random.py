@@ -1,0 +1,25 @@
+"""gpunn's global random generator: ``set_seed(n)`` makes runs reproducible.
+
+Initial weights, shuffling and validation splits all draw from it, on the
+host, so the same seed and data give bit-identical weights on the NumPy
+backend (and the same initial weights on every backend).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_generator = np.random.default_rng()
+
+
+def set_seed(seed: int) -> None:
+    """Seed gpunn's generator (and NumPy's legacy global one, as Keras does)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    global _generator
+    _generator = np.random.default_rng(int(seed))
+    np.random.seed(int(seed) % 2**32)
+
+
+def generator() -> np.random.Generator:
+    return _generator
