@@ -1,0 +1,108 @@
+"""Shared helpers for the core test suite: data, small models, gradients.
+
+Everything here draws from ``np.random.default_rng`` with an explicit seed,
+so every test sees fresh, non-trivial, reproducible numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import gpunn
+from gpunn.layers import Dense
+
+
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------- data
+def regression_data(seed, n=64, features=5, outputs=1):
+    r = rng(seed)
+    x = r.normal(size=(n, features))
+    w = r.normal(size=(features, outputs))
+    y = np.tanh(x @ w) + 0.1 * r.normal(size=(n, outputs))
+    return x, y
+
+
+def binary_data(seed, n=64, features=5):
+    """Linearly separable-ish labels (0/1) of shape (n, 1)."""
+    r = rng(seed)
+    x = r.normal(size=(n, features))
+    w = r.normal(size=features)
+    y = (x @ w + 0.3 * r.normal(size=n) > 0).astype(np.float64).reshape(-1, 1)
+    return x, y
+
+
+def multiclass_data(seed, n=64, features=5, classes=3):
+    """(x, integer labels of shape (n,)) with classes decided by a random linear map."""
+    r = rng(seed)
+    x = r.normal(size=(n, features))
+    w = r.normal(size=(features, classes))
+    labels = (x @ w + 0.3 * r.normal(size=(n, classes))).argmax(axis=1)
+    return x, labels
+
+
+def one_hot(labels, classes):
+    out = np.zeros((len(labels), classes))
+    out[np.arange(len(labels)), labels] = 1.0
+    return out
+
+
+# --------------------------------------------------------------------- models
+def mlp(sizes, activation="relu", output_activation="linear", input_dim=None, dtype=None, **dense_kwargs):
+    """``Sequential`` of Dense layers with ``sizes`` units (hidden ``activation``, last ``output_activation``)."""
+    layers = []
+    for i, units in enumerate(sizes):
+        last = i == len(sizes) - 1
+        kwargs = dict(dense_kwargs)
+        if i == 0 and input_dim is not None:
+            kwargs["input_dim"] = input_dim
+        layers.append(Dense(units, activation=output_activation if last else activation, **kwargs))
+    return gpunn.Sequential(layers, dtype=dtype)
+
+
+def randomize_weights(model, seed, scale=0.6):
+    """Replace every weight (biases too, so none sits at 0) with N(0, scale^2) draws."""
+    r = rng(seed)
+    model.set_weights([scale * r.normal(size=w.shape) for w in model.get_weights()])
+
+
+def weights_equal(a, b):
+    return len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+# ------------------------------------------------------------------ gradients
+def analytic_gradient(model, x, y, sample_weight=None):
+    """dL/dparams (flat, float64 copy) from the model's real training step.
+
+    The model must be compiled with plain SGD (no momentum, no clipping):
+    one ``train_on_batch`` fills ``model.grads`` and moves the parameters by
+    exactly ``-lr * grads``; the parameters and the optimizer's step count
+    are then put back, so the model is unchanged.
+    """
+    opt = model.optimizer
+    assert isinstance(opt, gpunn.optimizers.SGD) and opt.momentum == 0
+    before = model.params.copy()
+    iterations = opt.iterations
+    model.train_on_batch(x, y, sample_weight=sample_weight)
+    grad = model.grads.astype(np.float64)
+    np.testing.assert_allclose(model.params - before, -opt.learning_rate * grad, rtol=1e-9, atol=1e-15)
+    model.params[...] = before
+    opt.iterations = iterations
+    return grad
+
+
+def numeric_gradient(model, x, y, sample_weight=None, h=1e-6):
+    """Central finite differences of ``test_on_batch``'s loss w.r.t. each flat parameter."""
+    params = model.params
+    grad = np.empty(params.shape[0])
+    for i in range(params.shape[0]):
+        keep = params[i]
+        params[i] = keep + h
+        up = model.test_on_batch(x, y, sample_weight=sample_weight)
+        params[i] = keep - h
+        down = model.test_on_batch(x, y, sample_weight=sample_weight)
+        params[i] = keep
+        grad[i] = (up - down) / (2 * h)
+    return grad
