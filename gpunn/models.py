@@ -465,7 +465,8 @@ class Sequential:
 
         self.history = History()
         user_callbacks = list(callbacks or [])
-        cbs = CallbackList([self.history] + user_callbacks, self, {"epochs": epochs, "steps": steps, "verbose": verbose})
+        # History last, as in Keras: it records what other callbacks add to the logs (e.g. learning_rate)
+        cbs = CallbackList(user_callbacks + [self.history], self, {"epochs": epochs, "steps": steps, "verbose": verbose})
         raise_on_nonfinite = not any(isinstance(cb, TerminateOnNaN) for cb in user_callbacks)
         progress = EpochProgress(verbose, epochs, steps)
         self.stop_training = False
