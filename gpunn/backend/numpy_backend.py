@@ -1,11 +1,26 @@
-"""The CPU backend: NumPy arrays, BLAS matrix products, in-place epilogues."""
+"""The CPU backend: BLAS matrix products with fused, in-place epilogues.
+
+Matrix products go to BLAS through ``np.matmul(..., out=...)`` into buffers
+the model reuses every step; the work around them (bias + activation,
+activation derivative + bias gradient, loss + gradient + accuracy, optimizer
+updates) runs as single compiled passes from :mod:`gpunn.backend.cpu_fused`.
+Softmax as a hidden activation goes through the NumPy reference code.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from gpunn.backend import numpy_ops
+from gpunn import codes
+from gpunn.backend import cpu_fused, numpy_ops
 from gpunn.backend.base import Backend
+
+_NO_VECTOR = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+def _c(a):
+    """The array itself when C-contiguous (the compiled loops are specialised for that layout)."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 class NumpyBackend(Backend):
@@ -22,12 +37,69 @@ class NumpyBackend(Backend):
         np.take(src, index, axis=0, out=out)
         return out
 
-    linear_forward = staticmethod(numpy_ops.linear_forward)
-    linear_backward = staticmethod(numpy_ops.linear_backward)
+    def linear_forward(self, x, w, b, act, alpha, y, z=None):
+        none = _NO_VECTOR[y.dtype]
+        if act in codes.ACT_NEEDS_PREACTIVATION:
+            if z is None:
+                raise ValueError("z: this activation needs the pre-activation buffer, got None")
+            np.matmul(x, w, out=z)
+            cpu_fused.bias_activation(z, none if b is None else b, b is not None, act, float(alpha), y)
+        else:
+            np.matmul(x, w, out=y)
+            if b is not None or act != codes.ACT_LINEAR:
+                cpu_fused.bias_activation(y, none if b is None else b, b is not None, act, float(alpha), y)
+        return y
+
+    def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db):
+        if act != codes.ACT_LINEAR or db is not None:
+            cpu_fused.activation_grad(
+                dy, y, y if z is None else z, act, float(alpha), _NO_VECTOR[dy.dtype] if db is None else db, db is not None
+            )
+        np.matmul(x.T, dy, out=dw)
+        if dx is not None:
+            np.matmul(dy, w.T, out=dx)
+
+    def loss_grad(self, kind, pred, target, weight, grad, sums):
+        none = _NO_VECTOR[pred.dtype]
+        target2d = target.reshape(target.shape[0], -1)
+        cpu_fused.loss_grad(
+            kind,
+            _c(pred),
+            _c(target2d),
+            none if weight is None else _c(weight),
+            weight is not None,
+            pred if grad is None else grad,
+            grad is not None,
+            sums,
+        )
+        return sums
+
+    def sgd_update(self, params, grads, velocity, lr, momentum, nesterov):
+        sgd = cpu_fused.updates_for(params.shape[0])[0]
+        sgd(params, grads, params if velocity is None else velocity, float(lr), float(momentum), bool(nesterov))
+
+    def adam_update(self, params, grads, m, v, lr, beta1, beta2, epsilon, step, weight_decay):
+        adam = cpu_fused.updates_for(params.shape[0])[1]
+        lr_t = lr * np.sqrt(1 - beta2**step) / (1 - beta1**step)
+        adam(params, grads, m, v, float(lr), float(lr_t), float(beta1), float(beta2), float(epsilon), float(weight_decay))
+
+    def rmsprop_update(self, params, grads, velocity, average_grad, momentum_buf, lr, rho, momentum, epsilon):
+        rmsprop = cpu_fused.updates_for(params.shape[0])[2]
+        use_momentum = momentum_buf is not None and momentum > 0
+        rmsprop(
+            params,
+            grads,
+            velocity,
+            velocity if average_grad is None else average_grad,
+            average_grad is not None,
+            velocity if momentum_buf is None else momentum_buf,
+            use_momentum,
+            float(lr),
+            float(rho),
+            float(momentum),
+            float(epsilon),
+        )
+
     apply_activation = staticmethod(numpy_ops.apply_activation)
     softmax = staticmethod(numpy_ops.softmax)
     softmax_backward = staticmethod(numpy_ops.softmax_backward)
-    loss_grad = staticmethod(numpy_ops.loss_grad)
-    sgd_update = staticmethod(numpy_ops.sgd_update)
-    adam_update = staticmethod(numpy_ops.adam_update)
-    rmsprop_update = staticmethod(numpy_ops.rmsprop_update)

@@ -1,0 +1,114 @@
+"""The NumPy backend's compiled epilogues against the plain NumPy reference (numpy_ops)."""
+
+import numpy as np
+import pytest
+
+from gpunn import codes
+from gpunn.backend import cpu_fused
+from gpunn.backend import numpy_ops as reference
+from gpunn.backend.numpy_backend import NumpyBackend
+
+BACKEND = NumpyBackend()
+DTYPES = [np.float32, np.float64]
+ACTS = [codes.ACT_LINEAR, codes.ACT_RELU, codes.ACT_LEAKY_RELU, codes.ACT_SIGMOID, codes.ACT_TANH, codes.ACT_GELU]
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
+
+
+def poisoned(shape, dtype):
+    return np.full(shape, np.nan, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_forward_and_backward_match_reference(dtype, act, bias):
+    rng = np.random.default_rng(100 + act * 2 + bias)
+    m, k, n = 5, 7, 3
+    x = rng.standard_normal((m, k)).astype(dtype)
+    w = rng.standard_normal((k, n)).astype(dtype)
+    b = rng.standard_normal(n).astype(dtype) if bias else None
+    needs_z = act in codes.ACT_NEEDS_PREACTIVATION
+    results = []
+    for impl in (reference, BACKEND):
+        y, z = poisoned((m, n), dtype), poisoned((m, n), dtype) if needs_z else None
+        impl.linear_forward(x, w, b, act, 0.1, y, z)
+        results.append((y, z))
+    (y_ref, z_ref), (y_fast, z_fast) = results
+    np.testing.assert_allclose(y_fast, y_ref, **tolerance(dtype))
+    if needs_z:
+        np.testing.assert_allclose(z_fast, z_ref, **tolerance(dtype))
+
+    dy = rng.standard_normal((m, n)).astype(dtype)
+    grads = []
+    for impl in (reference, BACKEND):
+        dx, dw, db = poisoned((m, k), dtype), poisoned((k, n), dtype), poisoned(n, dtype) if bias else None
+        impl.linear_backward(x, w, dy.copy(), y_ref, z_ref, act, 0.1, dx, dw, db)
+        grads.append((dx, dw, db))
+    for got, want in zip(grads[1], grads[0]):
+        if want is not None:
+            np.testing.assert_allclose(got, want, **tolerance(dtype))
+
+
+def _loss_inputs(kind, rng, m, n, dtype):
+    if kind in (codes.LOSS_BCE, codes.LOSS_CCE, codes.LOSS_SPARSE_CCE):
+        pred = rng.uniform(0.02, 0.98, (m, n)).astype(dtype)
+    else:
+        pred = rng.standard_normal((m, n)).astype(dtype)
+    if kind in codes.SPARSE_LOSSES:
+        target = rng.integers(0, n, m).astype(dtype)
+    elif kind in (codes.LOSS_SOFTMAX_CCE, codes.LOSS_CCE):
+        target = rng.dirichlet(np.ones(n), m).astype(dtype)
+    else:
+        target = rng.uniform(0, 1, (m, n)).astype(dtype)
+    return pred, target
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", range(8))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_loss_grad_matches_reference(dtype, kind, weighted):
+    rng = np.random.default_rng(200 + kind * 2 + weighted)
+    m, n = 6, 4
+    pred, target = _loss_inputs(kind, rng, m, n, dtype)
+    weight = rng.uniform(0.5, 2.0, m).astype(dtype) if weighted else None
+    out = []
+    for impl in (reference, BACKEND):
+        grad, sums = poisoned((m, n), dtype), np.array([0.5, 0.25], dtype)
+        impl.loss_grad(kind, pred, target, weight, grad, sums)
+        out.append((grad, sums))
+    np.testing.assert_allclose(out[1][0], out[0][0], **tolerance(dtype))
+    np.testing.assert_allclose(out[1][1], out[0][1], **tolerance(dtype))
+    # without a gradient buffer only the sums change
+    sums = np.array([0.5, 0.25], dtype)
+    BACKEND.loss_grad(kind, pred, target, weight, None, sums)
+    np.testing.assert_allclose(sums, out[0][1], **tolerance(dtype))
+
+
+OPTIMIZER_CASES = {
+    "sgd": lambda impl, p, g, s, t: impl.sgd_update(p, g, None, 0.1, 0.0, False),
+    "sgd_momentum": lambda impl, p, g, s, t: impl.sgd_update(p, g, s[0], 0.1, 0.9, False),
+    "sgd_nesterov": lambda impl, p, g, s, t: impl.sgd_update(p, g, s[0], 0.1, 0.9, True),
+    "adam": lambda impl, p, g, s, t: impl.adam_update(p, g, s[0], s[1], 0.01, 0.9, 0.999, 1e-7, t, 0.0),
+    "adamw": lambda impl, p, g, s, t: impl.adam_update(p, g, s[0], s[1], 0.01, 0.9, 0.999, 1e-7, t, 0.004),
+    "rmsprop": lambda impl, p, g, s, t: impl.rmsprop_update(p, g, s[0], None, None, 0.01, 0.9, 0.0, 1e-7),
+    "rmsprop_centered": lambda impl, p, g, s, t: impl.rmsprop_update(p, g, s[0], s[1], None, 0.01, 0.9, 0.0, 1e-7),
+    "rmsprop_momentum": lambda impl, p, g, s, t: impl.rmsprop_update(p, g, s[0], None, s[2], 0.01, 0.9, 0.5, 1e-7),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_CASES))
+@pytest.mark.parametrize("size", [37, cpu_fused.PARALLEL_MIN_PARAMS + 3])
+def test_optimizer_updates_match_reference(dtype, name, size):
+    final = []
+    for impl in (reference, BACKEND):
+        rng = np.random.default_rng(300)
+        params = rng.standard_normal(size).astype(dtype)
+        slots = [np.zeros(size, dtype) for _ in range(3)]
+        for step in range(1, 4):
+            OPTIMIZER_CASES[name](impl, params, rng.standard_normal(size).astype(dtype), slots, step)
+        final.append(params)
+    np.testing.assert_allclose(final[1], final[0], rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
