@@ -592,6 +592,7 @@ class Sequential:
         """Loss (and metrics) on ``x, y``: a scalar, a list ``[loss, *metrics]``, or a dict."""
         batch_size = check.positive_int(batch_size, "batch_size", allow_none_default=32)
         check.positive_int(1 if verbose == "auto" else verbose, "verbose", minimum=0)
+        self._require_compiled("evaluate")
         x, t, w = self._standardize(x, y, sample_weight, argument="x")
         logs = self._evaluate_device(*self._to_device(x, t, w), w, batch_size)
         return self._format_result(logs, return_dict)
@@ -642,6 +643,7 @@ class Sequential:
 
     def train_on_batch(self, x, y=None, sample_weight=None, class_weight=None, return_dict=False):
         """One gradient step on the whole of ``x, y``; returns that batch's loss (and metrics)."""
+        self._require_compiled("train_on_batch")
         x, t, w = self._standardize(x, y, sample_weight, class_weight)
         X, T, W = self._to_device(x, t, w)
         self._has_weights = W is not None
@@ -657,6 +659,7 @@ class Sequential:
 
     def test_on_batch(self, x, y=None, sample_weight=None, return_dict=False):
         """Loss (and metrics) of one batch, without updating the weights."""
+        self._require_compiled("test_on_batch")
         x, t, w = self._standardize(x, y, sample_weight, argument="x")
         logs = self._evaluate_device(*self._to_device(x, t, w), w, x.shape[0])
         return self._format_result(logs, return_dict)
