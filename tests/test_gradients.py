@@ -84,6 +84,19 @@ def test_gradient_every_activation_and_loss(activation, case):
 
 
 @pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_float32_gradient_matches_float64(case):
+    """The float32 training step computes the same gradient (to float32 precision), in float32."""
+    model, x, y = _model("gelu", case, 200)
+    single = mlp([N_HIDDEN, N_OUT], "gelu", model.layers[-1].activation.name, input_dim=N_IN, dtype="float32")
+    single.compile(optimizer=gpunn.optimizers.SGD(0.01), loss=model.loss)
+    single.build()
+    single.set_weights(model.get_weights())
+    grad32 = analytic_gradient(single, x, y)
+    assert single.grads.dtype == np.float32
+    np.testing.assert_allclose(grad32, analytic_gradient(model, x, y), rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
 def test_gradient_with_sample_weights(case):
     model, x, y = _model("tanh", case, 300)
     w = rng(301).uniform(0.0, 3.0, size=BATCH)

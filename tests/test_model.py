@@ -416,8 +416,9 @@ def test_non_finite_loss_in_a_later_epoch_names_it():
 # ---------------------------------------------------------------------- errors
 def test_clear_errors():
     model = mlp([4, 1], input_dim=3)
-    with pytest.raises(RuntimeError, match="compiled"):
-        model.fit(np.ones((4, 3)), np.ones(4))
+    for name in ("fit", "evaluate", "train_on_batch", "test_on_batch"):
+        with pytest.raises(RuntimeError, match=f"^{name}: the model must be compiled"):
+            getattr(model, name)(np.ones((4, 3)), np.ones(4))
     model.compile(optimizer="sgd", loss="mse")
     with pytest.raises(ValueError, match="3 features"):
         model.fit(np.ones((4, 2)), np.ones(4), verbose=0)
@@ -433,3 +434,23 @@ def test_clear_errors():
     sparse.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     with pytest.raises(ValueError, match=r"class labels in \[0, 3\)"):
         sparse.fit(np.ones((2, 3)), np.array([0, 3]), verbose=0)
+
+
+def test_set_floatx_float64_and_float32_default():
+    assert gpunn.floatx() == "float32"
+    x, y = regression_data(46, n=20)
+    try:
+        gpunn.set_floatx("float64")
+        model = mlp([4, 1], "tanh", input_dim=5)
+        model.compile(optimizer="adam", loss="mse")
+        model.fit(x, y, epochs=1, verbose=0)
+        assert model.params.dtype == np.float64 and model.predict(x).dtype == np.float64
+    finally:
+        gpunn.set_floatx("float32")
+    model = mlp([4, 1], "tanh", input_dim=5)
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    model.fit(x, y, epochs=1, verbose=0)
+    assert model.params.dtype == np.float32 and model.grads.dtype == np.float32
+    assert all(s.dtype == np.float32 for s in model.optimizer.slots.values())
+    with pytest.raises(ValueError, match="float32"):
+        gpunn.set_floatx("float16")
