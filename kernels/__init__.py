@@ -1,1 +1,23 @@
-"""gpunn.kernels"""
+"""gpunn.kernels: gpunn's fused CUDA kernels (Numba) and their launch wrappers.
+
+Each wrapper has the name, arguments and meaning of the function of the same
+name in :mod:`gpunn.backend.numpy_ops`, plus a trailing ``stream=0``
+keyword.  Kernels are compiled per (dtype, activation/kind, flags) on first
+use and cached.
+"""
+
+from .activation import apply_activation
+from .linear import linear_backward_data, linear_backward_weight, linear_forward
+from .loss import loss_grad
+from .optimizers import adam_update, rmsprop_update, sgd_update
+
+__all__ = [
+    "adam_update",
+    "apply_activation",
+    "linear_backward_data",
+    "linear_backward_weight",
+    "linear_forward",
+    "loss_grad",
+    "rmsprop_update",
+    "sgd_update",
+]

@@ -1,0 +1,49 @@
+"""Host-side helpers shared by the kernel wrappers: argument checks and grid sizes.
+
+The wrappers accept any array Numba accepts (NumPy arrays in the simulator,
+CuPy or Numba device arrays on a GPU); only ``.shape``, ``.ndim`` and
+``.dtype`` are looked at here, so nothing is copied or synchronised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def float_dtype(name, a):
+    """The dtype of ``a``, which must be float32 or float64."""
+    dt = np.dtype(a.dtype)
+    if dt not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a float32 or float64 array, got dtype {dt}")
+    return dt
+
+
+def check(name, a, shape, dtype=None):
+    """Raise ValueError naming ``name`` unless ``a`` has ``shape`` (and ``dtype``)."""
+    if a is None:
+        raise ValueError(f"{name}: expected an array of shape {tuple(shape)}, got None")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
+    if dtype is not None and np.dtype(a.dtype) != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {np.dtype(a.dtype)}")
+
+
+def matrix_shape(name, a):
+    """(rows, cols) of a 2-D array, else ValueError."""
+    if a is None or a.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array, got {None if a is None else a.ndim}-D")
+    return tuple(a.shape)
+
+
+def check_act(act):
+    from gpunn import codes
+
+    if act not in (codes.ACT_LINEAR, codes.ACT_RELU, codes.ACT_LEAKY_RELU, codes.ACT_SIGMOID, codes.ACT_TANH, codes.ACT_GELU):
+        raise ValueError(f"act: unknown activation code {act!r}")
+    return int(act)
