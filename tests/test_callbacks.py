@@ -213,3 +213,21 @@ def test_callback_validation():
         cbs.LambdaCallback(on_epoch_finish=print)
     with pytest.warns(UserWarning, match="nope"):
         _model().fit(*binary_data(14), epochs=1, callbacks=[cbs.EarlyStopping(monitor="nope")], verbose=0)
+
+
+def test_model_checkpoint_formats_logs_into_the_path(tmp_path):
+    x, y = binary_data(15)
+    model = _model()
+    cb = cbs.ModelCheckpoint(str(tmp_path / "e{epoch}-{val_loss:.1f}.gpunn"), monitor="val_loss", save_best_only=True, mode="min")
+    model.fit(x, y, epochs=3, callbacks=[_scripted([0.25, 0.5, 0.125]), cb], verbose=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e1-0.2.gpunn", "e3-0.1.gpunn"]
+
+
+def test_early_stopping_baseline():
+    x, y = binary_data(16)
+    values = [0.9, 0.8] + [0.8] * 8
+    # Keras's rule: improvements that do not beat the baseline leave the patience counter running
+    with_baseline = cbs.EarlyStopping(monitor="val_loss", patience=2, baseline=0.5)
+    assert _model().fit(x, y, epochs=10, callbacks=[_scripted(values), with_baseline], verbose=0).epoch == [0, 1, 2]
+    without = cbs.EarlyStopping(monitor="val_loss", patience=2)
+    assert _model().fit(x, y, epochs=10, callbacks=[_scripted(values), without], verbose=0).epoch == [0, 1, 2, 3]

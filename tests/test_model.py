@@ -375,13 +375,18 @@ def test_same_seed_different_shuffle_changes_weights():
 
 
 # ------------------------------------------------------------- non-finite loss
+def _sgd_regressor(lr, seed):
+    gpunn.set_seed(seed)
+    model = mlp([8, 1], "relu", input_dim=5)
+    model.compile(optimizer=gpunn.optimizers.SGD(lr), loss="mse")
+    model.build()
+    return model
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_non_finite_loss_raises_and_keeps_finite_weights():
     x, y = regression_data(44, n=64)
-    gpunn.set_seed(8)
-    model = mlp([8, 1], "relu", input_dim=5)
-    model.compile(optimizer=gpunn.optimizers.SGD(1e6), loss="mse")
-    model.build()
+    model = _sgd_regressor(1e6, seed=8)
     start = model.get_weights()
     with pytest.raises(gpunn.NonFiniteLossError, match=r"epoch 1, batch \d+") as info:
         model.fit(x, 1e3 * y, epochs=5, batch_size=8, shuffle=False, verbose=0)
@@ -389,9 +394,7 @@ def test_non_finite_loss_raises_and_keeps_finite_weights():
     assert isinstance(info.value, FloatingPointError)
     bad_batch = int(str(info.value).split("batch ")[1].split(";")[0])
     # the model holds exactly the weights from before the failing batch (replayed by hand)
-    replay = mlp([8, 1], "relu", input_dim=5)
-    replay.compile(optimizer=gpunn.optimizers.SGD(1e6), loss="mse")
-    replay.build()
+    replay = _sgd_regressor(1e6, seed=0)
     replay.set_weights(start)
     for step in range(bad_batch - 1):
         replay.train_on_batch(x[8 * step : 8 * step + 8], 1e3 * y[8 * step : 8 * step + 8])
@@ -403,9 +406,7 @@ def test_non_finite_loss_raises_and_keeps_finite_weights():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_non_finite_loss_in_a_later_epoch_names_it():
     x, y = regression_data(45, n=32)
-    gpunn.set_seed(9)
-    model = mlp([8, 1], "relu", input_dim=5)
-    model.compile(optimizer=gpunn.optimizers.SGD(0.01), loss="mse")
+    model = _sgd_regressor(0.01, seed=9)
     model.fit(x, y, epochs=2, batch_size=8, verbose=0)
     model.optimizer.learning_rate = 1e7
     with pytest.raises(gpunn.NonFiniteLossError, match=r"epoch 2, batch"):
