@@ -25,6 +25,9 @@ from gpunn.progress import EpochProgress
 from gpunn.random import generator
 
 
+DeviceMemoryError = check.DeviceMemoryError
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the model keeps its last finite weights."""
 
@@ -159,14 +162,16 @@ class Sequential:
         """Configure training: optimizer (name or instance), loss, metrics (names)."""
         if not self.layers:
             raise ValueError("compile: the model has no layers")
-        self.optimizer = optimizers.get(optimizer)
-        self.loss = losses.get(loss)
+        # resolve everything first: a failed compile leaves the model as it was
+        new_optimizer = optimizers.get(optimizer)
+        new_loss = losses.get(loss)
         if metrics is None:
             metrics = []
         if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)):
             raise TypeError(f"metrics: expected a list of metric names, got {metrics!r}")
         for m in metrics:
-            metrics_mod.validate(m)
+            check.metric(m)
+        self.optimizer, self.loss = new_optimizer, new_loss
         self._metric_specs = list(metrics)
         self._resolve_loss()
         self.compiled = True
@@ -239,7 +244,7 @@ class Sequential:
                 )
             if (arr != np.round(arr)).any() or (arr < 0).any() or (arr >= out).any():
                 bad = arr[(arr != np.round(arr)) | (arr < 0) | (arr >= out)][0]
-                raise ValueError(f"{argument}: expected integer class labels in [0, {out}), found {bad!r}")
+                raise ValueError(f"{argument}: expected integer class labels in [0, {out}), found {float(bad)!r}")
             return np.ascontiguousarray(arr)
         if arr.ndim == 1:
             if out != 1:
@@ -254,9 +259,9 @@ class Sequential:
             raise ValueError(f"{argument}: expected shape ({n}, {out}) to match the model's {out} outputs, got {arr.shape}")
         if self._loss_kind in (codes.LOSS_SIGMOID_BCE, codes.LOSS_BCE) and ((arr < 0) | (arr > 1)).any():
             bad = arr[(arr < 0) | (arr > 1)][0]
-            raise ValueError(f"{argument}: binary_crossentropy expects labels in [0, 1], found {bad!r}")
+            raise ValueError(f"{argument}: binary_crossentropy expects labels in [0, 1], found {float(bad)!r}")
         if self._loss_kind in (codes.LOSS_SOFTMAX_CCE, codes.LOSS_CCE) and (arr < 0).any():
-            raise ValueError(f"{argument}: categorical_crossentropy expects non-negative (one-hot) labels, found {arr.min()!r}")
+            raise ValueError(f"{argument}: categorical_crossentropy expects non-negative (one-hot) labels, found {float(arr.min())!r}")
         return np.ascontiguousarray(arr)
 
     def _class_weights(self, class_weight, t):
@@ -411,6 +416,7 @@ class Sequential:
         return logs
 
     # -------------------------------------------------------------------- fit
+    @check.guard_device_memory
     def fit(
         self,
         x=None,
@@ -434,6 +440,8 @@ class Sequential:
         epochs = check.positive_int(epochs, "epochs", minimum=0)
         initial_epoch = check.positive_int(initial_epoch, "initial_epoch", minimum=0)
         validation_freq = check.positive_int(validation_freq, "validation_freq")
+        check.verbose(verbose)
+        validation_batch_size = check.positive_int(validation_batch_size, "validation_batch_size", allow_none_default=batch_size)
         if not isinstance(validation_split, (int, float)) or isinstance(validation_split, bool) or not 0 <= validation_split < 1:
             raise ValueError(f"validation_split: expected a fraction in [0, 1), got {validation_split!r}")
         if not isinstance(shuffle, bool):
@@ -445,7 +453,10 @@ class Sequential:
         val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
-                raise ValueError("validation_data: expected a tuple (x_val, y_val) or (x_val, y_val, sample_weight_val)")
+                raise ValueError(
+                    "validation_data: expected a tuple (x_val, y_val) or (x_val, y_val, sample_weight_val), "
+                    f"got {check._describe(validation_data)}"
+                )
             vx, vy, vw = (*validation_data, None)[:3]
             val = self._standardize(vx, vy, vw, argument="validation_data x")
         elif validation_split:
@@ -588,18 +599,21 @@ class Sequential:
         values = list(logs.values())
         return values[0] if len(values) == 1 else values
 
+    @check.guard_device_memory
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, return_dict=False):
         """Loss (and metrics) on ``x, y``: a scalar, a list ``[loss, *metrics]``, or a dict."""
         batch_size = check.positive_int(batch_size, "batch_size", allow_none_default=32)
-        check.positive_int(1 if verbose == "auto" else verbose, "verbose", minimum=0)
+        check.verbose(verbose)
         self._require_compiled("evaluate")
         x, t, w = self._standardize(x, y, sample_weight, argument="x")
         logs = self._evaluate_device(*self._to_device(x, t, w), w, batch_size)
         return self._format_result(logs, return_dict)
 
+    @check.guard_device_memory
     def predict(self, x, batch_size=None, verbose="auto"):
         """Model outputs (M, outputs) as a NumPy array, computed in batches."""
         batch_size = check.positive_int(batch_size, "batch_size", allow_none_default=32)
+        check.verbose(verbose)
         if not self.layers:
             raise ValueError("predict: the model has no layers")
         dtype = np.dtype(self._dtype_request or self.dtype or config.floatx())
@@ -641,6 +655,7 @@ class Sequential:
     def predict_on_batch(self, x):
         return self.predict(x, batch_size=max(1, len(x)), verbose=0)
 
+    @check.guard_device_memory
     def train_on_batch(self, x, y=None, sample_weight=None, class_weight=None, return_dict=False):
         """One gradient step on the whole of ``x, y``; returns that batch's loss (and metrics)."""
         self._require_compiled("train_on_batch")
@@ -657,6 +672,7 @@ class Sequential:
         logs = self._read_logs(sums, states, x.shape[0], float(x.shape[0]) if w is None else float(w.sum()))
         return self._format_result(logs, return_dict)
 
+    @check.guard_device_memory
     def test_on_batch(self, x, y=None, sample_weight=None, return_dict=False):
         """Loss (and metrics) of one batch, without updating the weights."""
         self._require_compiled("test_on_batch")
