@@ -546,6 +546,9 @@ class Sequential:
             host_record = b.to_numpy(record[:done])
             bad = int(np.flatnonzero(~np.isfinite(host_record))[0])
             self._recover_nonfinite(epoch, bad, snapshot, X, T, W, order_dev, batch_size, float(host_record[bad]))
+        if raise_on_nonfinite and not bool(b.xp.isfinite(self.params).all()):
+            # every loss was finite but an update overflowed (e.g. the epoch's last): roll back to before it
+            self._recover_nonfinite(epoch, done, snapshot, X, T, W, order_dev, batch_size, None)
         return logs, done
 
     @staticmethod
@@ -557,12 +560,14 @@ class Sequential:
 
         The epoch is replayed from its start snapshot (same batches, same
         order), stopping before the batch whose loss was not finite, or
-        earlier if an update had already made a weight non-finite.
+        earlier if an update had already made a weight non-finite.  ``value``
+        None means no loss was non-finite, only the weights after ``bad_step`` updates.
         """
         xp = self.backend.xp
         self._restore(snapshot)
         sums, states = self._new_accumulators()
         n = order_dev.shape[0]
+        bad_update = bad_step - 1
         for step in range(bad_step):
             previous = self._snapshot()
             start, stop = step * batch_size, min(n, (step + 1) * batch_size)
@@ -571,10 +576,14 @@ class Sequential:
             self._train_step(ws, sums, states)
             if not bool(xp.isfinite(self.params).all()):
                 self._restore(previous)
+                bad_update = step
                 break
-        kind = "NaN" if math.isnan(value) else "infinite"
+        if value is None:
+            what = f"the update of epoch {epoch + 1}, batch {bad_update + 1} made the weights non-finite"
+        else:
+            what = f"the loss became {'NaN' if math.isnan(value) else 'infinite'} at epoch {epoch + 1}, batch {bad_step + 1}"
         raise NonFiniteLossError(
-            f"fit: the loss became {kind} at epoch {epoch + 1}, batch {bad_step + 1}; training stopped and the model "
+            f"fit: {what}; training stopped and the model "
             f"keeps its last finite weights. Try a lower learning rate (currently {self.optimizer.learning_rate:g}), "
             "gradient clipping (e.g. clipnorm=1.0), or check the data for extreme values."
         )
