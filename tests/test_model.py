@@ -414,6 +414,19 @@ def test_non_finite_loss_in_a_later_epoch_names_it():
     assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_update_that_overflows_the_weights_is_caught(epochs):
+    """A finite loss whose update overflows (here the last batch's) still raises and rolls back."""
+    x, y = regression_data(47, n=24)
+    model = _sgd_regressor(1e39, seed=10)  # lr * grad overflows float32 in the first update
+    start = model.get_weights()
+    with pytest.raises(gpunn.NonFiniteLossError, match=r"epoch 1, batch 1 made the weights non-finite"):
+        model.fit(x, y, epochs=epochs, batch_size=24, verbose=0)
+    assert weights_equal(model.get_weights(), start)
+    assert model.optimizer.iterations == 0
+
+
 # ---------------------------------------------------------------------- errors
 def test_clear_errors():
     model = mlp([4, 1], input_dim=3)
