@@ -41,8 +41,9 @@ class Optimizer:
         self.clipnorm = None if clipnorm is None else _positive("clipnorm", clipnorm)
         self.clipvalue = None if clipvalue is None else _positive("clipvalue", clipvalue)
         self.global_clipnorm = None if global_clipnorm is None else _positive("global_clipnorm", global_clipnorm)
-        if self.clipnorm is not None and self.global_clipnorm is not None:
-            raise ValueError("clipnorm, global_clipnorm: set at most one of them")
+        chosen = [k for k in ("clipnorm", "clipvalue", "global_clipnorm") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"{', '.join(chosen)}: set at most one of clipnorm, clipvalue and global_clipnorm (as Keras), got {len(chosen)}")
         self.iterations = 0
         self.slots: dict[str, object] = {}
         self._backend = None

@@ -197,3 +197,10 @@ def test_learning_rate_validation_and_config_round_trip():
     with pytest.raises(ValueError, match="learning_rate"):
         opt.learning_rate = float("nan")
     assert gpunn.optimizers.get("adamw").weight_decay == pytest.approx(0.004)
+
+
+@pytest.mark.parametrize("pair", [("clipnorm", "clipvalue"), ("clipnorm", "global_clipnorm"), ("clipvalue", "global_clipnorm")])
+def test_at_most_one_clipping_option(pair):
+    with pytest.raises(ValueError, match="at most one") as info:
+        gpunn.optimizers.Adam(**{pair[0]: 1.0, pair[1]: 1.0})
+    assert pair[0] in str(info.value) and pair[1] in str(info.value)
