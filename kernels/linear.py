@@ -127,7 +127,8 @@ def _mainloop(dtype, act, a_layout, b_layout, with_db):
     """Device function running the shared-memory/register-tiled product.
 
     ``a_layout``/``b_layout`` are ``(transposed, apply_grad)`` pairs for
-    :func:`_tile_loader`.  Accumulates ``A[row0:, k] @ B[k, col0:]`` for the
+    :func:`_tile_loader`.  Accumulates the block's ``A[rows, k] @ B[k, cols]`` (rows
+    from ``blockIdx.x``, columns from ``blockIdx.y``) for the
     reduction tiles ``kt0 <= kt < kt1`` into the register tile ``acc`` (which
     it zeroes first, as it does ``dbacc``); with
     ``with_db`` the threads given ``do_db`` also add the staged B tile's
@@ -138,7 +139,10 @@ def _mainloop(dtype, act, a_layout, b_layout, with_db):
     load_a = _tile_loader(dtype, act, *a_layout)
     load_b = _tile_loader(dtype, act, *b_layout)
 
-    def mainloop(acc, dbacc, a, ay, az, b, by, bz, alpha, row0, col0, kt0, kt1, t, do_db):
+    def mainloop(acc, dbacc, a, ay, az, b, by, bz, alpha, kt0, kt1, do_db):
+        t = cuda.threadIdx.x
+        row0 = cuda.blockIdx.x * BM
+        col0 = cuda.blockIdx.y * BN
         As = cuda.shared.array((BK, TILE_COLS), nbt)
         Bs = cuda.shared.array((BK, TILE_COLS), nbt)
         ra = cuda.local.array(TM, nbt)
@@ -175,6 +179,19 @@ def _mainloop(dtype, act, a_layout, b_layout, with_db):
     return device(mainloop)
 
 
+@device
+def k_tiles(k):
+    """Reduction tiles covering a reduction of length k: ceil(k / BK)."""
+    return (k + BK - 1) // BK
+
+
+@device
+def out_index(i, j):
+    """(row, col) of C held in this thread's register ``acc[i, j]``."""
+    t = cuda.threadIdx.x
+    return cuda.blockIdx.x * BM + t // TX + i * TY, cuda.blockIdx.y * BN + t % TX + j * TX
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_kernel(dtype, act, has_bias):
     nbt = numba_type(dtype)
@@ -184,20 +201,13 @@ def _forward_kernel(dtype, act, has_bias):
     mainloop = _mainloop(dtype, act, (True, False), (False, False), False)
 
     def kernel(x, w, b, y, z, alpha):
-        M = x.shape[0]
-        N = w.shape[1]
         acc = cuda.local.array((TM, TN), nbt)
         dbacc = cuda.local.array(TN, nbt)
-        t = cuda.threadIdx.x
-        row0 = cuda.blockIdx.x * BM
-        col0 = cuda.blockIdx.y * BN
-        ktiles = (x.shape[1] + BK - 1) // BK
-        mainloop(acc, dbacc, x, x, x, w, w, w, alpha, row0, col0, 0, ktiles, t, False)
+        mainloop(acc, dbacc, x, x, x, w, w, w, alpha, 0, k_tiles(x.shape[1]), False)
         for i in range(TM):
-            r = row0 + t // TX + i * TY
             for j in range(TN):
-                c = col0 + t % TX + j * TX
-                if r < M and c < N:
+                r, c = out_index(i, j)
+                if r < y.shape[0] and c < y.shape[1]:
                     v = acc[i, j]
                     if has_bias:
                         v += b[c]
@@ -215,20 +225,13 @@ def _backward_data_kernel(dtype, act):
     mainloop = _mainloop(dtype, act, (True, True), (True, False), False)
 
     def kernel(dy, y, z, w, dx, alpha):
-        M = dy.shape[0]
-        K = w.shape[0]
         acc = cuda.local.array((TM, TN), nbt)
         dbacc = cuda.local.array(TN, nbt)
-        t = cuda.threadIdx.x
-        row0 = cuda.blockIdx.x * BM
-        col0 = cuda.blockIdx.y * BN
-        ktiles = (dy.shape[1] + BK - 1) // BK
-        mainloop(acc, dbacc, dy, y, z, w, w, w, alpha, row0, col0, 0, ktiles, t, False)
+        mainloop(acc, dbacc, dy, y, z, w, w, w, alpha, 0, k_tiles(dy.shape[1]), False)
         for i in range(TM):
-            r = row0 + t // TX + i * TY
             for j in range(TN):
-                c = col0 + t % TX + j * TX
-                if r < M and c < K:
+                r, c = out_index(i, j)
+                if r < dx.shape[0] and c < dx.shape[1]:
                     dx[r, c] = acc[i, j]
 
     return cuda.jit(kernel)
@@ -241,33 +244,26 @@ def _backward_weight_kernel(dtype, act, has_db):
     mainloop = _mainloop(dtype, act, (False, False), (False, True), has_db)
 
     def kernel(x, dy, y, z, dw, db, alpha, tiles_per_split):
-        K = x.shape[1]
-        N = dy.shape[1]
         acc = cuda.local.array((TM, TN), nbt)
         dbacc = cuda.local.array(TN, nbt)
-        t = cuda.threadIdx.x
-        row0 = cuda.blockIdx.x * BM
-        col0 = cuda.blockIdx.y * BN
-        ktiles = (x.shape[0] + BK - 1) // BK
         kt0 = cuda.blockIdx.z * tiles_per_split
-        kt1 = min(kt0 + tiles_per_split, ktiles)
+        kt1 = min(kt0 + tiles_per_split, k_tiles(x.shape[0]))
         # one row of threads in the first row of blocks sums g for db
-        do_db = has_db and cuda.blockIdx.x == 0 and t // TX == 0
-        mainloop(acc, dbacc, x, x, x, dy, y, z, alpha, row0, col0, kt0, kt1, t, do_db)
+        do_db = has_db and cuda.blockIdx.x == 0 and cuda.threadIdx.x < TX
+        mainloop(acc, dbacc, x, x, x, dy, y, z, alpha, kt0, kt1, do_db)
         split = cuda.gridDim.z > 1
         for i in range(TM):
-            r = row0 + t // TX + i * TY
             for j in range(TN):
-                c = col0 + t % TX + j * TX
-                if r < K and c < N:
+                r, c = out_index(i, j)
+                if r < dw.shape[0] and c < dw.shape[1]:
                     if split:
                         cuda.atomic.add(dw, (r, c), acc[i, j])
                     else:
                         dw[r, c] = acc[i, j]
         if do_db:
             for j in range(TN):
-                c = col0 + t % TX + j * TX
-                if c < N:
+                c = out_index(0, j)[1]
+                if c < db.shape[0]:
                     if split:
                         cuda.atomic.add(db, c, dbacc[j])
                     else:

@@ -31,6 +31,89 @@ assert LOSS_THREADS & (LOSS_THREADS - 1) == 0
 _MEAN_KINDS = (codes.LOSS_SIGMOID_BCE, codes.LOSS_BCE, codes.LOSS_MSE, codes.LOSS_MAE)
 
 
+def _constants(dtype):
+    T = np.dtype(dtype).type
+    return T, T(0), T(1), T(0.5), T(codes.EPSILON), T(1) - T(codes.EPSILON)
+
+
+@functools.lru_cache(maxsize=None)
+def _element_function(dtype, kind):
+    """``element(p, t) -> (loss, dloss/dp)`` for the kinds averaged over outputs."""
+    T, ZERO, ONE, HALF, EPS, ONE_M_EPS = _constants(dtype)
+    TWO = T(2)
+
+    if kind == codes.LOSS_SIGMOID_BCE:
+
+        def element(p, t):
+            e = math.exp(-abs(p))
+            # sigmoid(p) from e = exp(-|p|), stable for either sign
+            s = ONE / (ONE + e) if p >= ZERO else e / (ONE + e)
+            return max(p, ZERO) - p * t + math.log1p(e), s - t
+
+    elif kind == codes.LOSS_BCE:
+
+        def element(p, t):
+            pc = min(max(p, EPS), ONE_M_EPS)
+            g = ZERO
+            # the clip's derivative is 0 outside (eps, 1 - eps)
+            if EPS < p < ONE_M_EPS:
+                g = (pc - t) / (pc * (ONE - pc))
+            return -(t * math.log(pc) + (ONE - t) * math.log(ONE - pc)), g
+
+    elif kind == codes.LOSS_MSE:
+
+        def element(p, t):
+            d = p - t
+            return d * d, TWO * d
+
+    else:  # LOSS_MAE
+
+        def element(p, t):
+            d = p - t
+            return abs(d), ONE if d > ZERO else (-ONE if d < ZERO else ZERO)
+
+    return device(element)
+
+
+@functools.lru_cache(maxsize=None)
+def _categorical_helpers(dtype, sparse):
+    """``(argmax_row, class_of, target_at)`` device functions.
+
+    ``class_of(target, i)`` is row i's class (the label, or the target's
+    first argmax); ``target_at(target, i, j, label)`` the target
+    probability of class j (one-hot of ``label`` for sparse targets).
+    """
+    T, ZERO, ONE, _, _, _ = _constants(dtype)
+
+    @device
+    def argmax_row(a, i):
+        best = a[i, 0]
+        arg = 0
+        for j in range(1, a.shape[1]):
+            if a[i, j] > best:
+                best = a[i, j]
+                arg = j
+        return arg, best
+
+    if sparse:
+
+        def class_of(target, i):
+            return int(target[i])
+
+        def target_at(target, i, j, label):
+            return ONE if j == label else ZERO
+
+    else:
+
+        def class_of(target, i):
+            return argmax_row(target, i)[0]
+
+        def target_at(target, i, j, label):
+            return target[i, j]
+
+    return argmax_row, device(class_of), device(target_at)
+
+
 @functools.lru_cache(maxsize=None)
 def _row_function(dtype, kind, has_grad):
     """``row(pred, target, grad, i, gscale) -> (loss_i, correct_i)`` for one loss kind.
@@ -39,17 +122,14 @@ def _row_function(dtype, kind, has_grad):
     ``w_i / M`` for cross-entropies (see ``numpy_ops.loss_grad``); the
     gradient row is written only when ``has_grad``.
     """
-    T = np.dtype(dtype).type
-    ZERO, ONE, HALF, TWO = T(0), T(1), T(0.5), T(2)
-    EPS = T(codes.EPSILON)
-    ONE_M_EPS = ONE - EPS
+    T, ZERO, ONE, HALF, EPS, ONE_M_EPS = _constants(dtype)
+    argmax_row, class_of, target_at = _categorical_helpers(dtype, kind in codes.SPARSE_LOSSES)
 
-    def clip(p):
-        return min(max(p, EPS), ONE_M_EPS)
-
-    clip = device(clip)
-
-    if kind == codes.LOSS_SIGMOID_BCE:
+    if kind in _MEAN_KINDS:
+        element = _element_function(dtype, kind)
+        classification = kind in codes.CLASSIFICATION_LOSSES
+        # logits are positive beyond 0, probabilities beyond 0.5
+        threshold = ZERO if kind == codes.LOSS_SIGMOID_BCE else HALF
 
         def row(pred, target, grad, i, gscale):
             n = pred.shape[1]
@@ -58,152 +138,62 @@ def _row_function(dtype, kind, has_grad):
             for j in range(n):
                 p = pred[i, j]
                 t = target[i, j]
-                e = math.exp(-abs(p))
-                loss += max(p, ZERO) - p * t + math.log1p(e)
-                if (p > ZERO) == (t > HALF):
+                lj, gj = element(p, t)
+                loss += lj
+                if classification and (p > threshold) == (t > HALF):
                     hits += ONE
                 if has_grad:
-                    # sigmoid(p) from e = exp(-|p|), stable for either sign
-                    s = ONE / (ONE + e) if p >= ZERO else e / (ONE + e)
-                    grad[i, j] = (s - t) * gscale
+                    grad[i, j] = gj * gscale
             return loss / T(n), hits / T(n)
 
     elif kind in (codes.LOSS_SOFTMAX_CCE, codes.LOSS_SOFTMAX_SPARSE_CCE):
-        sparse = kind == codes.LOSS_SOFTMAX_SPARSE_CCE
 
         def row(pred, target, grad, i, gscale):
             n = pred.shape[1]
-            zmax = pred[i, 0]
-            amax = 0
-            for j in range(1, n):
-                if pred[i, j] > zmax:
-                    zmax = pred[i, j]
-                    amax = j
+            amax, zmax = argmax_row(pred, i)
+            label = class_of(target, i)
             sumexp = ZERO
             tsum = ZERO
             tdot = ZERO
-            tmax = ZERO
-            targ = 0
-            label = -1
-            if sparse:
-                label = int(target[i])
-                tsum = ONE
-                if 0 <= label < n:
-                    tdot = pred[i, label] - zmax
             for j in range(n):
-                sumexp += math.exp(pred[i, j] - zmax)
-                if not sparse:
-                    t = target[i, j]
-                    tsum += t
-                    tdot += t * (pred[i, j] - zmax)
-                    if j == 0 or t > tmax:
-                        tmax = t
-                        targ = j
+                shifted = pred[i, j] - zmax
+                t = target_at(target, i, j, label)
+                sumexp += math.exp(shifted)
+                tsum += t
+                tdot += t * shifted
             lse = math.log(sumexp)
             if has_grad:
                 for j in range(n):
-                    g = math.exp(pred[i, j] - zmax - lse)
-                    if sparse:
-                        if j == label:
-                            g -= ONE
-                    else:
-                        g = g * tsum - target[i, j]
+                    g = math.exp(pred[i, j] - zmax - lse) * tsum - target_at(target, i, j, label)
                     grad[i, j] = g * gscale
-            hit = amax == (label if sparse else targ)
-            return lse * tsum - tdot, ONE if hit else ZERO
-
-    elif kind == codes.LOSS_BCE:
-
-        def row(pred, target, grad, i, gscale):
-            n = pred.shape[1]
-            loss = ZERO
-            hits = ZERO
-            for j in range(n):
-                p = pred[i, j]
-                t = target[i, j]
-                pc = clip(p)
-                loss -= t * math.log(pc) + (ONE - t) * math.log(ONE - pc)
-                if (p > HALF) == (t > HALF):
-                    hits += ONE
-                if has_grad:
-                    g = ZERO
-                    # the clip's derivative is 0 outside (eps, 1 - eps)
-                    if EPS < p < ONE_M_EPS:
-                        g = (pc - t) / (pc * (ONE - pc)) * gscale
-                    grad[i, j] = g
-            return loss / T(n), hits / T(n)
+            return lse * tsum - tdot, ONE if amax == label else ZERO
 
     elif kind in (codes.LOSS_CCE, codes.LOSS_SPARSE_CCE):
-        sparse = kind == codes.LOSS_SPARSE_CCE
 
         def row(pred, target, grad, i, gscale):
             n = pred.shape[1]
+            amax, _ = argmax_row(pred, i)
+            label = class_of(target, i)
             s = ZERO
-            pmax = pred[i, 0]
-            amax = 0
-            tmax = ZERO
-            targ = 0
-            label = -1
-            if sparse:
-                label = int(target[i])
-                targ = label
             for j in range(n):
-                p = pred[i, j]
-                s += p
-                if p > pmax:
-                    pmax = p
-                    amax = j
-                if not sparse:
-                    t = target[i, j]
-                    if j == 0 or t > tmax:
-                        tmax = t
-                        targ = j
+                s += pred[i, j]
             loss = ZERO
-            tm_sum = ZERO  # sum of t over the outputs whose q is not clipped
+            tm_sum = ZERO  # sum of t over the classes whose q = p/s is not clipped
             for j in range(n):
-                t = ZERO
-                if sparse:
-                    if j == label:
-                        t = ONE
-                else:
-                    t = target[i, j]
+                t = target_at(target, i, j, label)
                 q = pred[i, j] / s
-                loss -= t * math.log(clip(q))
+                loss -= t * math.log(min(max(q, EPS), ONE_M_EPS))
                 if EPS < q < ONE_M_EPS:
                     tm_sum += t
             if has_grad:
-                inv_s = tm_sum / s
+                common = tm_sum / s
                 for j in range(n):
-                    t = ZERO
-                    if sparse:
-                        if j == label:
-                            t = ONE
-                    else:
-                        t = target[i, j]
+                    g = common
                     q = pred[i, j] / s
-                    g = inv_s
                     if EPS < q < ONE_M_EPS:
-                        g -= t / pred[i, j]
+                        g -= target_at(target, i, j, label) / pred[i, j]
                     grad[i, j] = g * gscale
-            return loss, ONE if amax == targ else ZERO
-
-    elif kind in (codes.LOSS_MSE, codes.LOSS_MAE):
-        mse = kind == codes.LOSS_MSE
-
-        def row(pred, target, grad, i, gscale):
-            n = pred.shape[1]
-            loss = ZERO
-            for j in range(n):
-                d = pred[i, j] - target[i, j]
-                if mse:
-                    loss += d * d
-                    g = TWO * d
-                else:
-                    loss += abs(d)
-                    g = ONE if d > ZERO else (-ONE if d < ZERO else ZERO)
-                if has_grad:
-                    grad[i, j] = g * gscale
-            return loss / T(n), ZERO
+            return loss, ONE if amax == label else ZERO
 
     else:
         raise ValueError(f"kind: unknown loss code {kind!r}")

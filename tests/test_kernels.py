@@ -127,8 +127,12 @@ def test_linear_forward_every_activation(act, bias, dtype):
     check_forward(*SMALL, act, dtype, bias, seed=100 + 10 * act + bias)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+# without a bias only db's skip changes, so one dtype covers it (time in the simulator)
+@pytest.mark.parametrize(
+    "bias,dtype",
+    [(True, np.float32), (True, np.float64), (False, np.float32)],
+    ids=["bias-f32", "bias-f64", "nobias-f32"],
+)
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
 def test_linear_backward_every_activation(act, bias, dtype):
     check_backward(*SMALL, act, dtype, bias, seed=200 + 10 * act + bias)
