@@ -2,8 +2,9 @@
 
 Each metric keeps a 2-element state (numerator, denominator) in a backend
 array, updated with a few array operations per batch and read back to the
-host only when a progress line or the epoch's logs need it.  Sample weights
-weigh each row, as in Keras.
+host only when a progress line or the epoch's logs need it.  As in Keras 3,
+``compile(metrics=...)`` ignore sample and class weights and
+``compile(weighted_metrics=...)`` weigh each row by them.
 
 ``"accuracy"`` is resolved as Keras does: binary accuracy for a
 binary-cross-entropy loss or a single output, sparse categorical accuracy

@@ -63,6 +63,7 @@ class Sequential:
         self.optimizer = None
         self.loss = None
         self._metric_specs: list = []
+        self._weighted_metric_specs: list = []
         self.compiled = False
         self.stop_training = False
         self.history = None
@@ -158,21 +159,28 @@ class Sequential:
         return int(self.params.shape[0])
 
     # ---------------------------------------------------------------- compile
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None):
-        """Configure training: optimizer (name or instance), loss, metrics (names)."""
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, weighted_metrics=None):
+        """Configure training: optimizer (name or instance), loss, metrics (names).
+
+        As in Keras 3, ``metrics`` ignore sample and class weights, while
+        ``weighted_metrics`` are weighted by them.
+        """
         if not self.layers:
             raise ValueError("compile: the model has no layers")
         # resolve everything first: a failed compile leaves the model as it was
         new_optimizer = optimizers.get(optimizer)
         new_loss = losses.get(loss)
-        if metrics is None:
-            metrics = []
-        if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)):
-            raise TypeError(f"metrics: expected a list of metric names, got {metrics!r}")
-        for m in metrics:
-            check.metric(m)
+        specs = []
+        for argument, given in (("metrics", metrics), ("weighted_metrics", weighted_metrics)):
+            if given is None:
+                given = []
+            if isinstance(given, str) or not isinstance(given, (list, tuple)):
+                raise TypeError(f"{argument}: expected a list of metric names, got {given!r}")
+            for m in given:
+                check.metric(m, argument)
+            specs.append(list(given))
         self.optimizer, self.loss = new_optimizer, new_loss
-        self._metric_specs = list(metrics)
+        self._metric_specs, self._weighted_metric_specs = specs
         self._resolve_loss()
         self.compiled = True
         self._workspaces = {}
@@ -198,13 +206,14 @@ class Sequential:
 
     @property
     def metrics_names(self) -> list[str]:
-        names = ["loss"]
-        for m in self._metric_specs:
-            names.append(m.name if isinstance(m, metrics_mod.Metric) else m.strip().lower())
-        return names
+        return ["loss"] + [name for name, _, _ in self._resolve_metrics()]
 
     def _resolve_metrics(self):
-        """(name, Metric or None) pairs; None means "read the loss pass's accuracy count"."""
+        """(name, Metric or None, weighted) triples, in log order.
+
+        A None metric means "read the unweighted accuracy count of the fused
+        loss pass" (no extra work per batch).
+        """
         if self._metrics is None:
             resolved = []
             natural = {
@@ -215,12 +224,21 @@ class Sequential:
                 codes.LOSS_SOFTMAX_SPARSE_CCE: metrics_mod.SparseCategoricalAccuracy,
                 codes.LOSS_SPARSE_CCE: metrics_mod.SparseCategoricalAccuracy,
             }.get(self._loss_kind)
-            for spec in self._metric_specs:
-                metric = metrics_mod.get(spec, self.loss, self.output_dim, self._sparse_targets)
-                if natural is not None and type(metric) is natural and getattr(metric, "threshold", 0.5) == 0.5:
-                    resolved.append((metric.name, None))
-                else:
-                    resolved.append((metric.name, metric))
+            names = set()
+            for weighted, specs in ((False, self._metric_specs), (True, self._weighted_metric_specs)):
+                for spec in specs:
+                    metric = metrics_mod.get(spec, self.loss, self.output_dim, self._sparse_targets)
+                    name = metric.name
+                    if name in names:  # the same metric asked for weighted and unweighted
+                        name = "weighted_" + name
+                    names.add(name)
+                    from_loss = (
+                        not weighted
+                        and natural is not None
+                        and type(metric) is natural
+                        and getattr(metric, "threshold", 0.5) == 0.5
+                    )
+                    resolved.append((name, None if from_loss else metric, weighted))
             self._metrics = resolved
         return self._metrics
 
@@ -333,7 +351,7 @@ class Sequential:
                     sums[0] += reg.penalty(xp, w) * batch
 
     def _update_metrics(self, out, ws, states, n):
-        metric_list = [m for m in self._resolve_metrics() if m[1] is not None]
+        metric_list = [(m, weighted) for _, m, weighted in self._resolve_metrics() if m is not None]
         if not metric_list:
             return
         pred = out
@@ -345,8 +363,8 @@ class Sequential:
             else:
                 self.backend.apply_activation(out, act.code, act.alpha, pred)
         w = ws.w if self._has_weights else None
-        for (_, metric), state in zip(metric_list, states):
-            metric.update(self.backend.xp, pred, ws.t, w, state)
+        for (metric, weighted), state in zip(metric_list, states):
+            metric.update(self.backend.xp, pred, ws.t, w if weighted else None, state)
 
     def _train_step(self, ws, sums, states):
         """Forward, loss, backward and update on the batch held in ``ws``."""
@@ -399,18 +417,18 @@ class Sequential:
     def _new_accumulators(self):
         b = self.backend
         sums = b.zeros((2,), self.dtype)
-        states = [b.zeros((2,), np.float64) for _, m in self._resolve_metrics() if m is not None]
+        states = [b.zeros((2,), np.float64) for _, m, _ in self._resolve_metrics() if m is not None]
         return sums, states
 
-    def _read_logs(self, sums, states, seen, weight_seen, prefix=""):
+    def _read_logs(self, sums, states, seen, prefix=""):
         """Host-side logs from the device accumulators (one small transfer)."""
         b = self.backend
         host_sums = b.to_numpy(sums)
         logs = {prefix + "loss": float(host_sums[0]) / max(seen, 1)}
         host_states = iter([b.to_numpy(s) for s in states])
-        for name, metric in self._resolve_metrics():
+        for name, metric, _ in self._resolve_metrics():
             if metric is None:
-                logs[prefix + name] = float(host_sums[1]) / weight_seen if weight_seen else 0.0
+                logs[prefix + name] = float(host_sums[1]) / seen if seen else 0.0
             else:
                 logs[prefix + name] = metric.result(next(host_states))
         return logs
@@ -536,12 +554,12 @@ class Sequential:
             elif raise_on_nonfinite and not math.isfinite(sums[0]):
                 self._recover_nonfinite(epoch, step, snapshot, X, T, W, order_dev, batch_size, float(sums[0]))
             if cbs.wants_batch_logs:
-                cbs.on_train_batch_end(step, self._read_logs(sums, states, seen, self._weight_seen(w_host, order, seen)))
+                cbs.on_train_batch_end(step, self._read_logs(sums, states, seen))
             elif progress.due():
-                progress.update(done, self._read_logs(sums, states, seen, self._weight_seen(w_host, order, seen)))
+                progress.update(done, self._read_logs(sums, states, seen))
             if self.stop_training:
                 break
-        logs = self._read_logs(sums, states, seen, self._weight_seen(w_host, order, seen))
+        logs = self._read_logs(sums, states, seen)
         if record is not None and not math.isfinite(logs["loss"]):
             host_record = b.to_numpy(record[:done])
             bad = int(np.flatnonzero(~np.isfinite(host_record))[0])
@@ -551,9 +569,6 @@ class Sequential:
             self._recover_nonfinite(epoch, done, snapshot, X, T, W, order_dev, batch_size, None)
         return logs, done
 
-    @staticmethod
-    def _weight_seen(w_host, order, seen):
-        return float(seen) if w_host is None else float(w_host[order[:seen]].sum())
 
     def _recover_nonfinite(self, epoch, bad_step, snapshot, X, T, W, order_dev, batch_size, value):
         """Roll back to the last finite weights before ``bad_step`` and raise NonFiniteLossError.
@@ -599,8 +614,7 @@ class Sequential:
             ws = self._workspace(stop - start)
             self._load_batch(ws, X, T, W, index[start:stop])
             self._test_step(ws, sums, states)
-        weight_seen = float(n) if w_host is None else float(w_host.sum())
-        return self._read_logs(sums, states, n, weight_seen, prefix)
+        return self._read_logs(sums, states, n, prefix)
 
     def _format_result(self, logs, return_dict):
         if return_dict:
@@ -678,7 +692,7 @@ class Sequential:
             ws.w[...] = W
         sums, states = self._new_accumulators()
         self._train_step(ws, sums, states)
-        logs = self._read_logs(sums, states, x.shape[0], float(x.shape[0]) if w is None else float(w.sum()))
+        logs = self._read_logs(sums, states, x.shape[0])
         return self._format_result(logs, return_dict)
 
     @check.guard_device_memory

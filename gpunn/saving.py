@@ -115,6 +115,7 @@ def _model_metadata(model, weights_only: bool) -> dict:
             "loss": model.loss.get_config(),
             "optimizer": model.optimizer.get_config(),
             "metrics": [m.name if hasattr(m, "update") else m for m in model._metric_specs],
+            "weighted_metrics": [m.name if hasattr(m, "update") else m for m in model._weighted_metric_specs],
             "iterations": model.optimizer.iterations,
             "slots": list(model.optimizer.slots) if model.optimizer.built else [],
         }
@@ -304,7 +305,12 @@ def load_model(filepath, compile=True):
     spec = meta.get("compile")
     if compile and spec:
         try:
-            model.compile(optimizer=dict(spec["optimizer"]), loss=dict(spec["loss"]), metrics=list(spec["metrics"]))
+            model.compile(
+                optimizer=dict(spec["optimizer"]),
+                loss=dict(spec["loss"]),
+                metrics=list(spec["metrics"]),
+                weighted_metrics=list(spec.get("weighted_metrics") or []),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise _fail(path, f"invalid compile settings ({exc})") from None
         optimizer = model.optimizer

@@ -298,7 +298,13 @@ def test_accuracy_values_multiclass(loss):
     _, accuracy = model.evaluate(x, y, batch_size=10, verbose=0)
     assert accuracy == pytest.approx(np.mean(model.predict(x).argmax(axis=1) == labels))
     w = rng(39).uniform(0, 1, 45)
-    _, weighted = model.evaluate(x, y, sample_weight=w, verbose=0)
+    # Keras 3: plain metrics ignore sample weights, weighted_metrics use them
+    _, unweighted = model.evaluate(x, y, sample_weight=w, verbose=0)
+    assert unweighted == pytest.approx(accuracy)
+    model.compile(optimizer="adam", loss=loss, metrics=["accuracy"], weighted_metrics=["accuracy"])
+    _, plain, weighted = model.evaluate(x, y, sample_weight=w, verbose=0)
+    assert model.metrics_names == ["loss", "accuracy", "weighted_accuracy"]
+    assert plain == pytest.approx(accuracy)
     assert weighted == pytest.approx(np.sum(w * (model.predict(x).argmax(axis=1) == labels)) / w.sum())
 
 
@@ -325,7 +331,8 @@ def test_precision_recall_against_sklearn():
     assert accuracy == pytest.approx(skm.accuracy_score(y, pred))
     assert 0.2 < precision < 0.99 and 0.2 < recall < 0.99  # a prediction set where both are informative
     w = r.uniform(0.1, 2.0, 60)
-    _, precision, recall, _ = model.evaluate(x, y, sample_weight=w, verbose=0)
+    model.compile(optimizer="sgd", loss="binary_crossentropy", weighted_metrics=["precision", "recall"])
+    _, precision, recall = model.evaluate(x, y, sample_weight=w, verbose=0)
     assert precision == pytest.approx(skm.precision_score(y, pred, sample_weight=w))
     assert recall == pytest.approx(skm.recall_score(y, pred, sample_weight=w))
 

@@ -206,7 +206,7 @@ def loss_grad(kind, pred, target, weight, has_weight, grad, has_grad, sums):
                         d = -t / pred[i, j] if (inside and t != 0.0) else 0.0
                         grad[i, j] = (d + tm_sum / s) * scale
         loss_total += w * row
-        correct_total += w * c
+        correct_total += c
     sums[0] += loss_total
     if kind != L_MSE and kind != L_MAE:
         sums[1] += correct_total

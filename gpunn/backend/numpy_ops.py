@@ -193,8 +193,8 @@ def loss_grad(kind, pred, target, weight, grad, sums):
 
     grad: (M, N) output ``dL/dpred``, or None to skip it.
     sums: array of 2 accumulated in place: ``sums[0] += sum_i w_i l_i`` and,
-    for classification kinds, ``sums[1] += sum_i w_i c_i`` with c_i the
-    row's accuracy (the fraction of outputs on the right side of the
+    for classification kinds, ``sums[1] += sum_i c_i`` (unweighted, as Keras
+    3's plain ``metrics`` ignore sample weights) with c_i the row's accuracy (the fraction of outputs on the right side of the
     threshold for binary kinds; argmax agreement for categorical kinds).
     """
     m, n = pred.shape
@@ -277,7 +277,7 @@ def loss_grad(kind, pred, target, weight, grad, sums):
         raise ValueError(f"unknown loss code {kind!r}")
     sums[0] += np.dot(w, rows.astype(dt, copy=False))
     if correct is not None:
-        sums[1] += np.dot(w, correct.astype(dt, copy=False))
+        sums[1] += correct.astype(dt, copy=False).sum()
     return sums
 
 
