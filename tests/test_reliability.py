@@ -278,7 +278,7 @@ def _targets(kind, r, batch, outputs):
     return r.integers(0, outputs, size=batch)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=_problems())
 def test_random_models_have_gradients_matching_finite_differences(p):
     r = rng(p["seed"])

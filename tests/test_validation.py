@@ -391,5 +391,5 @@ def test_random_malformed_input_raises_only_value_or_type_errors(task, method, b
             model.test_on_batch(x, y, sample_weight=w)
     message = str(info.value)
     assert any(message.startswith(a) for a in arguments), (arguments, message)
-    assert "expected" in message or "unknown" in message, message
+    assert "expect" in message or "unknown" in message, message
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
