@@ -94,6 +94,13 @@ class Sequential:
             self._resolve_loss()
 
     @property
+    def _working_dtype(self) -> np.dtype:
+        """The model's float dtype: fixed when built, else the requested one or floatx()."""
+        if self.dtype is not None:
+            return self.dtype
+        return np.dtype(self._dtype_request or config.floatx())
+
+    @property
     def built(self) -> bool:
         return self.params is not None
 
@@ -245,7 +252,7 @@ class Sequential:
     # ------------------------------------------------------------------- data
     def _prepare_targets(self, y, n, argument="y"):
         """Targets as the backend expects them: (M, outputs) floats, or (M,) class indices."""
-        arr = check.as_float_array(y, argument, self.dtype or np.dtype(config.floatx()))
+        arr = check.as_float_array(y, argument, self._working_dtype)
         if arr.ndim == 0:
             raise ValueError(f"{argument}: expected one target per sample, got a scalar")
         if arr.shape[0] != n:
@@ -305,7 +312,7 @@ class Sequential:
     def _standardize(self, x, y, sample_weight, class_weight=None, argument="x"):
         """Validated host arrays (x, targets, weights or None); builds the model if needed."""
         self._require_compiled("fit" if argument == "x" else argument)
-        dtype = np.dtype(self._dtype_request or self.dtype or config.floatx())
+        dtype = self._working_dtype
         x = check.features(x, dtype, self.input_dim, argument)
         if y is None:
             raise ValueError(f"y: expected targets for the {x.shape[0]} samples of {argument}, got None")
@@ -639,7 +646,7 @@ class Sequential:
         check.verbose(verbose)
         if not self.layers:
             raise ValueError("predict: the model has no layers")
-        dtype = np.dtype(self._dtype_request or self.dtype or config.floatx())
+        dtype = self._working_dtype
         x = check.features(x, dtype, self.input_dim, "x")
         self._ensure_built(x.shape[1])
         b = self.backend
@@ -750,9 +757,9 @@ class Sequential:
         for r in rows[1:]:
             print_fn("".join(c.ljust(w) for c, w in zip(r, widths)))
         print_fn("=" * sum(widths))
-        size = (self.dtype or np.dtype(config.floatx())).itemsize
+        size = self._working_dtype.itemsize
         print_fn(f"Total params: {total:,} ({total * size / 1024:.2f} KB)" if self.input_dim else "Total params: unknown (model not built)")
-        print_fn(f"Input features: {self.input_dim}   Backend: {self.backend.name if self.backend else backends.get_backend()}   dtype: {self.dtype or config.floatx()}")
+        print_fn(f"Input features: {self.input_dim}   Backend: {self.backend.name if self.backend else backends.get_backend()}   dtype: {self._working_dtype}")
         print_fn(line)
 
     # ------------------------------------------------------------- save/load
@@ -760,7 +767,7 @@ class Sequential:
         return {
             "name": self.name,
             "input_dim": self.input_dim,
-            "dtype": str(self.dtype or self._dtype_request or config.floatx()),
+            "dtype": str(self._working_dtype),
             "layers": [layer.get_config() for layer in self.layers],
         }
 

@@ -475,3 +475,26 @@ def test_set_floatx_float64_and_float32_default():
     assert all(s.dtype == np.float32 for s in model.optimizer.slots.values())
     with pytest.raises(ValueError, match="float32"):
         gpunn.set_floatx("float16")
+
+
+def test_float64_model_keeps_float64_targets_before_it_is_built():
+    """The first fit of an unbuilt float64 model must not round targets to float32 (floatx)."""
+    x, y = regression_data(7, n=40, features=4)
+
+    def fresh():
+        gpunn.set_seed(11)
+        model = mlp([5, 1], activation="tanh", input_dim=4, dtype="float64")
+        model.compile(optimizer="sgd", loss="mse")
+        return model
+
+    straight = fresh()
+    straight.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+    split = fresh()
+    split.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    split.fit(x, y, epochs=2, initial_epoch=1, batch_size=8, shuffle=False, verbose=0)
+    stepped = fresh()
+    for _ in range(2):
+        for i in range(0, 40, 8):
+            stepped.train_on_batch(x[i : i + 8], y[i : i + 8])
+    assert weights_equal(straight.get_weights(), split.get_weights())
+    assert weights_equal(straight.get_weights(), stepped.get_weights())
