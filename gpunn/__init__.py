@@ -20,7 +20,7 @@ from gpunn import activations, callbacks, initializers, layers, losses, metrics,
 from gpunn.backend import get_backend, set_backend
 from gpunn.config import floatx, set_floatx
 from gpunn.layers import Input
-from gpunn.models import NonFiniteLossError, Sequential
+from gpunn.models import DeviceMemoryError, NonFiniteLossError, Sequential
 from gpunn.random import set_seed
 from gpunn.saving import MODEL_SUFFIX, ModelFileError, load_model
 
@@ -30,6 +30,7 @@ _logging.getLogger("gpunn").addHandler(_logging.NullHandler())
 
 __all__ = [
     "MODEL_SUFFIX",
+    "DeviceMemoryError",
     "Input",
     "ModelFileError",
     "NonFiniteLossError",

@@ -19,7 +19,8 @@ def unknown_name_error(argument: str, what: str, got, valid) -> ValueError:
 def lookup(argument: str, what: str, name, table: dict):
     """``table[name.lower()]`` or a ValueError listing the valid names."""
     if not isinstance(name, str):
-        raise TypeError(f"{argument}: expected a {what} name (str), got {type(name).__name__} {name!r}")
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise TypeError(f"{argument}: expected {article} {what} name (str), got {type(name).__name__} {name!r}")
     key = name.strip().lower()
     if key not in table:
         raise unknown_name_error(argument, what, name, table.keys())

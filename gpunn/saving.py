@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import struct
+import warnings
 
 import numpy as np
 import safetensors.numpy
@@ -263,7 +264,8 @@ def _check_weights(model, weights, path):
         if w.dtype != dtype:
             raise _fail(path, f"weight {i} has dtype {w.dtype}, the model uses {dtype}")
         if not np.isfinite(w).all():
-            raise _fail(path, f"weight {i} holds NaN or infinite values (saved after training diverged?)")
+            # still data: a checkpoint written after training diverged loads, with a warning
+            warnings.warn(f"{path}: weight {i} holds NaN or infinite values (saved after training diverged?)", RuntimeWarning, stacklevel=3)
 
 
 def model_from_config(config, path="<config>"):

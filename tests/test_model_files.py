@@ -287,7 +287,6 @@ def _mutations():
         "weight_shape": t(lambda ts: ts.update({"weight.0000": np.zeros((2, 3), np.float32)}), "weight 0 has shape (2, 3)"),
         "weight_dtype": t(lambda ts: ts.update({"weight.0001": np.zeros(2, np.float64)}), "weight 1 has dtype float64"),
         "weight_int": t(lambda ts: ts.update({"weight.0001": np.zeros(2, np.int32)}), "weight 1 has dtype int32"),
-        "weight_nan": t(lambda ts: ts["weight.0002"].__setitem__((0, 0), np.nan), "NaN"),
         "slot_shape": t(lambda ts: ts.update({"optimizer.v": np.zeros(4, np.float32)}), "optimizer state 'v'"),
     }
 
@@ -303,6 +302,18 @@ def test_checksummed_but_malformed_files(tmp_path, name):
     mutate(meta, tensors)
     message = _expect_clean_error(tmp_path / f"{name}.gpunn", _signed(tensors, meta))
     assert expect in message, message
+
+
+def test_non_finite_weights_load_with_a_warning(tmp_path):
+    """A checkpoint written after training diverged is still data: it loads, and says so."""
+    meta, tensors = _parts(_small_model())
+    tensors = {k: v.copy() for k, v in tensors.items()}
+    tensors["weight.0002"][0, 0] = np.nan
+    path = tmp_path / "nan.gpunn"
+    path.write_bytes(_signed(tensors, meta))
+    with pytest.warns(RuntimeWarning, match="nan.gpunn: weight 2 holds NaN"):
+        model = gpunn.load_model(path)
+    assert np.isnan(model.get_weights()[2][0, 0])
 
 
 def test_weights_only_file_is_not_a_model(tmp_path):
