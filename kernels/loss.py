@@ -220,7 +220,7 @@ def _loss_kernel(dtype, kind, has_weight, has_grad):
             w = weight[i] if has_weight else T(1)
             li, ci = row(pred, target, grad, i, w / den)
             loss += w * li
-            hits += w * ci
+            hits += ci  # unweighted: Keras 3's plain metrics ignore sample weights
         s_loss[t] = loss
         s_hits[t] = hits
         cuda.syncthreads()
@@ -247,7 +247,7 @@ def loss_grad(kind, pred, target, weight, grad, sums, stream=0):
     integer or float dtype) for ``codes.SPARSE_LOSSES``; weight: (M,) or
     None; grad: (M, N) output ``dL/dpred`` (``L = sum_i w_i l_i / M``) or
     None to skip; sums: (2,) float array, ``sums[0] += sum_i w_i l_i`` and,
-    for classification kinds, ``sums[1] += sum_i w_i correct_i``.
+    for classification kinds, ``sums[1] += sum_i correct_i`` (unweighted).
     """
     if kind not in _MEAN_KINDS and kind not in codes.CLASSIFICATION_LOSSES:
         raise ValueError(f"kind: unknown loss code {kind!r}")
