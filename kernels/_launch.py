@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gpunn import codes
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -42,8 +44,6 @@ def matrix_shape(name, a):
 
 
 def check_act(act):
-    from gpunn import codes
-
     if act not in (codes.ACT_LINEAR, codes.ACT_RELU, codes.ACT_LEAKY_RELU, codes.ACT_SIGMOID, codes.ACT_TANH, codes.ACT_GELU):
         raise ValueError(f"act: unknown activation code {act!r}")
     return int(act)
