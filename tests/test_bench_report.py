@@ -1,0 +1,165 @@
+"""`gpunn bench`: the report and its plots exist and hold a row per contender present.
+
+No number is asserted: the machines are shared and noisy.  The run uses the
+test-only ``_tiny`` size so that it stays fast on CI.
+"""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpunn
+from gpunn import bench
+from gpunn._cuda import cuda_status
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _expected_contenders():
+    """(present, absent) row names, decided independently of gpunn.bench."""
+    status = cuda_status()
+    cuda = status.usable and not status.simulator
+    torch = importlib.util.find_spec("torch") is not None
+    torch_cuda = False
+    if torch:
+        import torch as _torch
+
+        torch_cuda = _torch.cuda.is_available()
+    sklearn = importlib.util.find_spec("sklearn") is not None
+    rows = {
+        bench.GPUNN_NUMPY: True,
+        bench.GPUNN_CUDA: cuda,
+        bench.TORCH_CPU: torch,
+        bench.TORCH_CUDA: torch_cuda,
+        bench.SKLEARN: sklearn,
+    }
+    return [k for k, v in rows.items() if v], [k for k, v in rows.items() if not v]
+
+
+def _section(text, title):
+    start = text.index(f"## {title}")
+    nxt = text.find("\n## ", start + 1)
+    return text[start : nxt if nxt != -1 else len(text)]
+
+
+def _table_rows(section):
+    return {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("|")}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    path = bench.main(quick=True, out=str(out), _tiny=True)
+    with open(path, encoding="utf-8") as fh:
+        return path, fh.read()
+
+
+def test_report_and_plots_exist(report):
+    path, text = report
+    assert os.path.basename(path) == "report.md"
+    out = os.path.dirname(path)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert {"throughput.png", "gflops.png", "time_split.png"} <= set(images)
+    for image in images:
+        file = os.path.join(out, image)
+        assert os.path.getsize(file) > 1000, image
+        with open(file, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n", image
+
+
+def test_report_has_a_row_per_present_contender(report):
+    _, text = report
+    present, absent = _expected_contenders()
+    for title in ("Training throughput", "Achieved GFLOP/s"):
+        rows = _table_rows(_section(text, title))
+        for name in present:
+            assert name in rows, (title, name)
+        for name in absent:
+            assert name not in rows, (title, name)
+    if importlib.util.find_spec("sklearn") is not None:  # the accuracy data set comes with scikit-learn
+        rows = _table_rows(_section(text, "Held-out accuracy"))
+        for name in present:
+            assert name in rows, ("accuracy", name)
+    time_rows = _table_rows(_section(text, "Time split"))
+    assert bench.GPUNN_NUMPY in time_rows
+    contenders = _section(text, "Contenders")
+    absent_line = next(line for line in contenders.splitlines() if line.startswith("Absent:"))
+    for name in absent:
+        assert name in absent_line
+
+
+def test_report_header_records_the_machine(report):
+    _, text = report
+    header = _section(text, "Machine")
+    for label in ("CPU", "BLAS", "BLAS threads", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "GPU"):
+        assert f"| {label} |" in header
+    assert "GFLOP/s" in _section(text, "Achieved GFLOP/s")
+    assert "ratio" in _section(text, "Training throughput") or len(_expected_contenders()[0]) == 1
+
+
+def test_bench_leaves_the_backend_choice_alone(report):
+    assert gpunn.get_backend() == "numpy"
+
+
+def test_flop_counts_of_the_reference_mlp():
+    fwd = 2 * (784 * 256 + 256 * 256 + 256 * 10)
+    assert bench.forward_flops_per_sample() == fwd
+    assert bench.train_flops_per_sample() == fwd + fwd + 2 * (256 * 256 + 256 * 10)
+
+
+def test_phased_step_matches_train_on_batch():
+    """The time split's phases reproduce ``Sequential._train_step`` exactly."""
+    x, y = bench.synthetic_data(64)
+    for opt in ("sgd", "adam"):
+        a = bench.GpunnTrainer("numpy", (784, 32, 16, 10), opt, 0.01)
+        b = bench.GpunnTrainer("numpy", (784, 32, 16, 10), opt, 0.01, weights=a.weights())
+        a.model.train_on_batch(x, y)
+        m = b.model
+        m._has_weights = False
+        ws = m._workspace(64)
+        ws.x[...] = x
+        ws.t[...] = y
+        bench.phased_forward(m, ws, m.backend.zeros((2,), m.dtype))
+        bench.phased_backward(m, ws)
+        m.optimizer.apply(m.params, m.grads, m._segments)
+        for wa, wb in zip(a.weights(), b.weights()):
+            np.testing.assert_allclose(wa, wb, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+def test_torch_loop_matches_gpunn_from_the_same_start():
+    """Same initial weights and batches: the PyTorch contender computes the same SGD steps."""
+    x, y = bench.synthetic_data(256)
+    gpunn.set_seed(3)
+    g = bench.GpunnTrainer("numpy", (784, 32, 16, 10), "sgd", 0.05)
+    from gpunn.random import generator
+
+    state = generator().bit_generator.state
+    replay = np.random.default_rng()
+    replay.bit_generator.state = state
+    t = bench.TorchTrainer("cpu", (784, 32, 16, 10), "sgd", 0.05, weights=g.weights(), orders=replay)
+    g.epoch(x, y, 32)
+    t.epoch(x, y, 32)
+    for wa, wb in zip(g.weights(), t.weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_check_without_a_gpu_exits_with_a_clear_message():
+    status = cuda_status()
+    if status.usable and not status.simulator:
+        pytest.skip("a GPU is present")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no usable GPU" in proc.stdout + proc.stderr
