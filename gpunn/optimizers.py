@@ -58,8 +58,9 @@ class Optimizer:
         self._learning_rate = _positive("learning_rate", value)
 
     def build(self, backend, size: int, dtype) -> None:
-        """Allocate zeroed state buffers for ``size`` parameters."""
+        """Allocate zeroed state buffers for ``size`` parameters (a fresh start: step count 0)."""
         self._backend = backend
+        self.iterations = 0
         self.slots = {name: backend.zeros((size,), dtype) for name in self.active_slots()}
 
     def active_slots(self) -> tuple[str, ...]:
