@@ -32,6 +32,10 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the model keeps its last finite weights."""
 
 
+class _Streamed(np.ndarray):
+    """Host data too large for the device: batches are gathered on the host and copied over."""
+
+
 class _Workspace:
     """Buffers for one batch size: inputs, targets, and per-layer activations/gradients."""
 
@@ -325,8 +329,20 @@ class Sequential:
         return x, t.astype(self.dtype, copy=False), w
 
     def _to_device(self, x, t, w):
+        """The data on the backend's device, copied once -- or, when it would take more
+        than half the device's free memory, left on the host (as ``_Streamed`` arrays)
+        and copied over one batch at a time."""
         b = self.backend
+        capacity = b.free_device_bytes()
+        nbytes = x.nbytes + t.nbytes + (0 if w is None else w.nbytes)
+        if capacity is not None and nbytes > capacity // 2:
+            return x.view(_Streamed), t.view(_Streamed), (None if w is None else w.view(_Streamed))
         return b.asarray(x), b.asarray(t), (None if w is None else b.asarray(w))
+
+    def _batch_order(self, order, X):
+        """Sample order as an index array on the side where ``X`` lives."""
+        order = np.asarray(order, dtype=np.int64)
+        return order if isinstance(X, _Streamed) else self.backend.asarray(order)
 
     def _workspace(self, batch) -> _Workspace:
         ws = self._workspaces.get(batch)
@@ -416,6 +432,12 @@ class Sequential:
 
     def _load_batch(self, ws, X, T, W, index):
         b = self.backend
+        if isinstance(X, _Streamed):  # gather on the host, one copy to the device per array
+            ws.x[...] = b.asarray(np.take(X.view(np.ndarray), index, axis=0))
+            ws.t[...] = b.asarray(np.take(T.view(np.ndarray), index, axis=0))
+            if W is not None:
+                ws.w[...] = b.asarray(np.take(W.view(np.ndarray), index, axis=0))
+            return
         b.take_rows(X, index, ws.x)
         b.take_rows(T, index, ws.t)
         if W is not None:
@@ -542,7 +564,7 @@ class Sequential:
         steps = math.ceil(n / batch_size)
         self._has_weights = W is not None
         snapshot = self._snapshot() if raise_on_nonfinite else None
-        order_dev = b.asarray(order.astype(np.int64))
+        order_dev = self._batch_order(order, X)
         sums, states = self._new_accumulators()
         # running loss after each batch: finds the first non-finite batch without a per-batch sync
         record = b.zeros((steps,), self.dtype) if raise_on_nonfinite and b.name != "numpy" else None
@@ -615,7 +637,7 @@ class Sequential:
         n = X.shape[0]
         self._has_weights = W is not None
         sums, states = self._new_accumulators()
-        index = self.backend.asarray(np.arange(n, dtype=np.int64))
+        index = self._batch_order(np.arange(n), X)
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             ws = self._workspace(stop - start)
@@ -690,7 +712,8 @@ class Sequential:
         """One gradient step on the whole of ``x, y``; returns that batch's loss (and metrics)."""
         self._require_compiled("train_on_batch")
         x, t, w = self._standardize(x, y, sample_weight, class_weight)
-        X, T, W = self._to_device(x, t, w)
+        b = self.backend
+        X, T, W = b.asarray(x), b.asarray(t), (None if w is None else b.asarray(w))
         self._has_weights = W is not None
         ws = self._workspace(x.shape[0])
         ws.x[...] = X

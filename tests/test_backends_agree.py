@@ -170,3 +170,28 @@ def test_train_on_cuda_load_on_numpy(tmp_path):
     assert loaded.optimizer.iterations == model.optimizer.iterations
     for name, slot in model.optimizer.slots.items():
         np.testing.assert_array_equal(loaded.optimizer.slots[name], model.backend.to_numpy(slot))
+
+
+def test_data_larger_than_the_device_is_streamed(monkeypatch):
+    """When the data would not fit, fit/evaluate gather batches on the host; the results are unchanged."""
+    from gpunn.backend.cuda_backend import CudaBackend
+
+    rng = np.random.default_rng(8)
+    y = _targets("labels", rng, 3)
+    build = two_layers("tanh", "softmax", 3)
+    args = {"optimizer": "sgd", "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
+    resident = train_on("cuda", build, args, y, RAGGED_BATCH)
+    monkeypatch.setattr(CudaBackend, "free_device_bytes", lambda self: 64)
+    sources = []
+    load_batch = gpunn.Sequential._load_batch
+
+    def spy(self, ws, X, T, W, index):
+        sources.append(type(X).__name__)
+        return load_batch(self, ws, X, T, W, index)
+
+    monkeypatch.setattr(gpunn.Sequential, "_load_batch", spy)
+    streamed = train_on("cuda", build, args, y, RAGGED_BATCH)
+    assert sources and set(sources) == {"_Streamed"}
+    for got, want in zip(streamed[0], resident[0]):
+        np.testing.assert_array_equal(got, want)
+    assert streamed[1] == resident[1]

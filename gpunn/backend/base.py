@@ -39,6 +39,10 @@ class Backend:
         self.xp.take(src, index, axis=0, out=out)
         return out
 
+    def free_device_bytes(self):
+        """Free memory on the device the arrays live on, or None when host memory is used."""
+        return None
+
     def synchronize(self):
         """Wait until queued work is done (no-op on the CPU)."""
 

@@ -42,6 +42,14 @@ class CudaBackend(Backend):
         self.xp.take(src, index, axis=0, out=out)
         return out
 
+    def free_device_bytes(self):
+        if self._simulator:
+            return None
+        free, _total = self.xp.cuda.runtime.memGetInfo()
+        # CuPy's pool holds freed blocks that are free to us but not to the driver
+        pool = self.xp.get_default_memory_pool()
+        return int(free + pool.free_bytes())
+
     def synchronize(self):
         if not self._simulator:
             self.xp.cuda.get_current_stream().synchronize()
