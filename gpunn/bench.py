@@ -422,7 +422,8 @@ def contenders(include_cuda=True):
     if cuda_ok and include_cuda:
         present.append(Contender(GPUNN_CUDA, lambda d, o, lr, w, r: GpunnTrainer("cuda", d, o, lr, w), "gpu"))
     else:
-        absent[GPUNN_CUDA] = desc.removeprefix("none ").strip("()") if not cuda_ok else "skipped"
+        reason = desc[len("none (") : -1] if desc.startswith("none (") and desc.endswith(")") else desc
+        absent[GPUNN_CUDA] = reason if not cuda_ok else "skipped"
     torch_version = _version("torch")
     if torch_version and not torch_version.startswith("import failed"):
         present.append(Contender(TORCH_CPU, lambda d, o, lr, w, r: TorchTrainer("cpu", d, o, lr, w, r)))
