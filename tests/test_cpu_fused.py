@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from gpunn import codes
-from gpunn.backend import cpu_fused
 from gpunn.backend import numpy_ops as reference
 from gpunn.backend.numpy_backend import NumpyBackend
 
@@ -101,7 +100,7 @@ OPTIMIZER_CASES = {
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(OPTIMIZER_CASES))
-@pytest.mark.parametrize("size", [37, cpu_fused.PARALLEL_MIN_PARAMS + 3])
+@pytest.mark.parametrize("size", [37, 70_001])
 def test_optimizer_updates_match_reference(dtype, name, size):
     final = []
     for impl in (reference, BACKEND):

@@ -24,9 +24,6 @@ from gpunn import codes
 
 _JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy")
 
-# Below this many parameters a threaded update costs more in wake-ups than it saves.
-PARALLEL_MIN_PARAMS = 1 << 16
-
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -60,59 +57,98 @@ def _sigmoid(v):
     return e / (1.0 + e)
 
 
+# The epilogues branch on the activation once, outside the loops, so that each
+# loop body is straight-line code LLVM can vectorise (a per-element dispatch
+# made them ~10x slower than the BLAS product they follow).
+
+
 @numba.njit(**_JIT)
-def bias_activation(z, b, has_bias, act, alpha, y):
-    """In place over rows: ``y = act(z + b)``; also ``z += b`` when y is not z (GELU keeps z)."""
+def bias_activation(z, b, act, alpha, y):
+    """``y = act(z + b)`` over rows, b (N,) (zeros for no bias); ``z += b`` too for GELU.
+
+    ``y`` may be ``z`` itself, except for GELU, whose derivative needs the
+    pre-activation kept apart.
+    """
     m, n = z.shape
-    for i in range(m):
-        for j in range(n):
-            v = z[i, j]
-            if has_bias:
-                v += b[j]
+    zero = z.dtype.type(0)
+    one = z.dtype.type(1)
+    half = z.dtype.type(0.5)
+    slope = z.dtype.type(alpha)
+    if act == RELU:
+        for i in range(m):
+            for j in range(n):
+                v = z[i, j] + b[j]
+                y[i, j] = v if v > zero else zero
+    elif act == LEAKY:
+        for i in range(m):
+            for j in range(n):
+                v = z[i, j] + b[j]
+                y[i, j] = v if v > zero else slope * v
+    elif act == SIGMOID:
+        for i in range(m):
+            for j in range(n):
+                y[i, j] = _sigmoid(z[i, j] + b[j])
+    elif act == TANH:
+        for i in range(m):
+            for j in range(n):
+                y[i, j] = math.tanh(z[i, j] + b[j])
+    elif act == GELU:
+        root_half = z.dtype.type(_SQRT_HALF)
+        for i in range(m):
+            for j in range(n):
+                v = z[i, j] + b[j]
                 z[i, j] = v
-            if act == RELU:
-                r = v if v > 0 else 0.0
-            elif act == LEAKY:
-                r = v if v > 0 else alpha * v
-            elif act == SIGMOID:
-                r = _sigmoid(v)
-            elif act == TANH:
-                r = math.tanh(v)
-            elif act == GELU:
-                r = 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
-            else:
-                r = v
-            y[i, j] = r
+                y[i, j] = half * v * (one + math.erf(v * root_half))
+    else:
+        for i in range(m):
+            for j in range(n):
+                y[i, j] = z[i, j] + b[j]
 
 
 @numba.njit(**_JIT)
-def activation_grad(g, y, z, act, alpha, db, want_db):
-    """In place: ``g *= act'(.)`` (from y, or z for GELU); ``db = sum_rows g`` when want_db."""
+def activation_grad(g, y, z, act, alpha):
+    """In place: ``g *= act'(.)``, from the output ``y`` (or ``z`` for GELU)."""
     m, n = g.shape
-    if want_db:
-        for j in range(n):
-            db[j] = 0
+    zero = g.dtype.type(0)
+    one = g.dtype.type(1)
+    slope = g.dtype.type(alpha)
+    if act == RELU:
+        for i in range(m):
+            for j in range(n):
+                g[i, j] = g[i, j] if y[i, j] > zero else zero
+    elif act == LEAKY:
+        for i in range(m):
+            for j in range(n):
+                g[i, j] = g[i, j] if y[i, j] > zero else g[i, j] * slope
+    elif act == SIGMOID:
+        for i in range(m):
+            for j in range(n):
+                s = y[i, j]
+                g[i, j] = g[i, j] * s * (one - s)
+    elif act == TANH:
+        for i in range(m):
+            for j in range(n):
+                t = y[i, j]
+                g[i, j] = g[i, j] * (one - t * t)
+    elif act == GELU:
+        half = g.dtype.type(0.5)
+        root_half = g.dtype.type(_SQRT_HALF)
+        inv_root_2pi = g.dtype.type(_INV_SQRT_2PI)
+        for i in range(m):
+            for j in range(n):
+                x = z[i, j]
+                g[i, j] = g[i, j] * (half * (one + math.erf(x * root_half)) + x * math.exp(-half * x * x) * inv_root_2pi)
+
+
+@numba.njit(**_JIT)
+def column_sums(g, out):
+    """``out[j] = sum_i g[i, j]`` (the bias gradient), accumulated row by row."""
+    m, n = g.shape
+    for j in range(n):
+        out[j] = 0
     for i in range(m):
         for j in range(n):
-            v = g[i, j]
-            if act == RELU:
-                if y[i, j] <= 0:
-                    v = 0.0
-            elif act == LEAKY:
-                if y[i, j] <= 0:
-                    v = v * alpha
-            elif act == SIGMOID:
-                s = y[i, j]
-                v = v * s * (1.0 - s)
-            elif act == TANH:
-                t = y[i, j]
-                v = v * (1.0 - t * t)
-            elif act == GELU:
-                x = z[i, j]
-                v = v * (0.5 * (1.0 + math.erf(x * _SQRT_HALF)) + x * math.exp(-0.5 * x * x) * _INV_SQRT_2PI)
-            g[i, j] = v
-            if want_db:
-                db[j] += v
+            out[j] += g[i, j]
 
 
 @numba.njit(**_JIT)
@@ -214,68 +250,67 @@ def loss_grad(kind, pred, target, weight, has_weight, grad, has_grad, sums):
 
 # --------------------------------------------------------------------------- optimizers
 
-# Written with prange, compiled twice: serial (cached on disk) for small buffers and
-# threaded for large ones.  The threaded build is not disk-cached because Numba's
-# cache index does not tell the two builds of one function apart.
+# Serial loops on purpose: Numba's thread pool and OpenBLAS's spinning threads
+# fight over the cores when both are active in one training step (measured
+# 6x slower on 2 cores); the update is a single memory-bound pass anyway.
 
 
 def _sgd(params, grads, velocity, lr, momentum, nesterov):
+    T = params.dtype.type
+    rate, mom = T(lr), T(momentum)
     if momentum == 0:
-        for k in numba.prange(params.shape[0]):
-            params[k] -= lr * grads[k]
+        for k in range(params.shape[0]):
+            params[k] -= rate * grads[k]
     elif nesterov:
-        for k in numba.prange(params.shape[0]):
-            v = momentum * velocity[k] - lr * grads[k]
+        for k in range(params.shape[0]):
+            v = mom * velocity[k] - rate * grads[k]
             velocity[k] = v
-            params[k] += momentum * v - lr * grads[k]
+            params[k] += mom * v - rate * grads[k]
     else:
-        for k in numba.prange(params.shape[0]):
-            v = momentum * velocity[k] - lr * grads[k]
+        for k in range(params.shape[0]):
+            v = mom * velocity[k] - rate * grads[k]
             velocity[k] = v
             params[k] += v
 
 
 def _adam(params, grads, m, v, lr, lr_t, beta1, beta2, epsilon, weight_decay):
-    decay = 1.0 - lr * weight_decay
-    for k in numba.prange(params.shape[0]):
+    # scalars in the buffers' dtype: float32 math runs twice as wide as float64
+    T = params.dtype.type
+    decay = T(1.0 - lr * weight_decay)
+    step = T(lr_t)
+    keep1, keep2 = T(1.0 - beta1), T(1.0 - beta2)
+    eps = T(epsilon)
+    for k in range(params.shape[0]):
         g = grads[k]
-        mk = m[k] + (g - m[k]) * (1.0 - beta1)
-        vk = v[k] + (g * g - v[k]) * (1.0 - beta2)
+        mk = m[k] + (g - m[k]) * keep1
+        vk = v[k] + (g * g - v[k]) * keep2
         m[k] = mk
         v[k] = vk
-        params[k] = params[k] * decay - lr_t * mk / (math.sqrt(vk) + epsilon)
+        params[k] = params[k] * decay - step * mk / (math.sqrt(vk) + eps)
 
 
 def _rmsprop(params, grads, velocity, average_grad, centered, momentum_buf, use_momentum, lr, rho, momentum, epsilon):
-    for k in numba.prange(params.shape[0]):
+    T = params.dtype.type
+    rate, r, keep, mom, eps = T(lr), T(rho), T(1.0 - rho), T(momentum), T(epsilon)
+    for k in range(params.shape[0]):
         g = grads[k]
-        vk = rho * velocity[k] + (1.0 - rho) * g * g
+        vk = r * velocity[k] + keep * g * g
         velocity[k] = vk
         if centered:
-            a = rho * average_grad[k] + (1.0 - rho) * g
+            a = r * average_grad[k] + keep * g
             average_grad[k] = a
-            denom = vk - a * a + epsilon
+            denom = vk - a * a + eps
         else:
-            denom = vk + epsilon
-        inc = lr * g / math.sqrt(denom)
+            denom = vk + eps
+        inc = rate * g / math.sqrt(denom)
         if use_momentum:
-            mb = momentum * momentum_buf[k] + inc
+            mb = mom * momentum_buf[k] + inc
             momentum_buf[k] = mb
             params[k] -= mb
         else:
             params[k] -= inc
 
 
-_SERIAL = tuple(numba.njit(**_JIT)(f) for f in (_sgd, _adam, _rmsprop))
-_PARALLEL = None
-
-
-def updates_for(size):
-    """(sgd, adam, rmsprop) compiled serial, or threaded for large buffers."""
-    global _PARALLEL
-    if size < PARALLEL_MIN_PARAMS:
-        return _SERIAL
-    if _PARALLEL is None:
-        threaded = {**_JIT, "cache": False, "parallel": True}
-        _PARALLEL = tuple(numba.njit(**threaded)(f) for f in (_sgd, _adam, _rmsprop))
-    return _PARALLEL
+sgd_update = numba.njit(**_JIT)(_sgd)
+adam_update = numba.njit(**_JIT)(_adam)
+rmsprop_update = numba.njit(**_JIT)(_rmsprop)

@@ -27,6 +27,9 @@ class NumpyBackend(Backend):
     name = "numpy"
     xp = np
 
+    def __init__(self):
+        self._zero_cache = {}
+
     def asarray(self, a, dtype=None):
         return np.asarray(a, dtype=dtype)
 
@@ -38,26 +41,34 @@ class NumpyBackend(Backend):
         return out
 
     def linear_forward(self, x, w, b, act, alpha, y, z=None):
-        none = _NO_VECTOR[y.dtype]
+        bias = self._zeros(y.shape[1], y.dtype) if b is None else b
         if act in codes.ACT_NEEDS_PREACTIVATION:
             if z is None:
                 raise ValueError("z: this activation needs the pre-activation buffer, got None")
             np.matmul(x, w, out=z)
-            cpu_fused.bias_activation(z, none if b is None else b, b is not None, act, float(alpha), y)
+            cpu_fused.bias_activation(z, bias, act, float(alpha), y)
         else:
             np.matmul(x, w, out=y)
             if b is not None or act != codes.ACT_LINEAR:
-                cpu_fused.bias_activation(y, none if b is None else b, b is not None, act, float(alpha), y)
+                cpu_fused.bias_activation(y, bias, act, float(alpha), y)
         return y
 
     def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db):
-        if act != codes.ACT_LINEAR or db is not None:
-            cpu_fused.activation_grad(
-                dy, y, y if z is None else z, act, float(alpha), _NO_VECTOR[dy.dtype] if db is None else db, db is not None
-            )
+        if act != codes.ACT_LINEAR:
+            cpu_fused.activation_grad(dy, y, y if z is None else z, act, float(alpha))
+        if db is not None:
+            cpu_fused.column_sums(dy, db)
         np.matmul(x.T, dy, out=dw)
         if dx is not None:
             np.matmul(dy, w.T, out=dx)
+
+    def _zeros(self, n, dtype):
+        """A cached zero bias vector (layers without a bias share one code path)."""
+        key = (n, np.dtype(dtype))
+        zeros = self._zero_cache.get(key)
+        if zeros is None:
+            zeros = self._zero_cache[key] = np.zeros(n, dtype)
+        return zeros
 
     def loss_grad(self, kind, pred, target, weight, grad, sums):
         none = _NO_VECTOR[pred.dtype]
@@ -75,18 +86,15 @@ class NumpyBackend(Backend):
         return sums
 
     def sgd_update(self, params, grads, velocity, lr, momentum, nesterov):
-        sgd = cpu_fused.updates_for(params.shape[0])[0]
-        sgd(params, grads, params if velocity is None else velocity, float(lr), float(momentum), bool(nesterov))
+        cpu_fused.sgd_update(params, grads, params if velocity is None else velocity, float(lr), float(momentum), bool(nesterov))
 
     def adam_update(self, params, grads, m, v, lr, beta1, beta2, epsilon, step, weight_decay):
-        adam = cpu_fused.updates_for(params.shape[0])[1]
         lr_t = lr * np.sqrt(1 - beta2**step) / (1 - beta1**step)
-        adam(params, grads, m, v, float(lr), float(lr_t), float(beta1), float(beta2), float(epsilon), float(weight_decay))
+        cpu_fused.adam_update(params, grads, m, v, float(lr), float(lr_t), float(beta1), float(beta2), float(epsilon), float(weight_decay))
 
     def rmsprop_update(self, params, grads, velocity, average_grad, momentum_buf, lr, rho, momentum, epsilon):
-        rmsprop = cpu_fused.updates_for(params.shape[0])[2]
         use_momentum = momentum_buf is not None and momentum > 0
-        rmsprop(
+        cpu_fused.rmsprop_update(
             params,
             grads,
             velocity,
