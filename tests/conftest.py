@@ -14,3 +14,19 @@ if "NUMBA_ENABLE_CUDASIM" not in os.environ and not os.path.exists("/dev/nvidiac
 
 # The default backend in tests is the CPU one; tests that want CUDA ask for it.
 os.environ.setdefault("GPUNN_BACKEND", "numpy")
+
+# kernels/ is installed as gpunn.kernels, so the tests run against the installed
+# package.  `python -m pytest` from the source tree would put the checkout's
+# gpunn/ (which has no kernels/ inside) first on sys.path instead.
+import importlib.util  # noqa: E402
+
+try:
+    _kernels_found = importlib.util.find_spec("gpunn.kernels") is not None
+except ImportError:
+    _kernels_found = False
+if not _kernels_found:
+    raise ImportError(
+        "gpunn.kernels cannot be imported: run the tests against the installed package "
+        "(pip install '.[test]' or pip install -e '.[test]', then `.venv/bin/pytest`), "
+        "not with `python -m pytest` over a non-editable install"
+    )

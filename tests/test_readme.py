@@ -11,7 +11,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 SETUP = "python3 -m venv .venv && .venv/bin/pip install -q '.[test]' && "
 TRAIN_COMMAND = SETUP + ".venv/bin/gpunn train"
-TEST_COMMAND = SETUP + ".venv/bin/python -m pytest -q"
+TEST_COMMAND = SETUP + ".venv/bin/pytest -q"
 
 
 def _sh_blocks():
