@@ -299,7 +299,7 @@ class GpunnTrainer:
         self.model.backend.synchronize()
 
     def predict(self, x):
-        return np.argmax(self.model.predict(x, batch_size=1024), axis=1)
+        return np.argmax(self.model.predict(x, batch_size=1024, verbose=0), axis=1)
 
     def weights(self):
         return self.model.get_weights()

@@ -283,7 +283,7 @@ def train(ctx, dataset, data, target, task, hidden, activation, epochs, batch_si
         raise click.ClickException(f"{exc} (--lr sets the learning rate)") from None
 
     if problem.task == "regression":
-        pred = model.predict(x_test, batch_size=max(batch_size, 256)).reshape(-1).astype(np.float64)
+        pred = model.predict(x_test, batch_size=max(batch_size, 256), verbose=0).reshape(-1).astype(np.float64)
         pred = pred * target_scaler["scale"] + target_scaler["mean"]
         err = pred - y_test
         mae, rmse = float(np.abs(err).mean()), float(np.sqrt((err**2).mean()))
@@ -291,8 +291,8 @@ def train(ctx, dataset, data, target, task, hidden, activation, epochs, batch_si
         r2 = 1.0 - float((err**2).sum()) / total if total > 0 else float("nan")
         click.echo(f"Held-out MAE: {mae:.4f}  RMSE: {rmse:.4f}  R2: {r2:.4f}  ({len(y_test)} samples)")
     else:
-        result = model.evaluate(x_test, y_test, batch_size=max(batch_size, 256), return_dict=True)
-        probs = model.predict(x_test, batch_size=max(batch_size, 256))
+        result = model.evaluate(x_test, y_test, batch_size=max(batch_size, 256), verbose=0, return_dict=True)
+        probs = model.predict(x_test, batch_size=max(batch_size, 256), verbose=0)
         classes = (probs[:, 0] > 0.5).astype(np.int64) if problem.task == "binary" else probs.argmax(axis=1)
         correct = int((classes == y_test).sum())
         click.echo(
@@ -357,7 +357,7 @@ def predict(ctx, model_path, csv_path, out, backend, batch_size):
     except csvdata.CSVDataError as exc:
         raise click.BadParameter(str(exc), ctx, param_hint="'FILE.csv'") from None
     X = (X - np.asarray(info["scaler"]["mean"])) / np.asarray(info["scaler"]["scale"])
-    out_values = model.predict(X, batch_size=batch_size).astype(np.float64)
+    out_values = model.predict(X, batch_size=batch_size, verbose=0).astype(np.float64)
 
     task = info["task"]
     if task == "regression":

@@ -13,6 +13,7 @@ metrics are read once per progress refresh or epoch.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from gpunn import _validation as check
 from gpunn import backend as backends
 from gpunn.callbacks import CallbackList, History, TerminateOnNaN
 from gpunn.layers import Dense, Input
-from gpunn.progress import EpochProgress
+from gpunn.progress import EpochProgress, summary_line
 from gpunn.random import generator
 
 
@@ -655,19 +656,23 @@ class Sequential:
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, return_dict=False):
         """Loss (and metrics) on ``x, y``: a scalar, a list ``[loss, *metrics]``, or a dict."""
         batch_size = check.positive_int(batch_size, "batch_size", allow_none_default=32)
-        check.verbose(verbose)
+        verbose = check.verbose(verbose)
         self._require_compiled("evaluate")
         x, t, w = self._standardize(x, y, sample_weight, argument="x")
+        started = time.perf_counter()
         logs = self._evaluate_device(*self._to_device(x, t, w), w, batch_size)
+        if verbose:
+            summary_line(math.ceil(x.shape[0] / batch_size), time.perf_counter() - started, logs)
         return self._format_result(logs, return_dict)
 
     @check.guard_device_memory
     def predict(self, x, batch_size=None, verbose="auto"):
         """Model outputs (M, outputs) as a NumPy array, computed in batches."""
         batch_size = check.positive_int(batch_size, "batch_size", allow_none_default=32)
-        check.verbose(verbose)
+        verbose = check.verbose(verbose)
         if not self.layers:
             raise ValueError("predict: the model has no layers")
+        started = time.perf_counter()
         dtype = self._working_dtype
         x = check.features(x, dtype, self.input_dim, "x")
         self._ensure_built(x.shape[1])
@@ -683,7 +688,10 @@ class Sequential:
                 layer.call(b, a, yb, zb, act_override=act)
                 a = yb
             out[start:stop] = a
-        return b.to_numpy(out)
+        result = b.to_numpy(out)
+        if verbose:
+            summary_line(math.ceil(x.shape[0] / batch_size), time.perf_counter() - started, {})
+        return result
 
     def _workspace_predict(self, batch, acts):
         key = ("predict", batch)

@@ -74,3 +74,11 @@ class EpochProgress:
                 file=self.file,
                 flush=True,
             )
+
+
+def summary_line(steps: int, elapsed: float, logs: dict, file=None) -> None:
+    """Keras's one-line report of evaluate/predict: ``steps/steps - time - ms/step - logs``."""
+    parts = [f"{steps}/{steps}", f"{elapsed:.2f}s", f"{elapsed / max(steps, 1) * 1e3:.2f}ms/step"]
+    if logs:
+        parts.append(format_logs(logs))
+    print(" - ".join(parts), file=file or sys.stdout, flush=True)

@@ -498,3 +498,17 @@ def test_float64_model_keeps_float64_targets_before_it_is_built():
             stepped.train_on_batch(x[i : i + 8], y[i : i + 8])
     assert weights_equal(straight.get_weights(), split.get_weights())
     assert weights_equal(straight.get_weights(), stepped.get_weights())
+
+
+def test_evaluate_and_predict_print_one_keras_line_unless_silent(capsys):
+    x, y = binary_data(44, n=20, features=3)
+    model = mlp([4, 1], "relu", "sigmoid", input_dim=3)
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    model.evaluate(x, y, batch_size=8)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("3/3 - ") and "loss: " in line and "accuracy: " in line
+    model.predict(x, batch_size=8)
+    assert capsys.readouterr().out.strip().startswith("3/3 - ")
+    model.evaluate(x, y, verbose=0)
+    model.predict(x, verbose=0)
+    assert capsys.readouterr().out == ""
