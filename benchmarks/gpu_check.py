@@ -83,7 +83,9 @@ def _special(xp):
     if xp.__name__ == "numpy":
         from scipy import special
     else:
-        from cupyx.scipy import special
+        from gpunn import _cuda
+
+        special = _cuda.cupy_special()
     return special.erf, special.expit
 
 

@@ -95,6 +95,14 @@ def get_cupy():
     return cupy
 
 
+def cupy_special():
+    """``cupyx.scipy.special`` (erf, expit, ...) for GPU-side references."""
+    get_cupy()
+    from cupyx.scipy import special
+
+    return special
+
+
 def array_module():
     """numpy under the simulator, cupy on a real GPU."""
     if require_cuda().simulator:

@@ -220,8 +220,9 @@ def matmul_ceiling(n: int, repeats: int) -> float:
 def cupy_matmul_ceiling(n: int = 4096, repeats: int = 10):
     """Best GFLOP/s of an ``n x n`` float32 ``cupy.matmul`` (cuBLAS SGEMM), or None."""
     try:
-        import cupy as cp
+        from gpunn._cuda import get_cupy
 
+        cp = get_cupy()
         a = cp.random.standard_normal((n, n), dtype=cp.float32)
         b = cp.random.standard_normal((n, n), dtype=cp.float32)
         c = cp.matmul(a, b)
