@@ -3,8 +3,8 @@
 Every number a model holds lives in its backend's arrays (NumPy or CuPy):
 one flat parameter buffer and one flat gradient buffer (each layer's kernel
 and bias are views into them), the optimizer's state, the training data
-(copied once per ``fit``) and per-batch-size workspaces reused by every
-step.  A training step is a fixed sequence of backend calls -- fused linear
+(copied once per ``fit``, or streamed batch by batch when it would not fit
+on the device) and per-batch-size workspaces reused by every step.  A training step is a fixed sequence of backend calls -- fused linear
 forward per layer, a fused loss+gradient, fused linear backward per layer,
 one optimizer update -- and reads nothing back to the host; losses and
 metrics are read once per progress refresh or epoch.
