@@ -47,6 +47,18 @@ def _weighted_rows(xp, rows, weight, state):
         state[1] += weight.sum()
 
 
+def _dense_targets(xp, pred, target):
+    """Targets shaped like ``pred``; integer class labels (M,) become one-hot rows.
+
+    That makes elementwise metrics (binary accuracy, mse, mae) well defined
+    next to a sparse categorical loss: mse is then the Brier score.
+    """
+    if target.ndim == 1 and pred.shape[1] > 1:
+        classes = xp.arange(pred.shape[1], dtype=pred.dtype)
+        return (target[:, None] == classes[None, :]).astype(pred.dtype)
+    return target.reshape(pred.shape)
+
+
 class BinaryAccuracy(Metric):
     name = "binary_accuracy"
 
@@ -55,7 +67,7 @@ class BinaryAccuracy(Metric):
         self.threshold = threshold
 
     def update(self, xp, pred, target, weight, state):
-        rows = ((pred > self.threshold) == (target.reshape(pred.shape) > 0.5)).mean(axis=1)
+        rows = ((pred > self.threshold) == (_dense_targets(xp, pred, target) > 0.5)).mean(axis=1)
         _weighted_rows(xp, rows, weight, state)
 
 
@@ -77,7 +89,7 @@ class MeanSquaredError(Metric):
     name = "mean_squared_error"
 
     def update(self, xp, pred, target, weight, state):
-        diff = pred - target.reshape(pred.shape)
+        diff = pred - _dense_targets(xp, pred, target)
         _weighted_rows(xp, (diff * diff).mean(axis=1), weight, state)
 
 
@@ -85,7 +97,7 @@ class MeanAbsoluteError(Metric):
     name = "mean_absolute_error"
 
     def update(self, xp, pred, target, weight, state):
-        _weighted_rows(xp, xp.abs(pred - target.reshape(pred.shape)).mean(axis=1), weight, state)
+        _weighted_rows(xp, xp.abs(pred - _dense_targets(xp, pred, target)).mean(axis=1), weight, state)
 
 
 def _binary_outcomes(xp, pred, target, threshold):
@@ -95,7 +107,7 @@ def _binary_outcomes(xp, pred, target, threshold):
         actual = target[:, None] == classes[None, :]
         predicted = pred.argmax(axis=1)[:, None] == classes[None, :]
     else:
-        actual = target.reshape(pred.shape) > 0.5
+        actual = _dense_targets(xp, pred, target) > 0.5
         predicted = pred > threshold
     return predicted, actual
 

@@ -512,3 +512,15 @@ def test_evaluate_and_predict_print_one_keras_line_unless_silent(capsys):
     model.evaluate(x, y, verbose=0)
     model.predict(x, verbose=0)
     assert capsys.readouterr().out == ""
+
+
+def test_elementwise_metrics_one_hot_encode_sparse_labels():
+    """mse/mae next to a sparse categorical loss compare the outputs with one-hot rows (mse = Brier score)."""
+    x, labels = multiclass_data(45, n=30)
+    model = mlp([6, 3], "relu", "softmax", input_dim=5)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["mse", "mae"])
+    _, mse, mae = model.evaluate(x, labels, batch_size=7, verbose=0)
+    probs = model.predict(x, verbose=0)
+    onehot = one_hot(labels, 3)
+    assert mse == pytest.approx(np.mean((probs - onehot) ** 2), rel=1e-5)
+    assert mae == pytest.approx(np.mean(np.abs(probs - onehot)), rel=1e-5)
