@@ -75,14 +75,20 @@ class CategoricalAccuracy(Metric):
     name = "categorical_accuracy"
 
     def update(self, xp, pred, target, weight, state):
-        _weighted_rows(xp, pred.argmax(axis=1) == target.argmax(axis=1), weight, state)
+        _weighted_rows(xp, pred.argmax(axis=1) == _class_labels(pred, target), weight, state)
 
 
-class SparseCategoricalAccuracy(Metric):
+class SparseCategoricalAccuracy(CategoricalAccuracy):
+    """The same comparison as categorical accuracy; the labels may come one-hot or as indices."""
+
     name = "sparse_categorical_accuracy"
 
-    def update(self, xp, pred, target, weight, state):
-        _weighted_rows(xp, pred.argmax(axis=1) == target.reshape(-1).astype(pred.dtype), weight, state)
+
+def _class_labels(pred, target):
+    """Class index per row from integer labels (M,) or (M, 1), or from one-hot rows (M, N)."""
+    if target.ndim == 2 and target.shape[1] == pred.shape[1] and pred.shape[1] > 1:
+        return target.argmax(axis=1)
+    return target.reshape(-1).astype(pred.dtype)
 
 
 class MeanSquaredError(Metric):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 
@@ -201,6 +202,16 @@ class Sequential:
 
     def _resolve_loss(self):
         self._loss_kind, self._fused_output = self.loss.resolve(self.layers[-1].activation.name)
+        self._probability_hint = ""
+        if self._loss_kind in (codes.LOSS_BCE, codes.LOSS_CCE, codes.LOSS_SPARSE_CCE):
+            output = self.layers[-1].activation.name
+            if output not in ("sigmoid", "softmax"):
+                self._probability_hint = (
+                    f" The output activation {output!r} does not produce probabilities, which "
+                    f"{self.loss.name}(from_logits=False) expects: use from_logits=True, or a "
+                    "sigmoid/softmax output."
+                )
+                warnings.warn(f"compile:{self._probability_hint}", UserWarning, stacklevel=3)
         self._sparse_targets = self._loss_kind in codes.SPARSE_LOSSES
         self._metrics = None  # resolved lazily: "accuracy" depends on the output size
         self._workspaces = {}
@@ -630,7 +641,7 @@ class Sequential:
         raise NonFiniteLossError(
             f"fit: {what}; training stopped and the model "
             f"keeps its last finite weights. Try a lower learning rate (currently {self.optimizer.learning_rate:g}), "
-            "gradient clipping (e.g. clipnorm=1.0), or check the data for extreme values."
+            "gradient clipping (e.g. clipnorm=1.0), or check the data for extreme values." + self._probability_hint
         )
 
     # -------------------------------------------------------- evaluate/predict

@@ -524,3 +524,22 @@ def test_elementwise_metrics_one_hot_encode_sparse_labels():
     onehot = one_hot(labels, 3)
     assert mse == pytest.approx(np.mean((probs - onehot) ** 2), rel=1e-5)
     assert mae == pytest.approx(np.mean(np.abs(probs - onehot)), rel=1e-5)
+
+
+def test_accuracy_metrics_take_labels_one_hot_or_as_indices():
+    x, labels = multiclass_data(46, n=24)
+    model = mlp([6, 3], "relu", "softmax", input_dim=5)
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["sparse_categorical_accuracy"])
+    _, from_one_hot = model.evaluate(x, one_hot(labels, 3), verbose=0)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["categorical_accuracy"])
+    _, from_indices = model.evaluate(x, labels, verbose=0)
+    expected = np.mean(model.predict(x, verbose=0).argmax(axis=1) == labels)
+    assert from_one_hot == pytest.approx(expected) and from_indices == pytest.approx(expected)
+
+
+def test_probability_loss_on_a_linear_output_warns_at_compile():
+    x, labels = multiclass_data(47, n=24)
+    model = mlp([6, 3], "relu", "linear", input_dim=5)
+    with pytest.warns(UserWarning, match="from_logits=True"):
+        model.compile(optimizer=gpunn.optimizers.SGD(1.0), loss="categorical_crossentropy")
+    model.compile(optimizer="adam", loss=gpunn.losses.CategoricalCrossentropy(from_logits=True))  # no warning
