@@ -92,6 +92,7 @@ class Dense(Layer):
         self.input_dim = None if input_dim is None else _positive_int("input_dim", input_dim)
         self.kernel = self.bias = None
         self.kernel_grad = self.bias_grad = None
+        self._backend = None  # set by build: the backend holding the weights
 
     # -- weights --------------------------------------------------------------
     def param_shapes(self, input_dim):
@@ -155,8 +156,6 @@ class Dense(Layer):
             if not np.issubdtype(value.dtype, np.number):
                 raise TypeError(f"weights: layer {self.name!r} {attr} must be numeric, got dtype {value.dtype}")
             target[...] = self._backend.asarray(value.astype(target.dtype))
-
-    _backend = None
 
     # -- computation ------------------------------------------------------------
     def call(self, backend, x, y, z, act_override=None):

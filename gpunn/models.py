@@ -39,20 +39,23 @@ class _Streamed(np.ndarray):
 
 
 class _Workspace:
-    """Buffers for one batch size: inputs, targets, and per-layer activations/gradients."""
+    """Buffers for one batch size: per-layer outputs (and GELU pre-activations) for the
+    activations ``acts``; with ``training`` also inputs, targets, weights, gradients."""
 
-    def __init__(self, model, batch):
+    def __init__(self, model, batch, acts, training):
         b, dt = model.backend, model.dtype
         self.batch = batch
-        self.x = b.empty((batch, model.input_dim), dt)
-        self.t = b.empty((batch,) if model._sparse_targets else (batch, model.output_dim), dt)
-        self.w = b.empty((batch,), dt)
-        self.y, self.z, self.g = [], [], []
-        for layer, act in zip(model.layers, model._train_activations()):
-            self.y.append(b.empty((batch, layer.units), dt))
-            self.z.append(b.empty((batch, layer.units), dt) if act.code in codes.ACT_NEEDS_PREACTIVATION else None)
-            self.g.append(b.empty((batch, layer.units), dt))
-        self.probs = b.empty((batch, model.output_dim), dt)
+        self.y = [b.empty((batch, layer.units), dt) for layer in model.layers]
+        self.z = [
+            b.empty((batch, layer.units), dt) if act.code in codes.ACT_NEEDS_PREACTIVATION else None
+            for layer, act in zip(model.layers, acts)
+        ]
+        if training:
+            self.x = b.empty((batch, model.input_dim), dt)
+            self.t = b.empty((batch,) if model._sparse_targets else (batch, model.output_dim), dt)
+            self.w = b.empty((batch,), dt)
+            self.g = [b.empty((batch, layer.units), dt) for layer in model.layers]
+            self.probs = b.empty((batch, model.output_dim), dt)
 
 
 class Sequential:
@@ -213,19 +216,16 @@ class Sequential:
                 )
                 warnings.warn(f"compile:{self._probability_hint}", UserWarning, stacklevel=3)
         self._sparse_targets = self._loss_kind in codes.SPARSE_LOSSES
+        # each layer's activation as run in training: a fused output layer produces logits
+        self._train_acts = [layer.activation for layer in self.layers]
+        if self._fused_output:
+            self._train_acts[-1] = activations.get("linear")
         self._metrics = None  # resolved lazily: "accuracy" depends on the output size
         self._workspaces = {}
 
     def _require_compiled(self, what):
         if not self.compiled:
             raise RuntimeError(f"{what}: the model must be compiled first: model.compile(optimizer=..., loss=...)")
-
-    def _train_activations(self):
-        """Each layer's activation as run in training (a fused output runs linear)."""
-        acts = [layer.activation for layer in self.layers]
-        if self.compiled and self._fused_output:
-            acts[-1] = activations.get("linear")
-        return acts
 
     @property
     def metrics_names(self) -> list[str]:
@@ -263,6 +263,7 @@ class Sequential:
                     )
                     resolved.append((name, None if from_loss else metric, weighted))
             self._metrics = resolved
+            self._computed_metrics = [(m, weighted) for _, m, weighted in resolved if m is not None]
         return self._metrics
 
     # ------------------------------------------------------------------- data
@@ -356,12 +357,15 @@ class Sequential:
         order = np.asarray(order, dtype=np.int64)
         return order if isinstance(X, _Streamed) else self.backend.asarray(order)
 
-    def _workspace(self, batch) -> _Workspace:
-        ws = self._workspaces.get(batch)
+    def _workspace(self, batch, training=True) -> _Workspace:
+        """The reused buffers for a batch size (training, or prediction with the full activations)."""
+        key = (training, batch)
+        ws = self._workspaces.get(key)
         if ws is None:
             if len(self._workspaces) > 4:
                 self._workspaces.clear()
-            ws = self._workspaces[batch] = _Workspace(self, batch)
+            acts = self._train_acts if training else [layer.activation for layer in self.layers]
+            ws = self._workspaces[key] = _Workspace(self, batch, acts, training)
         return ws
 
     # ------------------------------------------------------------ one step
@@ -372,8 +376,9 @@ class Sequential:
             a = y
         return a
 
-    def _regularization(self, sums, batch):
-        """Add each regularizer's gradient, and its penalty (times the batch size) to the loss sum."""
+    def _regularization(self, sums, batch, gradients):
+        """Add each regularizer's penalty (times the batch size) to the loss sum, and with
+        ``gradients`` its gradient to the weights' gradients."""
         xp = self.backend.xp
         for layer in self.layers:
             for reg, w, g in (
@@ -381,33 +386,35 @@ class Sequential:
                 (layer.bias_regularizer, layer.bias, layer.bias_grad),
             ):
                 if reg is not None and w is not None:
-                    if g is not None:
+                    if gradients:
                         reg.add_gradient(xp, w, g)
                     sums[0] += reg.penalty(xp, w) * batch
 
-    def _update_metrics(self, out, ws, states, n):
-        metric_list = [(m, weighted) for _, m, weighted in self._resolve_metrics() if m is not None]
-        if not metric_list:
+    def _update_metrics(self, out, ws, states):
+        """Update the metrics the loss pass does not count, on the model's outputs (probabilities
+        when the output activation is folded into the loss)."""
+        computed = self._computed_metrics
+        if not computed:
             return
         pred = out
         if self._fused_output:
-            pred = ws.probs[:n] if n != ws.batch else ws.probs
+            pred = ws.probs
             act = self.layers[-1].activation
             if act.is_softmax:
                 self.backend.softmax(out, pred)
             else:
                 self.backend.apply_activation(out, act.code, act.alpha, pred)
         w = ws.w if self._has_weights else None
-        for (metric, weighted), state in zip(metric_list, states):
+        for (metric, weighted), state in zip(computed, states):
             metric.update(self.backend.xp, pred, ws.t, w if weighted else None, state)
 
     def _train_step(self, ws, sums, states):
         """Forward, loss, backward and update on the batch held in ``ws``."""
         b = self.backend
-        acts = self._train_activations()
+        acts = self._train_acts
         out = self._forward(ws.x, ws, acts)
         b.loss_grad(self._loss_kind, out, ws.t, ws.w if self._has_weights else None, ws.g[-1], sums)
-        self._update_metrics(out, ws, states, ws.batch)
+        self._update_metrics(out, ws, states)
         for i in range(len(self.layers) - 1, -1, -1):
             layer, act, g = self.layers[i], acts[i], ws.g[i]
             code = act.code
@@ -426,21 +433,14 @@ class Sequential:
                 layer.kernel_grad,
                 layer.bias_grad if layer.use_bias else None,
             )
-        self._regularization(sums, ws.batch)
+        self._regularization(sums, ws.batch, gradients=True)
         self.optimizer.apply(self.params, self.grads, self._segments)
 
     def _test_step(self, ws, sums, states):
-        out = self._forward(ws.x, ws, self._train_activations())
+        out = self._forward(ws.x, ws, self._train_acts)
         self.backend.loss_grad(self._loss_kind, out, ws.t, ws.w if self._has_weights else None, None, sums)
-        self._update_metrics(out, ws, states, ws.batch)
-        self._regularization_loss_only(sums, ws.batch)
-
-    def _regularization_loss_only(self, sums, batch):
-        xp = self.backend.xp
-        for layer in self.layers:
-            for reg, w in ((layer.kernel_regularizer, layer.kernel), (layer.bias_regularizer, layer.bias)):
-                if reg is not None and w is not None:
-                    sums[0] += reg.penalty(xp, w) * batch
+        self._update_metrics(out, ws, states)
+        self._regularization(sums, ws.batch, gradients=False)
 
     def _load_batch(self, ws, X, T, W, index):
         b = self.backend
@@ -458,7 +458,8 @@ class Sequential:
     def _new_accumulators(self):
         b = self.backend
         sums = b.zeros((2,), self.dtype)
-        states = [b.zeros((2,), np.float64) for _, m, _ in self._resolve_metrics() if m is not None]
+        self._resolve_metrics()  # also sets _computed_metrics, which the steps update
+        states = [b.zeros((2,), np.float64) for _ in self._computed_metrics]
         return sums, states
 
     def _read_logs(self, sums, states, seen, prefix=""):
@@ -547,9 +548,9 @@ class Sequential:
             cbs.on_epoch_begin(epoch)
             progress.epoch_begin(epoch)
             order = generator().permutation(n) if shuffle else np.arange(n)
-            logs, done = self._run_epoch(epoch, X, T, W, w, order, batch_size, cbs, progress, raise_on_nonfinite)
+            logs, done = self._run_epoch(epoch, X, T, W, order, batch_size, cbs, progress, raise_on_nonfinite)
             if val_dev is not None and (epoch + 1 - initial_epoch) % validation_freq == 0:
-                logs.update(self._evaluate_device(*val_dev, val[2], validation_batch_size or batch_size, prefix="val_"))
+                logs.update(self._evaluate_device(*val_dev, validation_batch_size, prefix="val_"))
             cbs.on_epoch_end(epoch, logs)
             progress.epoch_end(epoch, done, logs)
         cbs.on_train_end()
@@ -570,7 +571,7 @@ class Sequential:
             self.optimizer.slots[k][...] = v
         self.optimizer.iterations = iterations
 
-    def _run_epoch(self, epoch, X, T, W, w_host, order, batch_size, cbs, progress, raise_on_nonfinite):
+    def _run_epoch(self, epoch, X, T, W, order, batch_size, cbs, progress, raise_on_nonfinite):
         b = self.backend
         n = order.shape[0]
         steps = math.ceil(n / batch_size)
@@ -610,7 +611,6 @@ class Sequential:
             self._recover_nonfinite(epoch, done, snapshot, X, T, W, order_dev, batch_size, None)
         return logs, done
 
-
     def _recover_nonfinite(self, epoch, bad_step, snapshot, X, T, W, order_dev, batch_size, value):
         """Roll back to the last finite weights before ``bad_step`` and raise NonFiniteLossError.
 
@@ -645,7 +645,7 @@ class Sequential:
         )
 
     # -------------------------------------------------------- evaluate/predict
-    def _evaluate_device(self, X, T, W, w_host, batch_size, prefix=""):
+    def _evaluate_device(self, X, T, W, batch_size, prefix=""):
         n = X.shape[0]
         self._has_weights = W is not None
         sums, states = self._new_accumulators()
@@ -671,7 +671,7 @@ class Sequential:
         self._require_compiled("evaluate")
         x, t, w = self._standardize(x, y, sample_weight, argument="x")
         started = time.perf_counter()
-        logs = self._evaluate_device(*self._to_device(x, t, w), w, batch_size)
+        logs = self._evaluate_device(*self._to_device(x, t, w), batch_size)
         if verbose:
             summary_line(math.ceil(x.shape[0] / batch_size), time.perf_counter() - started, logs)
         return self._format_result(logs, return_dict)
@@ -693,32 +693,11 @@ class Sequential:
         acts = [layer.activation for layer in self.layers]
         for start in range(0, x.shape[0], batch_size):
             stop = min(x.shape[0], start + batch_size)
-            ws = self._workspace_predict(stop - start, acts)
-            a = X[start:stop]
-            for layer, act, yb, zb in zip(self.layers, acts, ws.y, ws.z):
-                layer.call(b, a, yb, zb, act_override=act)
-                a = yb
-            out[start:stop] = a
+            out[start:stop] = self._forward(X[start:stop], self._workspace(stop - start, training=False), acts)
         result = b.to_numpy(out)
         if verbose:
             summary_line(math.ceil(x.shape[0] / batch_size), time.perf_counter() - started, {})
         return result
-
-    def _workspace_predict(self, batch, acts):
-        key = ("predict", batch)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            b, dt = self.backend, self.dtype
-            ws = _Workspace.__new__(_Workspace)
-            ws.y = [b.empty((batch, layer.units), dt) for layer in self.layers]
-            ws.z = [
-                b.empty((batch, layer.units), dt) if act.code in codes.ACT_NEEDS_PREACTIVATION else None
-                for layer, act in zip(self.layers, acts)
-            ]
-            if len(self._workspaces) > 4:
-                self._workspaces.clear()
-            self._workspaces[key] = ws
-        return ws
 
     def __call__(self, x):
         return self.predict(x, batch_size=max(1, len(x)), verbose=0)
@@ -749,7 +728,7 @@ class Sequential:
         """Loss (and metrics) of one batch, without updating the weights."""
         self._require_compiled("test_on_batch")
         x, t, w = self._standardize(x, y, sample_weight, argument="x")
-        logs = self._evaluate_device(*self._to_device(x, t, w), w, x.shape[0])
+        logs = self._evaluate_device(*self._to_device(x, t, w), x.shape[0])
         return self._format_result(logs, return_dict)
 
     # ---------------------------------------------------------------- weights
