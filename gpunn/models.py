@@ -142,13 +142,18 @@ class Sequential:
             return
         self._allocate(initialize=True)
 
+    def _weight_shapes(self):
+        """Shape of every weight array, in get_weights order, from the architecture alone."""
+        shapes, dim = [], self.input_dim
+        for layer in self.layers:
+            shapes.extend(tuple(s) for _, s in layer.param_shapes(dim))
+            dim = layer.units
+        return shapes
+
     def _allocate(self, initialize):
         self.backend = backends.current()
         self.dtype = np.dtype(self._dtype_request or config.floatx())
-        sizes, dim = [], self.input_dim
-        for layer in self.layers:
-            sizes.extend(int(np.prod(s)) for _, s in layer.param_shapes(dim))
-            dim = layer.units
+        sizes = [int(np.prod(shape)) for shape in self._weight_shapes()]
         total = sum(sizes)
         self.params = self.backend.zeros((total,), self.dtype)
         self.grads = self.backend.zeros((total,), self.dtype)

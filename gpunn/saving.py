@@ -244,18 +244,9 @@ def _check_tensor_names(tensors, meta, path):
     return [tensors[k] for k in weights]
 
 
-def _expected_weight_shapes(model):
-    """(shape, ...) of every weight array, from the architecture alone (nothing allocated)."""
-    shapes, dim = [], model.input_dim
-    for layer in model.layers:
-        shapes.extend(tuple(s) for _, s in layer.param_shapes(dim))
-        dim = layer.units
-    return shapes
-
-
 def _check_weights(model, weights, path):
-    dtype = np.dtype(model.dtype or model._dtype_request or "float32")
-    expected = _expected_weight_shapes(model)
+    dtype = model._working_dtype
+    expected = model._weight_shapes()  # from the architecture: nothing allocated yet
     if len(weights) != len(expected):
         raise _fail(path, f"the architecture has {len(expected)} weight arrays but the file holds {len(weights)}")
     for i, (w, shape) in enumerate(zip(weights, expected)):
