@@ -182,13 +182,8 @@ def device_memory_error(exc, what: str, batch_size) -> DeviceMemoryError:
 def _release_device_memory(model) -> None:
     """Drop the model's per-batch buffers and return cached blocks to the device."""
     model._workspaces = {}
-    xp = getattr(getattr(model, "backend", None), "xp", None)
-    pool = getattr(xp, "get_default_memory_pool", None)
-    if callable(pool) and xp is not np:
-        try:
-            pool().free_all_blocks()
-        except Exception:  # pragma: no cover - best effort only
-            pass
+    if model.backend is not None:
+        model.backend.release_cached_memory()
 
 
 def guard_device_memory(method):

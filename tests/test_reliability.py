@@ -188,6 +188,7 @@ def test_other_errors_pass_through_unchanged(tight_memory, monkeypatch, error):
 
 def test_out_of_memory_frees_the_device_memory_pool(monkeypatch):
     from gpunn import _validation
+    from gpunn.backend.cuda_backend import CudaBackend
 
     freed = []
 
@@ -200,13 +201,17 @@ def test_out_of_memory_frees_the_device_memory_pool(monkeypatch):
         def get_default_memory_pool():
             return Pool()
 
+    # the CUDA backend (as on a GPU, with a stand-in for CuPy) returns its pool's cached blocks
+    backend = CudaBackend.__new__(CudaBackend)
+    backend._simulator, backend.xp, backend._views = False, FakeXp, {"stale": object()}
+
     class Holder:
-        backend = type("B", (), {"xp": FakeXp})()
         _workspaces = {1: object()}
 
     holder = Holder()
+    holder.backend = backend
     _validation._release_device_memory(holder)
-    assert freed == [True] and holder._workspaces == {}
+    assert freed == [True] and holder._workspaces == {} and backend._views == {}
 
 
 def test_explicit_cuda_where_unusable_raises_with_the_reason(monkeypatch):

@@ -43,6 +43,9 @@ class Backend:
         """Free memory on the device the arrays live on, or None when host memory is used."""
         return None
 
+    def release_cached_memory(self):
+        """Return memory the backend's allocator keeps cached to the device (no-op on the CPU)."""
+
     def synchronize(self):
         """Wait until queued work is done (no-op on the CPU)."""
 

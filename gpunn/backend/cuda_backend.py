@@ -50,6 +50,11 @@ class CudaBackend(Backend):
         pool = self.xp.get_default_memory_pool()
         return int(free + pool.free_bytes())
 
+    def release_cached_memory(self):
+        if not self._simulator:
+            self._views.clear()  # views of freed buffers must not outlive them
+            self.xp.get_default_memory_pool().free_all_blocks()
+
     def synchronize(self):
         if not self._simulator:
             self.xp.cuda.get_current_stream().synchronize()
