@@ -79,6 +79,13 @@ def _monitor_op(monitor, mode, argument="mode"):
     return mode
 
 
+def _improved(mode, current, reference, min_delta=0.0):
+    """Whether ``current`` beats ``reference`` by more than ``min_delta`` in direction ``mode``."""
+    if mode == "min":
+        return current < reference - min_delta
+    return current > reference + min_delta
+
+
 class EarlyStopping(Callback):
     """Stop training when ``monitor`` has stopped improving for ``patience`` epochs."""
 
@@ -106,11 +113,6 @@ class EarlyStopping(Callback):
         self.start_from_epoch = int(start_from_epoch)
         self.stopped_epoch = 0
 
-    def _better(self, current, reference):
-        if self.mode == "min":
-            return current < reference - self.min_delta
-        return current > reference + self.min_delta
-
     def on_train_begin(self, logs=None):
         self.wait = 0
         self.stopped_epoch = 0
@@ -131,12 +133,12 @@ class EarlyStopping(Callback):
         if self.restore_best_weights and self.best_weights is None:
             self.best_weights = self.model.get_weights()
         self.wait += 1
-        if self._better(current, self.best):
+        if _improved(self.mode, current, self.best, self.min_delta):
             self.best = current
             self.best_epoch = epoch
             if self.restore_best_weights:
                 self.best_weights = self.model.get_weights()
-            if self.baseline is None or self._better(current, self.baseline):
+            if self.baseline is None or _improved(self.mode, current, self.baseline, self.min_delta):
                 self.wait = 0
             return
         if self.wait >= self.patience and epoch > 0:
@@ -189,8 +191,7 @@ class ModelCheckpoint(Callback):
             if current is None:
                 warnings.warn(f"ModelCheckpoint: monitor {self.monitor!r} is not in the logs", stacklevel=2)
                 return
-            improved = current < self.best if self.mode == "min" else current > self.best
-            if not improved:
+            if not _improved(self.mode, current, self.best):
                 return
             if self.verbose > 0:
                 print(f"Epoch {epoch + 1}: {self.monitor} improved from {self.best:.5f} to {current:.5f}, saving model to {path}")
@@ -246,8 +247,7 @@ class ReduceLROnPlateau(Callback):
         if self.cooldown_counter > 0:
             self.cooldown_counter -= 1
             self.wait = 0
-        improved = current < self.best - self.min_delta if self.mode == "min" else current > self.best + self.min_delta
-        if improved:
+        if _improved(self.mode, current, self.best, self.min_delta):
             self.best = current
             self.wait = 0
         elif self.cooldown_counter <= 0:
