@@ -85,6 +85,21 @@ def require_cuda() -> CudaStatus:
     return status
 
 
+def device_overload(func):
+    """Decorator registering a typing/implementation of ``func`` for Numba's CUDA target.
+
+    The shared scalar math (:mod:`gpunn.opmath`) uses small helpers that
+    Numba compiles through ``overload``; the CPU registration lives with the
+    helper, the CUDA one is made here, where ``numba.cuda`` may be imported.
+    Under the simulator device code runs as Python, so nothing is registered.
+    """
+    if cuda is None or simulator_enabled():
+        return lambda overload_func: overload_func
+    from numba.cuda.extending import overload
+
+    return overload(func, target="cuda", inline="always", strict=False)
+
+
 def get_cupy():
     """The cupy module (only on a real GPU; the simulator uses NumPy)."""
     status = require_cuda()

@@ -1,44 +1,133 @@
-"""Integer codes shared by the NumPy backend and the CUDA kernels.
+"""The tables of ops: activations, fused loss kinds and optimizers, as integer enums.
 
-Kernels specialise on these codes at compile time, so they are plain ``int``
-constants; this module imports nothing heavy and may be imported anywhere.
+Each member is one op.  Its lower-case name is the name of its scalar math in
+:mod:`gpunn.opmath` (``Act.ELU`` -> ``opmath.elu`` and ``opmath.elu_grad``),
+and its attributes say what the rest of gpunn needs to know about it, so
+validation, dispatch and the tests' parametrisation all iterate these enums:
+adding an op is one member here plus its math.
+
+Kernels specialise on these codes at compile time; members are ``int``s
+(``Act.RELU == 1``).  This module imports nothing heavy.
 """
 
-# Activations that the fused linear kernels apply in their epilogue.
-ACT_LINEAR = 0
-ACT_RELU = 1
-ACT_LEAKY_RELU = 2
-ACT_SIGMOID = 3
-ACT_TANH = 4
-ACT_GELU = 5
+from __future__ import annotations
 
-#: Activations whose derivative cannot be recovered from the output alone,
-#: so the forward pass must also keep the pre-activation ``z``.
-ACT_NEEDS_PREACTIVATION = frozenset({ACT_GELU})
+import enum
 
-# Loss kinds: each fuses the output non-linearity (when any) with the loss.
-LOSS_SIGMOID_BCE = 0  # logits, targets in [0, 1]
-LOSS_SOFTMAX_CCE = 1  # logits, one-hot or probability targets
-LOSS_SOFTMAX_SPARSE_CCE = 2  # logits, integer class targets
-LOSS_BCE = 3  # probabilities, targets in [0, 1]
-LOSS_CCE = 4  # probabilities (normalised per row), one-hot targets
-LOSS_SPARSE_CCE = 5  # probabilities (normalised per row), integer targets
-LOSS_MSE = 6
-LOSS_MAE = 7
+
+class Act(enum.IntEnum):
+    """Activations the fused linear kernels apply in their epilogue.
+
+    ``needs_preactivation``: the derivative cannot be recovered from the
+    output ``y`` alone, so the forward pass also keeps ``z = x @ w + b``.
+    ``default_alpha``: Keras's default for the activation's one parameter
+    (leaky ReLU's negative slope, ELU's alpha), 0 where it has none.
+    """
+
+    def __new__(cls, value, needs_preactivation=False, default_alpha=0.0):
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.needs_preactivation = needs_preactivation
+        member.default_alpha = default_alpha
+        return member
+
+    LINEAR = 0
+    RELU = 1
+    LEAKY_RELU = 2, False, 0.2
+    SIGMOID = 3
+    TANH = 4
+    GELU = 5, True
+    ELU = 6, False, 1.0
+    SELU = 7
+    SOFTPLUS = 8
+    SOFTSIGN = 9
+    SWISH = 10, True
+    RELU6 = 11
+    HARD_SIGMOID = 12
+    EXPONENTIAL = 14
+
+    @property
+    def math_name(self) -> str:
+        return self.name.lower()
+
+
+class LossKind(enum.IntEnum):
+    """Fused loss kinds: each folds the output non-linearity (when any) into the loss.
+
+    ``elementwise``: the row loss is the mean over the N outputs of an
+    elementwise loss (``opmath.<name>(p, t) -> (loss, dloss/dp, hit)``); the
+    others are row-wise cross-entropies (``opmath.<function>(pred, target,
+    grad, i, gscale, sparse, has_grad) -> (loss_i, hit_i)``).
+    ``sparse``: targets are integer class indices, one per row.
+    ``classification``: the loss pass also counts accuracy hits.
+    """
+
+    def __new__(cls, value, function, elementwise, sparse=False, classification=True):
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.function = function
+        member.elementwise = elementwise
+        member.sparse = sparse
+        member.classification = classification
+        return member
+
+    SIGMOID_BCE = 0, "loss_sigmoid_bce", True  # logits, targets in [0, 1]
+    SOFTMAX_CCE = 1, "loss_softmax_cce", False  # logits, one-hot or probability targets
+    SOFTMAX_SPARSE_CCE = 2, "loss_softmax_cce", False, True  # logits, integer class targets
+    BCE = 3, "loss_bce", True  # probabilities, targets in [0, 1]
+    CCE = 4, "loss_cce", False  # probabilities (normalised per row), one-hot targets
+    SPARSE_CCE = 5, "loss_cce", False, True  # probabilities (normalised per row), integer targets
+    MSE = 6, "loss_mse", True, False, False
+    MAE = 7, "loss_mae", True, False, False
+
+
+class Opt(enum.IntEnum):
+    """Optimizers updating one flat parameter buffer (``opmath.<name>_step``)."""
+
+    SGD = 0
+    ADAM = 1
+    ADAMW = 2
+    RMSPROP = 3
+
+
+# The flat names older code and tests use; each is the enum member itself.
+ACT_LINEAR, ACT_RELU, ACT_LEAKY_RELU, ACT_SIGMOID, ACT_TANH, ACT_GELU = (
+    Act.LINEAR, Act.RELU, Act.LEAKY_RELU, Act.SIGMOID, Act.TANH, Act.GELU,
+)  # fmt: skip
+LOSS_SIGMOID_BCE, LOSS_SOFTMAX_CCE, LOSS_SOFTMAX_SPARSE_CCE, LOSS_BCE = (
+    LossKind.SIGMOID_BCE, LossKind.SOFTMAX_CCE, LossKind.SOFTMAX_SPARSE_CCE, LossKind.BCE,
+)  # fmt: skip
+LOSS_CCE, LOSS_SPARSE_CCE, LOSS_MSE, LOSS_MAE = LossKind.CCE, LossKind.SPARSE_CCE, LossKind.MSE, LossKind.MAE
+OPT_SGD, OPT_ADAM, OPT_ADAMW, OPT_RMSPROP = Opt.SGD, Opt.ADAM, Opt.ADAMW, Opt.RMSPROP
+
+#: Activations whose derivative needs the pre-activation ``z``.
+ACT_NEEDS_PREACTIVATION = frozenset(a for a in Act if a.needs_preactivation)
 
 #: Loss kinds whose targets are integer class indices of shape (M,).
-SPARSE_LOSSES = frozenset({LOSS_SOFTMAX_SPARSE_CCE, LOSS_SPARSE_CCE})
+SPARSE_LOSSES = frozenset(k for k in LossKind if k.sparse)
 
 #: Loss kinds with a natural accuracy that the loss pass also counts.
-CLASSIFICATION_LOSSES = frozenset(
-    {LOSS_SIGMOID_BCE, LOSS_SOFTMAX_CCE, LOSS_SOFTMAX_SPARSE_CCE, LOSS_BCE, LOSS_CCE, LOSS_SPARSE_CCE}
-)
+CLASSIFICATION_LOSSES = frozenset(k for k in LossKind if k.classification)
 
 #: Probabilities are clipped to [EPSILON, 1 - EPSILON] before a logarithm (Keras's epsilon).
 EPSILON = 1e-7
 
-# Optimizers updating one flat parameter buffer.
-OPT_SGD = 0
-OPT_ADAM = 1
-OPT_ADAMW = 2
-OPT_RMSPROP = 3
+
+def activation(code, argument: str = "act") -> Act:
+    """``code`` as an :class:`Act` member, or ValueError naming ``argument``."""
+    try:
+        if isinstance(code, bool):
+            raise TypeError
+        return Act(code)
+    except (ValueError, TypeError):
+        raise ValueError(f"{argument}: unknown activation code {code!r}; expected one of {[int(a) for a in Act]}") from None
+
+
+def loss_kind(code, argument: str = "kind") -> LossKind:
+    """``code`` as a :class:`LossKind` member, or ValueError naming ``argument``."""
+    try:
+        if isinstance(code, bool):
+            raise TypeError
+        return LossKind(code)
+    except (ValueError, TypeError):
+        raise ValueError(f"{argument}: unknown loss code {code!r}; expected one of {[int(k) for k in LossKind]}") from None

@@ -44,6 +44,5 @@ def matrix_shape(name, a):
 
 
 def check_act(act):
-    if act not in (codes.ACT_LINEAR, codes.ACT_RELU, codes.ACT_LEAKY_RELU, codes.ACT_SIGMOID, codes.ACT_TANH, codes.ACT_GELU):
-        raise ValueError(f"act: unknown activation code {act!r}")
-    return int(act)
+    """``act`` as a :class:`gpunn.codes.Act` member, or ValueError naming ``act``."""
+    return codes.activation(act)

@@ -4,18 +4,18 @@ Parameters, gradients and optimizer state live in flat 1-D buffers (all the
 layers' tensors are views into them), so one grid-stride kernel reads each
 element's gradient and state once and writes the new values once.  The
 scalar hyper-parameters (and Adam's bias-corrected step size) are computed
-on the host, in the data's dtype, exactly as ``numpy_ops`` does.
+on the host (``opmath.adam_scalars``), in the data's dtype; the per-element
+update is ``opmath``'s, the same function the CPU backend inlines.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
-import numpy as np
-
+from gpunn import opmath
 from gpunn._cuda import cuda
 
+from . import _device  # noqa: F401  (registers opmath for the CUDA target)
 from ._launch import ceil_div, check, float_dtype
 
 #: Threads per block; each thread strides over the buffer.
@@ -46,22 +46,16 @@ def _check_flat(params, **buffers):
 def _sgd_kernel(dtype, use_momentum, nesterov):
     def kernel(p, g, v, lr, momentum):
         for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-            gi = g[i]
+            pi, vi = opmath.sgd_step(p[i], g[i], v[i], lr, momentum, use_momentum, nesterov)
+            p[i] = pi
             if use_momentum:
-                vi = momentum * v[i] - lr * gi
                 v[i] = vi
-                if nesterov:
-                    p[i] += momentum * vi - lr * gi
-                else:
-                    p[i] += vi
-            else:
-                p[i] -= lr * gi
 
     return cuda.jit(kernel)
 
 
 def sgd_update(params, grads, velocity, lr, momentum, nesterov, stream=0):
-    """SGD in place on flat (P,) arrays (Keras 3 rule, see ``numpy_ops.sgd_update``).
+    """SGD in place on flat (P,) arrays (``opmath.sgd_step``; see ``numpy_ops.sgd_update``).
 
     momentum == 0: ``p -= lr g`` (velocity may be None); otherwise
     ``v = momentum v - lr g`` and ``p += v`` (Nesterov: ``p += momentum v - lr g``).
@@ -73,28 +67,21 @@ def sgd_update(params, grads, velocity, lr, momentum, nesterov, stream=0):
     check("grads", grads, params.shape, dt)
     kernel = _sgd_kernel(dt, use_momentum, bool(nesterov) and use_momentum)
     T = dt.type
+    # without momentum the (never written) grads stand in for the velocity
     _launch(kernel, params, stream, params, grads, velocity if use_momentum else grads, T(lr), T(momentum))
 
 
 @functools.lru_cache(maxsize=None)
-def _adam_kernel(dtype, decay):
-    def kernel(p, g, m, v, decay_factor, lr_t, one_m_b1, one_m_b2, eps):
+def _adam_kernel(dtype):
+    def kernel(p, g, m, v, decay, lr_t, one_m_b1, one_m_b2, eps):
         for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-            gi = g[i]
-            pi = p[i]
-            if decay:
-                pi *= decay_factor
-            mi = m[i] + (gi - m[i]) * one_m_b1
-            vi = v[i] + (gi * gi - v[i]) * one_m_b2
-            m[i] = mi
-            v[i] = vi
-            p[i] = pi - mi / (math.sqrt(vi) + eps) * lr_t
+            p[i], m[i], v[i] = opmath.adam_step(p[i], g[i], m[i], v[i], decay, lr_t, one_m_b1, one_m_b2, eps)
 
     return cuda.jit(kernel)
 
 
 def adam_update(params, grads, m, v, lr, beta1, beta2, epsilon, step, weight_decay, stream=0):
-    """Adam / AdamW in place on flat (P,) arrays (see ``numpy_ops.adam_update``).
+    """Adam / AdamW in place on flat (P,) arrays (``opmath.adam_step``; see ``numpy_ops.adam_update``).
 
     ``p *= 1 - lr wd`` (AdamW only); ``m += (g - m)(1 - b1)``;
     ``v += (g^2 - v)(1 - b2)``; ``p -= lr sqrt(1 - b2^t)/(1 - b1^t) m / (sqrt(v) + eps)``
@@ -103,40 +90,29 @@ def adam_update(params, grads, m, v, lr, beta1, beta2, epsilon, step, weight_dec
     dt = _check_flat(params, grads=grads, m=m, v=v)
     for name, buf in (("grads", grads), ("m", m), ("v", v)):
         check(name, buf, params.shape, dt)
-    T = dt.type
-    lr_t = lr * np.sqrt(1 - beta2**step) / (1 - beta1**step)
-    kernel = _adam_kernel(dt, bool(weight_decay))
-    _launch(
-        kernel, params, stream,
-        params, grads, m, v, T(1 - lr * weight_decay), T(lr_t), T(1 - beta1), T(1 - beta2), T(epsilon),
-    )  # fmt: skip
+    scalars = [dt.type(s) for s in opmath.adam_scalars(lr, beta1, beta2, epsilon, step, weight_decay)]
+    _launch(_adam_kernel(dt), params, stream, params, grads, m, v, *scalars)
 
 
 @functools.lru_cache(maxsize=None)
 def _rmsprop_kernel(dtype, centered, use_momentum):
     def kernel(p, g, v, a, mb, lr, rho, one_m_rho, momentum, eps):
         for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
-            gi = g[i]
-            vi = rho * v[i] + one_m_rho * gi * gi
+            pi, vi, ai, mi = opmath.rmsprop_step(
+                p[i], g[i], v[i], a[i], mb[i], lr, rho, one_m_rho, momentum, eps, centered, use_momentum
+            )
+            p[i] = pi
             v[i] = vi
-            d = vi
             if centered:
-                ai = rho * a[i] + one_m_rho * gi
                 a[i] = ai
-                d = vi - ai * ai
-            inc = lr * gi / math.sqrt(d + eps)
             if use_momentum:
-                mi = momentum * mb[i] + inc
                 mb[i] = mi
-                p[i] -= mi
-            else:
-                p[i] -= inc
 
     return cuda.jit(kernel)
 
 
 def rmsprop_update(params, grads, velocity, average_grad, momentum_buf, lr, rho, momentum, epsilon, stream=0):
-    """RMSprop in place on flat (P,) arrays (Keras 3 rule, see ``numpy_ops.rmsprop_update``).
+    """RMSprop in place on flat (P,) arrays (``opmath.rmsprop_step``; Keras 3 rule).
 
     ``v = rho v + (1 - rho) g^2``; centered (``average_grad`` not None):
     ``a = rho a + (1 - rho) g``, ``d = v - a^2``, else ``d = v``;
@@ -150,6 +126,7 @@ def rmsprop_update(params, grads, velocity, average_grad, momentum_buf, lr, rho,
     use_momentum = momentum_buf is not None and momentum > 0
     T = dt.type
     kernel = _rmsprop_kernel(dt, centered, use_momentum)
+    # absent state buffers: grads stands in, read but never written
     _launch(
         kernel, params, stream,
         params, grads, velocity,

@@ -1,11 +1,19 @@
-"""The small set of operations every backend implements.
+"""The small set of operations every backend implements, and their contract.
 
 A model touches its numbers only through these methods (and, for cheap
 bookkeeping such as slicing or a norm, through ``backend.xp``, which is
 ``numpy`` or ``cupy``), so a new backend implements just this class.
 
-Semantics of each numeric method are defined, with shapes, by the function
-of the same name in :mod:`gpunn.backend.numpy_ops`.
+The contract below is what every backend follows and what
+``tests/test_backend_contract.py`` checks each backend against: the shapes
+of the arguments, which arguments are outputs (written), which are read
+only (left unchanged), and which are updated in place.  The numbers
+themselves are specified by the function of the same name in
+:mod:`gpunn.backend.numpy_ops`.  Arrays of one call share one float dtype
+(float32 or float64); ``act`` is a :class:`gpunn.codes.Act`, ``kind`` a
+:class:`gpunn.codes.LossKind`.  ``M`` is the batch, ``K`` a layer's inputs,
+``N`` its outputs, ``P`` the number of parameters.  No method synchronises
+with the host.
 """
 
 from __future__ import annotations
@@ -49,32 +57,67 @@ class Backend:
     def synchronize(self):
         """Wait until queued work is done (no-op on the CPU)."""
 
-    # -- numerics (see numpy_ops for the exact meaning) ----------------------
+    # -- numerics (see numpy_ops for the exact values) --------------------------
     def linear_forward(self, x, w, b, act, alpha, y, z=None):
+        """``y = act(x @ w + b)``; returns ``y``.
+
+        Read only: x (M, K), w (K, N), b (N,) or None.  Written: y (M, N); z
+        (M, N) receives ``x @ w + b`` and is required when
+        ``act.needs_preactivation`` (pass None otherwise; a backend may then
+        use y as its scratch).
+        """
         raise NotImplementedError
 
     def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db):
+        """Gradients of the fused layer, with ``g = dy * act'(.)`` formed internally.
+
+        Read only (left unchanged): x (M, K), w (K, N), dy (M, N) dL/dy, y
+        (M, N) the forward output, z (M, N) the pre-activation or None (it
+        must be given when ``act.needs_preactivation``).  Written:
+        dw (K, N) ``= x.T @ g``; db (N,) ``= sum over the batch of g``, skipped
+        when None; dx (M, K) ``= g @ w.T``, skipped when None (the first layer).
+        """
         raise NotImplementedError
 
     def apply_activation(self, z, act, alpha, y):
+        """``y = act(z)`` elementwise, z and y (M, N) or (N,); ``y`` may be ``z`` (in place),
+        otherwise z is left unchanged.  Returns ``y``."""
         raise NotImplementedError
 
     def softmax(self, z, out):
+        """Row-wise softmax of z (M, N) into out (M, N), which may be z.  Returns ``out``."""
         raise NotImplementedError
 
     def softmax_backward(self, g, y):
+        """In place on g (M, N): ``g = y * (g - sum_j g * y)`` (softmax's
+        Jacobian-vector product from its output y, read only).  Returns ``g``."""
         raise NotImplementedError
 
     def loss_grad(self, kind, pred, target, weight, grad, sums):
+        """Loss, gradient and hit count of one batch; returns ``sums``.
+
+        Read only: pred (M, N) (logits for the kinds that fold an output
+        activation in), target (M, N), or (M,) class indices for sparse
+        kinds, weight (M,) or None.  Written: grad (M, N) ``dL/dpred`` of
+        ``L = sum_i w_i l_i / M``, skipped when None.  Updated: sums (2,)
+        ``sums[0] += sum_i w_i l_i``, ``sums[1] += sum_i hit_i`` (unweighted,
+        classification kinds only).
+        """
         raise NotImplementedError
 
     def sgd_update(self, params, grads, velocity, lr, momentum, nesterov):
+        """Updated in place: params (P,), velocity (P,) (None allowed when momentum
+        is 0). Read only: grads (P,)."""
         raise NotImplementedError
 
     def adam_update(self, params, grads, m, v, lr, beta1, beta2, epsilon, step, weight_decay):
+        """Updated in place: params, m, v (P,). Read only: grads (P,). ``step`` is the
+        1-based update count; ``weight_decay > 0`` is AdamW's decoupled decay."""
         raise NotImplementedError
 
     def rmsprop_update(self, params, grads, velocity, average_grad, momentum_buf, lr, rho, momentum, epsilon):
+        """Updated in place: params, velocity (P,), average_grad (P,) when centered (else
+        None), momentum_buf (P,) when momentum > 0 (else None). Read only: grads (P,)."""
         raise NotImplementedError
 
     def __repr__(self):

@@ -1,142 +1,232 @@
-"""Fused CPU epilogues and updates, compiled with Numba (``njit``) for the NumPy backend.
+"""Fused CPU passes, compiled with Numba (``njit``) for the NumPy backend.
 
 Matrix products stay in BLAS (``np.matmul``); everything around them that
 NumPy would do in several passes with temporaries is one compiled loop here:
 bias + activation after the forward product; activation derivative + bias
 gradient before the backward products; loss + gradient + accuracy count in
 one row loop; and each optimizer update as a single pass over the flat
-parameter buffer.  Each function has the same meaning as the function of the
-same name in :mod:`gpunn.backend.numpy_ops`, which is the reference the tests
-hold it to.
+parameter buffer.  The arithmetic inside every loop is a scalar function of
+:mod:`gpunn.opmath`, the same one the CUDA kernels inline; this module only
+says how to loop.  :mod:`gpunn.backend.numpy_ops` is the reference the tests
+hold each pass to.
 
-Compiled code is cached on disk (``cache=True``), so only the first run on
-a machine pays the compilation.
+Each pass takes its op code (activation, loss kind) as a compile-time
+constant (``numba.literally``), so Numba compiles one straight-line loop per
+op that LLVM can vectorise, and caches it on disk (``cache=True``): only the
+first run on a machine pays the compilation.  :class:`_Specialised` calls
+those versions without Numba's per-call retry for literal arguments.
 """
 
 from __future__ import annotations
 
-import math
+import os
+import threading
 
 import numba
+import numpy as np
+from numba import types
+from numba.core import caching
+from numba.extending import overload
 
-from gpunn import codes
+from gpunn import codes, opmath
+from gpunn.codes import Act, LossKind
 
 _JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy")
 
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
 
-# Codes copied into module globals: Numba freezes globals as compile-time constants.
-LINEAR, RELU, LEAKY, SIGMOID, TANH, GELU = (
-    codes.ACT_LINEAR,
-    codes.ACT_RELU,
-    codes.ACT_LEAKY_RELU,
-    codes.ACT_SIGMOID,
-    codes.ACT_TANH,
-    codes.ACT_GELU,
-)
-L_SBCE, L_SCCE, L_SSPARSE, L_BCE, L_CCE, L_SPARSE, L_MSE, L_MAE = (
-    codes.LOSS_SIGMOID_BCE,
-    codes.LOSS_SOFTMAX_CCE,
-    codes.LOSS_SOFTMAX_SPARSE_CCE,
-    codes.LOSS_BCE,
-    codes.LOSS_CCE,
-    codes.LOSS_SPARSE_CCE,
-    codes.LOSS_MSE,
-    codes.LOSS_MAE,
-)
-EPS = codes.EPSILON
+# ------------------------------------------------------------ on-disk cache
+# Numba invalidates a cached function when *its* source file changes; the
+# passes here inline the math of opmath.py and the tables of codes.py, so
+# their cache entries are stamped with those files as well.
+
+_INLINED_SOURCES = (opmath.__file__, codes.__file__)
 
 
-@numba.njit(inline="always", **_JIT)
-def _sigmoid(v):
-    if v >= 0:
-        return 1.0 / (1.0 + math.exp(-v))
-    e = math.exp(v)
-    return e / (1.0 + e)
+def _with_inlined_sources(locator_class):
+    class Locator(locator_class):
+        def get_source_stamp(self):
+            stamps = [super().get_source_stamp()]
+            for path in _INLINED_SOURCES:
+                st = os.stat(path)
+                stamps.append((os.path.basename(path), st.st_mtime, st.st_size))
+            return tuple(stamps)
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.abspath(py_file) != os.path.abspath(__file__):
+                return None
+            return super().from_function(py_func, py_file)
+
+    Locator.__name__ = f"CpuFused{locator_class.__name__}"
+    return Locator
 
 
-# The epilogues branch on the activation once, outside the loops, so that each
-# loop body is straight-line code LLVM can vectorise (a per-element dispatch
-# made them ~10x slower than the BLAS product they follow).
+for _base in (caching.UserWideCacheLocator, caching.InTreeCacheLocator, caching.UserProvidedCacheLocator):
+    caching.CacheImpl._locator_classes.insert(0, _with_inlined_sources(_base))
 
 
-@numba.njit(**_JIT)
-def bias_activation(z, b, act, alpha, y):
-    """``y = act(z + b)`` over rows, b (N,) (zeros for no bias); ``z += b`` too for GELU.
+# ----------------------------------------------------------------- op dispatch
+# Stubs resolved at compile time to the scalar function of a literal code; in
+# Python they are never called (the passes are always compiled).
 
-    ``y`` may be ``z`` itself, except for GELU, whose derivative needs the
-    pre-activation kept apart.
+
+def _literal_code(code, what):
+    if not isinstance(code, types.IntegerLiteral):
+        raise numba.errors.TypingError(f"{what}: the code must be a compile-time literal (numba.literally)")
+    return code.literal_value
+
+
+def act_forward(act, z, alpha):
+    """``act(z)`` for a literal activation code (compiled code only)."""
+    raise NotImplementedError("compiled code only")
+
+
+def act_derivative(act, y, z, alpha):
+    """``act'(z)`` from ``y = act(z)`` (and ``z``) for a literal activation code (compiled code only)."""
+    raise NotImplementedError("compiled code only")
+
+
+def needs_preactivation(act):
+    """Whether a literal activation's derivative needs ``z`` (a compile-time constant)."""
+    raise NotImplementedError("compiled code only")
+
+
+def loss_element(kind, p, t):
+    """``(loss, dloss/dp, hit)`` of an elementwise loss kind (compiled code only)."""
+    raise NotImplementedError("compiled code only")
+
+
+def loss_row(kind, pred, target, grad, i, gscale, has_grad):
+    """``(loss_i, hit_i)`` of a row-wise (cross-entropy) loss kind (compiled code only)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(act_forward, inline="always")
+def _act_forward(act, z, alpha):
+    forward, _ = opmath.activation_functions(_literal_code(act, "act"))
+    return lambda act, z, alpha: forward(z, alpha)
+
+
+@overload(act_derivative, inline="always")
+def _act_derivative(act, y, z, alpha):
+    _, derivative = opmath.activation_functions(_literal_code(act, "act"))
+    return lambda act, y, z, alpha: derivative(y, z, alpha)
+
+
+@overload(needs_preactivation, inline="always")
+def _needs_preactivation(act):
+    flag = Act(_literal_code(act, "act")).needs_preactivation
+    return lambda act: flag
+
+
+@overload(loss_element, inline="always")
+def _loss_element(kind, p, t):
+    element = opmath.loss_function(_literal_code(kind, "kind"))
+    return lambda kind, p, t: element(p, t)
+
+
+@overload(loss_row, inline="always")
+def _loss_row(kind, pred, target, grad, i, gscale, has_grad):
+    code = LossKind(_literal_code(kind, "kind"))
+    row, sparse = opmath.loss_function(code), code.sparse
+    return lambda kind, pred, target, grad, i, gscale, has_grad: row(pred, target, grad, i, gscale, sparse, has_grad)
+
+
+class _Specialised:
+    """Calls a pass compiled for literal op codes, without Numba's per-call retry.
+
+    ``numba.literally`` makes the dispatcher compile (and cache on disk) one
+    version per code; but every call through the dispatcher first tries the
+    non-literal types and retries, which costs milliseconds.  So the compiled
+    entry point of each (codes, argument types) version is looked up once and
+    called directly.
     """
+
+    def __init__(self, dispatcher, literal_positions):
+        self.dispatcher = dispatcher
+        self.positions = tuple(literal_positions)
+        self.entries = {}
+        self.lock = threading.Lock()
+        self.__doc__ = dispatcher.__doc__
+        self.__name__ = dispatcher.__name__
+
+    @staticmethod
+    def _type_key(a):
+        if isinstance(a, np.ndarray):
+            return (a.dtype.char, a.ndim, a.flags.c_contiguous, a.flags.writeable)
+        return type(a)
+
+    def __call__(self, *args):
+        key = tuple(int(args[p]) for p in self.positions) + tuple(self._type_key(a) for a in args)
+        entry = self.entries.get(key)
+        if entry is not None:
+            return entry(*args)
+        args = tuple(int(a) if i in self.positions else a for i, a in enumerate(args))
+        with self.lock:  # compile once even when threads race here
+            result = self.dispatcher(*args)
+            signature = tuple(
+                types.literal(a) if i in self.positions else self.dispatcher.typeof_pyval(a) for i, a in enumerate(args)
+            )
+            compiled = self.dispatcher.overloads.get(signature)
+            if compiled is not None:
+                self.entries[key] = compiled.entry_point
+        return result
+
+
+def _specialised(*literal_positions):
+    def wrap(fn):
+        return _Specialised(numba.njit(**_JIT)(fn), literal_positions)
+
+    return wrap
+
+
+# ----------------------------------------------------------------- activations
+
+
+@_specialised(2)
+def bias_activation(z, b, act, alpha, y):
+    """``z += b`` over rows (b (N,), zeros for no bias), then ``y = act(z)``.
+
+    z, y: (M, N); ``y`` may be ``z`` itself unless the activation needs the
+    pre-activation kept (``Act.needs_preactivation``).
+    """
+    numba.literally(act)
     m, n = z.shape
-    zero = z.dtype.type(0)
-    one = z.dtype.type(1)
-    half = z.dtype.type(0.5)
-    slope = z.dtype.type(alpha)
-    if act == RELU:
-        for i in range(m):
-            for j in range(n):
-                v = z[i, j] + b[j]
-                y[i, j] = v if v > zero else zero
-    elif act == LEAKY:
-        for i in range(m):
-            for j in range(n):
-                v = z[i, j] + b[j]
-                y[i, j] = v if v > zero else slope * v
-    elif act == SIGMOID:
-        for i in range(m):
-            for j in range(n):
-                y[i, j] = _sigmoid(z[i, j] + b[j])
-    elif act == TANH:
-        for i in range(m):
-            for j in range(n):
-                y[i, j] = math.tanh(z[i, j] + b[j])
-    elif act == GELU:
-        root_half = z.dtype.type(_SQRT_HALF)
-        for i in range(m):
-            for j in range(n):
-                v = z[i, j] + b[j]
-                z[i, j] = v
-                y[i, j] = half * v * (one + math.erf(v * root_half))
-    else:
-        for i in range(m):
-            for j in range(n):
-                y[i, j] = z[i, j] + b[j]
+    for i in range(m):
+        for j in range(n):
+            v = z[i, j] + b[j]
+            z[i, j] = v
+            y[i, j] = act_forward(act, v, alpha)
 
 
-@numba.njit(**_JIT)
-def activation_grad(g, y, z, act, alpha):
-    """In place: ``g *= act'(.)``, from the output ``y`` (or ``z`` for GELU)."""
+@_specialised(1)
+def apply_activation(z, act, alpha, y):
+    """``y = act(z)`` elementwise over (M, N); ``y`` may be ``z``."""
+    numba.literally(act)
+    m, n = z.shape
+    for i in range(m):
+        for j in range(n):
+            y[i, j] = act_forward(act, z[i, j], alpha)
+
+
+@_specialised(4)
+def activation_grad(g, dy, y, z, act, alpha, db, has_db):
+    """``g = dy * act'(.)`` over (M, N) (``g`` may be ``dy``); with ``has_db`` also
+    ``db[j] = sum_i g[i, j]``, the bias gradient, in the same pass.
+
+    The derivative reads ``y`` (and ``z`` where the activation needs it).
+    """
+    numba.literally(act)
     m, n = g.shape
-    zero = g.dtype.type(0)
-    one = g.dtype.type(1)
-    slope = g.dtype.type(alpha)
-    if act == RELU:
-        for i in range(m):
-            for j in range(n):
-                g[i, j] = g[i, j] if y[i, j] > zero else zero
-    elif act == LEAKY:
-        for i in range(m):
-            for j in range(n):
-                g[i, j] = g[i, j] if y[i, j] > zero else g[i, j] * slope
-    elif act == SIGMOID:
-        for i in range(m):
-            for j in range(n):
-                s = y[i, j]
-                g[i, j] = g[i, j] * s * (one - s)
-    elif act == TANH:
-        for i in range(m):
-            for j in range(n):
-                t = y[i, j]
-                g[i, j] = g[i, j] * (one - t * t)
-    elif act == GELU:
-        half = g.dtype.type(0.5)
-        root_half = g.dtype.type(_SQRT_HALF)
-        inv_root_2pi = g.dtype.type(_INV_SQRT_2PI)
-        for i in range(m):
-            for j in range(n):
-                x = z[i, j]
-                g[i, j] = g[i, j] * (half * (one + math.erf(x * root_half)) + x * math.exp(-half * x * x) * inv_root_2pi)
+    if has_db:
+        for j in range(n):
+            db[j] = 0
+    for i in range(m):
+        for j in range(n):
+            gij = dy[i, j] * act_derivative(act, y[i, j], z[i, j], alpha)
+            g[i, j] = gij
+            if has_db:
+                db[j] += gij
 
 
 @numba.njit(**_JIT)
@@ -150,166 +240,104 @@ def column_sums(g, out):
             out[j] += g[i, j]
 
 
-@numba.njit(**_JIT)
-def loss_grad(kind, pred, target, weight, has_weight, grad, has_grad, sums):
-    """One row loop: loss sum, gradient and accuracy count (see numpy_ops.loss_grad)."""
+# ----------------------------------------------------------------------- losses
+# Loss and hit totals accumulate in float64: a float32 running sum over a
+# large batch would lose the small rows' contributions.
+
+
+@_specialised(0)
+def loss_grad_elementwise(kind, pred, target, weight, has_weight, grad, has_grad, sums):
+    """Elementwise loss kinds (see numpy_ops.loss_grad): one pass over (M, N)."""
+    numba.literally(kind)
     m, n = pred.shape
+    one = pred.dtype.type(1)
+    per_row = pred.dtype.type(m * n)
     loss_total = 0.0
-    correct_total = 0.0
+    hit_total = 0.0
     for i in range(m):
-        w = weight[i] if has_weight else 1.0
+        w = weight[i] if has_weight else one
+        gscale = w / per_row
         row = 0.0
-        c = 0.0
-        if kind == L_SBCE or kind == L_BCE or kind == L_MSE or kind == L_MAE:
-            scale = w / (m * n)
-            for j in range(n):
-                p = pred[i, j]
-                t = target[i, j]
-                if kind == L_SBCE:
-                    row += max(p, 0.0) - p * t + math.log1p(math.exp(-abs(p)))
-                    d = _sigmoid(p) - t
-                    if (p > 0) == (t > 0.5):
-                        c += 1.0
-                elif kind == L_BCE:
-                    pc = min(max(p, EPS), 1.0 - EPS)
-                    row -= t * math.log(pc) + (1.0 - t) * math.log(1.0 - pc)
-                    d = (pc - t) / (pc * (1.0 - pc)) if (p > EPS and p < 1.0 - EPS) else 0.0
-                    if (p > 0.5) == (t > 0.5):
-                        c += 1.0
-                elif kind == L_MSE:
-                    diff = p - t
-                    row += diff * diff
-                    d = 2.0 * diff
-                else:
-                    diff = p - t
-                    row += abs(diff)
-                    d = 1.0 if diff > 0 else (-1.0 if diff < 0 else 0.0)
-                if has_grad:
-                    grad[i, j] = d * scale
-            row /= n
-            c /= n
-        else:
-            sparse = kind == L_SSPARSE or kind == L_SPARSE
-            label = int(target[i, 0]) if sparse else -1
-            best = 0
-            for j in range(1, n):
-                if pred[i, j] > pred[i, best]:
-                    best = j
-            if sparse:
-                truth = label
-                tsum = 1.0
-            else:
-                truth = 0
-                tsum = 0.0
-                for j in range(n):
-                    tsum += target[i, j]
-                    if target[i, j] > target[i, truth]:
-                        truth = j
-            c = 1.0 if best == truth else 0.0
-            scale = w / m
-            if kind == L_SCCE or kind == L_SSPARSE:
-                zmax = pred[i, best]
-                s = 0.0
-                for j in range(n):
-                    s += math.exp(pred[i, j] - zmax)
-                lse = math.log(s)
-                for j in range(n):
-                    t = (1.0 if j == label else 0.0) if sparse else target[i, j]
-                    shifted = pred[i, j] - zmax
-                    row += t * (lse - shifted) if not sparse else 0.0
-                    if has_grad:
-                        grad[i, j] = (math.exp(shifted - lse) * tsum - t) * scale
-                if sparse:
-                    row = lse - (pred[i, label] - zmax)
-            else:  # probabilities, normalised per row
-                s = 0.0
-                for j in range(n):
-                    s += pred[i, j]
-                tm_sum = 0.0
-                for j in range(n):
-                    t = (1.0 if j == label else 0.0) if sparse else target[i, j]
-                    q = pred[i, j] / s
-                    qc = min(max(q, EPS), 1.0 - EPS)
-                    row -= t * math.log(qc)
-                    if q > EPS and q < 1.0 - EPS:
-                        tm_sum += t
-                if has_grad:
-                    for j in range(n):
-                        t = (1.0 if j == label else 0.0) if sparse else target[i, j]
-                        q = pred[i, j] / s
-                        inside = q > EPS and q < 1.0 - EPS
-                        d = -t / pred[i, j] if (inside and t != 0.0) else 0.0
-                        grad[i, j] = (d + tm_sum / s) * scale
-        loss_total += w * row
-        correct_total += c
+        hits = 0.0
+        for j in range(n):
+            loss, dloss, hit = loss_element(kind, pred[i, j], target[i, j])
+            row += loss
+            hits += hit
+            if has_grad:
+                grad[i, j] = dloss * gscale
+        loss_total += w * (row / n)
+        hit_total += hits / n
     sums[0] += loss_total
-    if kind != L_MSE and kind != L_MAE:
-        sums[1] += correct_total
+    sums[1] += hit_total
 
 
-# --------------------------------------------------------------------------- optimizers
+@_specialised(0)
+def loss_grad_rows(kind, pred, target, weight, has_weight, grad, has_grad, sums):
+    """Row-wise (cross-entropy) kinds (see numpy_ops.loss_grad); sparse targets as (M, 1)."""
+    numba.literally(kind)
+    m = pred.shape[0]
+    one = pred.dtype.type(1)
+    rows = pred.dtype.type(m)
+    loss_total = 0.0
+    hit_total = 0.0
+    for i in range(m):
+        w = weight[i] if has_weight else one
+        loss, hit = loss_row(kind, pred, target, grad, i, w / rows, has_grad)
+        loss_total += w * loss
+        hit_total += hit
+    sums[0] += loss_total
+    sums[1] += hit_total
 
+
+def loss_grad(kind, pred, target, weight, has_weight, grad, has_grad, sums):
+    """Loss + gradient + hit count of one batch; target (M, N), or (M, 1) labels for sparse kinds."""
+    kind = LossKind(kind)
+    run = loss_grad_elementwise if kind.elementwise else loss_grad_rows
+    run(kind, pred, target, weight, has_weight, grad, has_grad, sums)
+
+
+# ------------------------------------------------------------------- optimizers
 # Serial loops on purpose: Numba's thread pool and OpenBLAS's spinning threads
 # fight over the cores when both are active in one training step (measured
 # 6x slower on 2 cores); the update is a single memory-bound pass anyway.
 
 
-def _sgd(params, grads, velocity, lr, momentum, nesterov):
+@numba.njit(**_JIT)
+def sgd_update(params, grads, velocity, lr, momentum, use_momentum, nesterov):
+    """``opmath.sgd_step`` over flat (P,) buffers (velocity unused without momentum)."""
     T = params.dtype.type
     rate, mom = T(lr), T(momentum)
-    if momentum == 0:
-        for k in range(params.shape[0]):
-            params[k] -= rate * grads[k]
-    elif nesterov:
-        for k in range(params.shape[0]):
-            v = mom * velocity[k] - rate * grads[k]
-            velocity[k] = v
-            params[k] += mom * v - rate * grads[k]
-    else:
-        for k in range(params.shape[0]):
-            v = mom * velocity[k] - rate * grads[k]
-            velocity[k] = v
-            params[k] += v
-
-
-def _adam(params, grads, m, v, lr, lr_t, beta1, beta2, epsilon, weight_decay):
-    # scalars in the buffers' dtype: float32 math runs twice as wide as float64
-    T = params.dtype.type
-    decay = T(1.0 - lr * weight_decay)
-    step = T(lr_t)
-    keep1, keep2 = T(1.0 - beta1), T(1.0 - beta2)
-    eps = T(epsilon)
     for k in range(params.shape[0]):
-        g = grads[k]
-        mk = m[k] + (g - m[k]) * keep1
-        vk = v[k] + (g * g - v[k]) * keep2
-        m[k] = mk
-        v[k] = vk
-        params[k] = params[k] * decay - step * mk / (math.sqrt(vk) + eps)
+        v = velocity[k] if use_momentum else T(0)
+        p, v = opmath.sgd_step(params[k], grads[k], v, rate, mom, use_momentum, nesterov)
+        params[k] = p
+        if use_momentum:
+            velocity[k] = v
 
 
-def _rmsprop(params, grads, velocity, average_grad, centered, momentum_buf, use_momentum, lr, rho, momentum, epsilon):
+@numba.njit(**_JIT)
+def adam_update(params, grads, m, v, decay, lr_t, one_m_beta1, one_m_beta2, epsilon):
+    """``opmath.adam_step`` over flat (P,) buffers, scalars from ``opmath.adam_scalars``."""
+    T = params.dtype.type
+    dc, step, k1, k2, eps = T(decay), T(lr_t), T(one_m_beta1), T(one_m_beta2), T(epsilon)
+    for k in range(params.shape[0]):
+        params[k], m[k], v[k] = opmath.adam_step(params[k], grads[k], m[k], v[k], dc, step, k1, k2, eps)
+
+
+@numba.njit(**_JIT)
+def rmsprop_update(params, grads, velocity, average_grad, centered, momentum_buf, use_momentum, lr, rho, momentum, epsilon):
+    """``opmath.rmsprop_step`` over flat (P,) buffers (average_grad / momentum_buf
+    are read and written only when ``centered`` / ``use_momentum``)."""
     T = params.dtype.type
     rate, r, keep, mom, eps = T(lr), T(rho), T(1.0 - rho), T(momentum), T(epsilon)
+    zero = T(0)
     for k in range(params.shape[0]):
-        g = grads[k]
-        vk = r * velocity[k] + keep * g * g
+        a = average_grad[k] if centered else zero
+        mb = momentum_buf[k] if use_momentum else zero
+        p, vk, a, mb = opmath.rmsprop_step(params[k], grads[k], velocity[k], a, mb, rate, r, keep, mom, eps, centered, use_momentum)
+        params[k] = p
         velocity[k] = vk
         if centered:
-            a = r * average_grad[k] + keep * g
             average_grad[k] = a
-            denom = vk - a * a + eps
-        else:
-            denom = vk + eps
-        inc = rate * g / math.sqrt(denom)
         if use_momentum:
-            mb = mom * momentum_buf[k] + inc
             momentum_buf[k] = mb
-            params[k] -= mb
-        else:
-            params[k] -= inc
-
-
-sgd_update = numba.njit(**_JIT)(_sgd)
-adam_update = numba.njit(**_JIT)(_adam)
-rmsprop_update = numba.njit(**_JIT)(_rmsprop)

@@ -89,7 +89,7 @@ class CudaBackend(Backend):
         return y
 
     def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db):
-        """dw, db and (unless dx is None) dx; unlike NumPy's, leaves dy unchanged."""
+        """dw, db and (unless dx is None) dx; dy is left unchanged (the Backend contract)."""
         d = self._dev
         stream = self._stream()
         x, dy, y, z = d(x), d(dy), d(y), d(z)

@@ -4,16 +4,22 @@ Matrix products go to BLAS through ``np.matmul(..., out=...)`` into buffers
 the model reuses every step; the work around them (bias + activation,
 activation derivative + bias gradient, loss + gradient + accuracy, optimizer
 updates) runs as single compiled passes from :mod:`gpunn.backend.cpu_fused`.
-Softmax as a hidden activation goes through the NumPy reference code.
+Softmax (a row-wise operation, not an epilogue) uses NumPy's vectorised code.
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from gpunn import codes
+from gpunn import opmath
 from gpunn.backend import cpu_fused, numpy_ops
 from gpunn.backend.base import Backend
+from gpunn.codes import Act
+
+#: Distinct (shape, dtype) scratch buffers a thread keeps before starting over.
+_SCRATCH_SHAPES = 16
 
 _NO_VECTOR = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
@@ -29,6 +35,7 @@ class NumpyBackend(Backend):
 
     def __init__(self):
         self._zero_cache = {}
+        self._local = threading.local()
 
     def asarray(self, a, dtype=None):
         return np.asarray(a, dtype=dtype)
@@ -44,25 +51,55 @@ class NumpyBackend(Backend):
 
     def linear_forward(self, x, w, b, act, alpha, y, z=None):
         bias = self._zeros(y.shape[1], y.dtype) if b is None else b
-        if act in codes.ACT_NEEDS_PREACTIVATION:
+        act = Act(act)
+        slope = y.dtype.type(alpha)
+        if act.needs_preactivation:
             if z is None:
                 raise ValueError("z: this activation needs the pre-activation buffer, got None")
             np.matmul(x, w, out=z)
-            cpu_fused.bias_activation(z, bias, act, float(alpha), y)
+            cpu_fused.bias_activation(z, bias, act, slope, y)
         else:
             np.matmul(x, w, out=y)
-            if b is not None or act != codes.ACT_LINEAR:
-                cpu_fused.bias_activation(y, bias, act, float(alpha), y)
+            if b is not None or act != Act.LINEAR:
+                cpu_fused.bias_activation(y, bias, act, slope, y)
         return y
 
     def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db):
-        if act != codes.ACT_LINEAR:
-            cpu_fused.activation_grad(dy, y, y if z is None else z, act, float(alpha))
-        if db is not None:
-            cpu_fused.column_sums(dy, db)
-        np.matmul(x.T, dy, out=dw)
+        act = Act(act)
+        if act == Act.LINEAR:
+            g = dy
+            if db is not None:
+                cpu_fused.column_sums(dy, db)
+        else:
+            if act.needs_preactivation and z is None:
+                raise ValueError(f"z: the derivative of {act.name.lower()} needs the pre-activation, got None")
+            g = self._scratch(dy.shape, dy.dtype)
+            cpu_fused.activation_grad(
+                g, dy, y, y if z is None else z, act, dy.dtype.type(alpha),
+                dw[0] if db is None else db, db is not None,
+            )  # fmt: skip
+        np.matmul(x.T, g, out=dw)
         if dx is not None:
-            np.matmul(dy, w.T, out=dx)
+            np.matmul(g, w.T, out=dx)
+
+    def apply_activation(self, z, act, alpha, y):
+        flat = z.ndim == 1
+        z2, y2 = (z.reshape(1, -1), y.reshape(1, -1)) if flat else (z, y)
+        cpu_fused.apply_activation(_c(z2), Act(act), z.dtype.type(alpha), y2)
+        return y
+
+    def _scratch(self, shape, dtype):
+        """A per-thread buffer for g = dy * act'(.), so that dy is left unchanged (see Backend)."""
+        cache = getattr(self._local, "scratch", None)
+        if cache is None:
+            cache = self._local.scratch = {}
+        key = (shape, np.dtype(dtype))
+        buf = cache.get(key)
+        if buf is None:
+            if len(cache) >= _SCRATCH_SHAPES:
+                cache.clear()
+            buf = cache[key] = np.empty(shape, dtype)
+        return buf
 
     def _zeros(self, n, dtype):
         """A cached zero bias vector (layers without a bias share one code path)."""
@@ -75,6 +112,8 @@ class NumpyBackend(Backend):
     def loss_grad(self, kind, pred, target, weight, grad, sums):
         none = _NO_VECTOR[pred.dtype]
         target2d = target.reshape(target.shape[0], -1)
+        if target2d.dtype != pred.dtype:  # integer class labels: the loss pass reads pred's dtype
+            target2d = target2d.astype(pred.dtype)
         cpu_fused.loss_grad(
             kind,
             _c(pred),
@@ -88,21 +127,25 @@ class NumpyBackend(Backend):
         return sums
 
     def sgd_update(self, params, grads, velocity, lr, momentum, nesterov):
-        cpu_fused.sgd_update(params, grads, params if velocity is None else velocity, float(lr), float(momentum), bool(nesterov))
+        use_momentum = momentum != 0
+        cpu_fused.sgd_update(
+            params, grads, velocity if use_momentum else params, float(lr), float(momentum), use_momentum,
+            bool(nesterov) and use_momentum,
+        )  # fmt: skip
 
     def adam_update(self, params, grads, m, v, lr, beta1, beta2, epsilon, step, weight_decay):
-        lr_t = lr * np.sqrt(1 - beta2**step) / (1 - beta1**step)
-        cpu_fused.adam_update(params, grads, m, v, float(lr), float(lr_t), float(beta1), float(beta2), float(epsilon), float(weight_decay))
+        cpu_fused.adam_update(params, grads, m, v, *opmath.adam_scalars(lr, beta1, beta2, epsilon, step, weight_decay))
 
     def rmsprop_update(self, params, grads, velocity, average_grad, momentum_buf, lr, rho, momentum, epsilon):
+        centered = average_grad is not None
         use_momentum = momentum_buf is not None and momentum > 0
         cpu_fused.rmsprop_update(
             params,
             grads,
             velocity,
-            velocity if average_grad is None else average_grad,
-            average_grad is not None,
-            velocity if momentum_buf is None else momentum_buf,
+            average_grad if centered else velocity,
+            centered,
+            momentum_buf if use_momentum else velocity,
             use_momentum,
             float(lr),
             float(rho),
@@ -110,6 +153,5 @@ class NumpyBackend(Backend):
             float(epsilon),
         )
 
-    apply_activation = staticmethod(numpy_ops.apply_activation)
     softmax = staticmethod(numpy_ops.softmax)
     softmax_backward = staticmethod(numpy_ops.softmax_backward)

@@ -1,11 +1,13 @@
-"""CPU implementations of gpunn's backend operations, in NumPy.
+"""The specification of gpunn's backend operations, in vectorised NumPy.
 
-These functions are two things at once: the NumPy backend's hot path, and the
-reference that every CUDA kernel in :mod:`gpunn.kernels` is tested against.
-Each kernel wrapper has the same name, arguments and meaning as its function
-here.  All arrays share one floating dtype (float32 or float64); outputs are
-preallocated by the caller and written in place, so a training step allocates
-(almost) nothing.
+Every compiled CPU pass (:mod:`gpunn.backend.cpu_fused`) and every CUDA
+kernel (:mod:`gpunn.kernels`) is tested against the function of the same
+name here.  The code is deliberately independent of :mod:`gpunn.opmath`
+(whole-array NumPy/SciPy expressions, not the shared scalar functions), so
+that a slip in the shared math cannot hide in both the implementation and
+its reference; it is written for clarity, not speed, and no training step
+runs it.  All arrays share one floating dtype (float32 or float64); outputs
+are preallocated by the caller and written in place.
 
 Shapes: ``M`` is the batch, ``K`` the input features, ``N`` the output
 features of a layer (or the number of outputs of the model for losses).
@@ -17,6 +19,7 @@ import numpy as np
 from scipy import special
 
 from gpunn import codes
+from gpunn.codes import Act
 
 
 # --------------------------------------------------------------------------
@@ -24,67 +27,137 @@ from gpunn import codes
 # the forward pass kept (the output ``y``; the pre-activation ``z`` for GELU).
 # --------------------------------------------------------------------------
 
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# SELU's constants as Keras defines them (Klambauer et al. 2017)
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+
+
+def _sigmoid(z):
+    return special.expit(z)
+
+
+def _softplus(z):
+    return np.logaddexp(z, 0).astype(z.dtype, copy=False)
+
+
+def _forward_values(z, act, alpha):
+    """act(z) as a new array (Keras 3's definitions)."""
+    T = z.dtype.type
+    if act == Act.LINEAR:
+        return z.copy()
+    if act == Act.RELU:
+        return np.maximum(z, 0)
+    if act == Act.LEAKY_RELU:
+        return np.where(z > 0, z, z * T(alpha))
+    if act == Act.SIGMOID:
+        return _sigmoid(z)
+    if act == Act.TANH:
+        return np.tanh(z)
+    if act == Act.GELU:
+        return z * (0.5 * (1 + special.erf(z / np.sqrt(T(2))))).astype(z.dtype)
+    if act == Act.ELU:
+        return np.where(z > 0, z, T(alpha) * np.expm1(np.minimum(z, 0)))
+    if act == Act.SELU:
+        return T(_SELU_SCALE) * np.where(z > 0, z, T(_SELU_ALPHA) * np.expm1(np.minimum(z, 0)))
+    if act == Act.SOFTPLUS:
+        return _softplus(z)
+    if act == Act.SOFTSIGN:
+        return z / (1 + np.abs(z))
+    if act == Act.SWISH:
+        return z * _sigmoid(z)
+    if act == Act.RELU6:
+        return np.clip(z, 0, 6)
+    if act == Act.HARD_SIGMOID:
+        return np.clip(z + 3, 0, 6) / T(6)
+    if act == Act.EXPONENTIAL:
+        return np.exp(z)
+    raise ValueError(f"unknown activation code {act!r}")
 
 
 def apply_activation(z, act, alpha, y):
     """``y = act(z)`` elementwise; ``y`` may be ``z`` itself (in place)."""
-    if act == codes.ACT_LINEAR:
-        if y is not z:
-            np.copyto(y, z)
-    elif act == codes.ACT_RELU:
-        np.maximum(z, 0, out=y)
-    elif act == codes.ACT_LEAKY_RELU:
-        # max(z, alpha*z) equals leaky ReLU for 0 <= alpha <= 1
-        if 0.0 <= alpha <= 1.0:
-            np.maximum(z, z * z.dtype.type(alpha), out=y)
-        else:
-            np.copyto(y, np.where(z > 0, z, z * z.dtype.type(alpha)))
-    elif act == codes.ACT_SIGMOID:
-        special.expit(z, out=y)
-    elif act == codes.ACT_TANH:
-        np.tanh(z, out=y)
-    elif act == codes.ACT_GELU:
-        # exact GELU: z * Phi(z), Phi the standard normal CDF
-        phi = special.erf(z * z.dtype.type(_SQRT_HALF))
-        phi += 1
-        phi *= 0.5
-        np.multiply(z, phi, out=y)
-    else:
-        raise ValueError(f"unknown activation code {act!r}")
+    with np.errstate(over="ignore"):
+        np.copyto(y, _forward_values(z, codes.activation(act), alpha).astype(y.dtype, copy=False))
     return y
 
 
-def multiply_activation_grad(g, y, z, act, alpha):
-    """``g *= act'(.)`` in place, where ``g`` is dL/dy of shape (M, N).
+def _derivative_from_z(z, act, alpha):
+    T = z.dtype.type
+    if act == Act.LINEAR:
+        return np.ones_like(z)
+    if act in (Act.RELU, Act.LEAKY_RELU):
+        return np.where(z > 0, T(1), T(alpha if act == Act.LEAKY_RELU else 0))
+    if act in (Act.SIGMOID, Act.SWISH):
+        s = _sigmoid(z)
+        return s * (1 - s) if act == Act.SIGMOID else s + z * s * (1 - s)
+    if act == Act.TANH:
+        return 1 - np.tanh(z) ** 2
+    if act == Act.GELU:
+        cdf = 0.5 * (1 + special.erf(z / np.sqrt(T(2))))
+        return cdf + z * np.exp(-0.5 * z * z) / np.sqrt(T(2 * np.pi))
+    if act in (Act.ELU, Act.SELU):
+        scale, a = (1, alpha) if act == Act.ELU else (_SELU_SCALE, _SELU_ALPHA)
+        return T(scale) * np.where(z > 0, T(1), T(a) * np.exp(np.minimum(z, 0)))
+    if act == Act.SOFTPLUS:
+        return _sigmoid(z)
+    if act == Act.SOFTSIGN:
+        return 1 / (1 + np.abs(z)) ** 2
+    if act == Act.RELU6:
+        return ((z > 0) & (z < 6)).astype(z.dtype)
+    if act == Act.HARD_SIGMOID:
+        return np.where((z > -3) & (z < 3), T(1) / T(6), T(0))
+    if act == Act.EXPONENTIAL:
+        return np.exp(z)
+    raise ValueError(f"unknown activation code {act!r}")
 
-    ReLU, leaky ReLU, sigmoid and tanh take their derivative from the output
-    ``y``; GELU needs the pre-activation ``z``.
+
+def activation_derivative(y, z, act, alpha):
+    """act'(z) as a new array of y's dtype.
+
+    From the pre-activation ``z`` whenever it is given (so it checks, rather
+    than repeats, the shortcuts through ``y`` that the compiled code takes,
+    such as ELU's ``y + alpha``); without ``z`` from the output ``y``, which
+    only activations without ``Act.needs_preactivation`` allow.
     """
-    if act == codes.ACT_LINEAR:
-        return g
-    if act == codes.ACT_RELU:
-        g *= y > 0
-    elif act == codes.ACT_LEAKY_RELU:
-        g *= np.where(y > 0, g.dtype.type(1), g.dtype.type(alpha))
-    elif act == codes.ACT_SIGMOID:
-        g *= y
-        g *= 1 - y
-    elif act == codes.ACT_TANH:
-        g *= 1 - y * y
-    elif act == codes.ACT_GELU:
-        if z is None:
-            raise ValueError("z: GELU's derivative needs the pre-activation, got None")
-        cdf = special.erf(z * z.dtype.type(_SQRT_HALF))
-        cdf += 1
-        cdf *= 0.5
-        pdf = np.exp(-0.5 * z * z) * z.dtype.type(_INV_SQRT_2PI)
-        pdf *= z
-        pdf += cdf
-        g *= pdf
-    else:
-        raise ValueError(f"unknown activation code {act!r}")
+    act = codes.activation(act)
+    if z is not None:
+        with np.errstate(over="ignore"):
+            return _derivative_from_z(z, act, alpha).astype(y.dtype, copy=False)
+    if act.needs_preactivation:
+        raise ValueError(f"z: the derivative of {act.name.lower()} needs the pre-activation, got None")
+    T = y.dtype.type
+    if act == Act.LINEAR:
+        return np.ones_like(y)
+    if act in (Act.RELU, Act.LEAKY_RELU, Act.ELU, Act.SELU):
+        positive = T(_SELU_SCALE) if act == Act.SELU else T(1)
+        negative = {
+            Act.RELU: np.zeros_like(y),
+            Act.LEAKY_RELU: np.full_like(y, alpha),
+            Act.ELU: y + T(alpha),
+            Act.SELU: y + T(_SELU_SCALE * _SELU_ALPHA),
+        }[act]
+        return np.where(y > 0, positive, negative)
+    if act == Act.SIGMOID:
+        return y * (1 - y)
+    if act == Act.TANH:
+        return 1 - y * y
+    if act == Act.SOFTPLUS:
+        return -np.expm1(-y)
+    if act == Act.SOFTSIGN:
+        return (1 - np.abs(y)) ** 2
+    if act == Act.RELU6:
+        return ((y > 0) & (y < 6)).astype(y.dtype)
+    if act == Act.HARD_SIGMOID:
+        return np.where((y > 0) & (y < 1), T(1) / T(6), T(0))
+    if act == Act.EXPONENTIAL:
+        return y.copy()
+    raise ValueError(f"unknown activation code {act!r}")
+
+
+def multiply_activation_grad(g, y, z, act, alpha):
+    """``g *= act'(.)`` in place, where ``g`` is dL/dy of shape (M, N)."""
+    if codes.activation(act) != Act.LINEAR:
+        g *= activation_derivative(y, z, act, alpha).astype(g.dtype, copy=False)
     return g
 
 
@@ -98,7 +171,7 @@ def linear_forward(x, w, b, act, alpha, y, z=None):
 
     x: (M, K), w: (K, N), b: (N,) or None, y: (M, N) output.
     z: (M, N) output, required only when ``act`` is in
-    ``codes.ACT_NEEDS_PREACTIVATION`` (GELU); pass None otherwise.
+    ``codes.ACT_NEEDS_PREACTIVATION`` (``Act.needs_preactivation``); pass None otherwise.
     """
     if act in codes.ACT_NEEDS_PREACTIVATION:
         if z is None:
@@ -140,12 +213,12 @@ def linear_backward_weight(x, dy, y, z, act, alpha, dw, db):
 
 
 def linear_backward(x, w, dy, y, z, act, alpha, dx, dw, db):
-    """Both gradients of the fused layer at once; **overwrites** ``dy`` with g.
+    """Both gradients of the fused layer at once (the Backend contract); ``dy`` is left unchanged.
 
     g = dy * act'(.); dx = g @ w.T (skipped when dx is None, e.g. the first
     layer); dw = x.T @ g; db = sum_batch g (skipped when db is None).
     """
-    g = multiply_activation_grad(dy, y, z, act, alpha)
+    g = multiply_activation_grad(dy.copy(), y, z, act, alpha)
     np.matmul(x.T, g, out=dw)
     if db is not None:
         np.sum(g, axis=0, out=db)

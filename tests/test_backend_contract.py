@@ -1,0 +1,210 @@
+"""Each backend against the contract written in gpunn/backend/base.py.
+
+For every numeric operation: arguments the contract calls read only are
+bitwise unchanged afterwards, outputs are fully written (they are poisoned
+with NaN first), arguments updated in place hold the reference's values, and
+everything matches gpunn.backend.numpy_ops.  The CUDA backend runs in
+Numba's simulator where there is no GPU, so shapes are tiny.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpunn._cuda import cuda_status
+from gpunn.backend import numpy_ops
+from gpunn.backend.numpy_backend import NumpyBackend
+from gpunn.codes import Act, LossKind
+
+_STATUS = cuda_status()
+
+
+def _backends():
+    yield pytest.param("numpy", id="numpy")
+    yield pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[
+            pytest.mark.simulator,
+            pytest.mark.skipif(not _STATUS.usable, reason=f"the CUDA backend cannot run here: {_STATUS.reason}"),
+        ],
+    )
+
+
+@pytest.fixture(params=list(_backends()))
+def backend(request):
+    if request.param == "numpy":
+        return NumpyBackend()
+    from gpunn.backend.cuda_backend import CudaBackend
+
+    return CudaBackend()
+
+
+M, K, N = 5, 3, 4
+DTYPE = np.float32
+TOL = dict(rtol=2e-5, atol=2e-6)
+
+
+def _rand(rng, shape):
+    a = rng.uniform(-1.5, 1.5, size=shape)
+    a[np.abs(a) < 0.05] = 0.5  # no zeros: a zero hides an unapplied factor
+    return a.astype(DTYPE)
+
+
+class Arrays:
+    """Host arrays moved to the backend; ``read_only`` names are checked unchanged afterwards."""
+
+    def __init__(self, backend, **arrays):
+        self.backend = backend
+        self.host = {k: (None if v is None else np.array(v)) for k, v in arrays.items()}
+        self.dev = {k: (None if v is None else backend.asarray(v.copy())) for k, v in self.host.items()}
+
+    def __getitem__(self, name):
+        return self.dev[name]
+
+    def out(self, name):
+        return self.backend.to_numpy(self.dev[name])
+
+    def assert_unchanged(self, *names):
+        for name in names:
+            after = self.out(name)
+            assert np.array_equal(after, self.host[name], equal_nan=True), f"{name} is read only but changed"
+
+    def assert_written(self, *names):
+        for name in names:
+            assert not np.isnan(self.out(name)).any(), f"{name} is an output but was not fully written"
+
+
+@pytest.mark.parametrize("act", [Act.LINEAR, Act.RELU, Act.GELU, Act.ELU], ids=lambda a: a.name.lower())
+def test_linear_forward_contract(backend, act):
+    rng = np.random.default_rng(int(act))
+    needs_z = act.needs_preactivation
+    a = Arrays(
+        backend,
+        x=_rand(rng, (M, K)),
+        w=_rand(rng, (K, N)),
+        b=_rand(rng, (N,)),
+        y=np.full((M, N), np.nan, DTYPE),
+        z=np.full((M, N), np.nan, DTYPE) if needs_z else None,
+    )
+    backend.linear_forward(a["x"], a["w"], a["b"], act, act.default_alpha, a["y"], a["z"])
+    backend.synchronize()
+    a.assert_unchanged("x", "w", "b")
+    a.assert_written("y", *(["z"] if needs_z else []))
+    y_ref = np.empty((M, N), DTYPE)
+    z_ref = np.empty((M, N), DTYPE) if needs_z else None
+    numpy_ops.linear_forward(a.host["x"], a.host["w"], a.host["b"], act, act.default_alpha, y_ref, z_ref)
+    np.testing.assert_allclose(a.out("y"), y_ref, **TOL)
+    if needs_z:
+        np.testing.assert_allclose(a.out("z"), z_ref, **TOL)
+
+
+@pytest.mark.parametrize("act", [Act.LINEAR, Act.SIGMOID, Act.SWISH], ids=lambda a: a.name.lower())
+@pytest.mark.parametrize("with_dx_db", [True, False], ids=["dx-db", "no-dx-db"])
+def test_linear_backward_contract_leaves_dy_unchanged(backend, act, with_dx_db):
+    rng = np.random.default_rng(10 + int(act))
+    x, w, b = _rand(rng, (M, K)), _rand(rng, (K, N)), _rand(rng, (N,))
+    z = x @ w + b
+    y = np.empty((M, N), DTYPE)
+    numpy_ops.apply_activation(z, act, act.default_alpha, y)
+    a = Arrays(
+        backend,
+        x=x,
+        w=w,
+        dy=_rand(rng, (M, N)),
+        y=y,
+        z=z if act.needs_preactivation else None,
+        dx=np.full((M, K), np.nan, DTYPE) if with_dx_db else None,
+        dw=np.full((K, N), np.nan, DTYPE),
+        db=np.full((N,), np.nan, DTYPE) if with_dx_db else None,
+    )
+    backend.linear_backward(a["x"], a["w"], a["dy"], a["y"], a["z"], act, act.default_alpha, a["dx"], a["dw"], a["db"])
+    backend.synchronize()
+    a.assert_unchanged("x", "w", "dy", "y", *(["z"] if act.needs_preactivation else []))
+    outputs = ["dw"] + (["dx", "db"] if with_dx_db else [])
+    a.assert_written(*outputs)
+    ref = {"dx": np.empty((M, K), DTYPE), "dw": np.empty((K, N), DTYPE), "db": np.empty((N,), DTYPE)}
+    numpy_ops.linear_backward(x, w, a.host["dy"], y, z, act, act.default_alpha, ref["dx"], ref["dw"], ref["db"])
+    for name in outputs:
+        np.testing.assert_allclose(a.out(name), ref[name], **TOL, err_msg=name)
+
+
+def test_linear_backward_refuses_missing_preactivation(backend):
+    rng = np.random.default_rng(3)
+    a = Arrays(backend, x=_rand(rng, (M, K)), w=_rand(rng, (K, N)), dy=_rand(rng, (M, N)), dw=np.zeros((K, N), DTYPE))
+    with pytest.raises(ValueError, match="z"):
+        backend.linear_backward(a["x"], a["w"], a["dy"], a["dy"], None, Act.GELU, 0.0, None, a["dw"], None)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "out-of-place"])
+def test_apply_activation_contract(backend, in_place):
+    rng = np.random.default_rng(4)
+    a = Arrays(backend, z=_rand(rng, (M, N)), y=np.full((M, N), np.nan, DTYPE))
+    out = a["z"] if in_place else a["y"]
+    backend.apply_activation(a["z"], Act.SOFTPLUS, 0.0, out)
+    backend.synchronize()
+    ref = numpy_ops.apply_activation(a.host["z"], Act.SOFTPLUS, 0.0, np.empty((M, N), DTYPE))
+    if in_place:
+        np.testing.assert_allclose(a.out("z"), ref, **TOL)
+    else:
+        a.assert_unchanged("z")
+        np.testing.assert_allclose(a.out("y"), ref, **TOL)
+
+
+@pytest.mark.parametrize("kind", [LossKind.SIGMOID_BCE, LossKind.SOFTMAX_SPARSE_CCE, LossKind.MSE], ids=lambda k: k.name.lower())
+def test_loss_grad_contract(backend, kind):
+    rng = np.random.default_rng(20 + int(kind))
+    pred = _rand(rng, (M, N))
+    if kind.sparse:
+        target = rng.integers(0, N, M).astype(DTYPE)
+    elif kind.classification:
+        target = (rng.uniform(size=(M, N)) > 0.5).astype(DTYPE)
+    else:
+        target = _rand(rng, (M, N))
+    start = np.array([0.25, 1.0], DTYPE)  # sums accumulate: they must not be reset
+    a = Arrays(
+        backend,
+        pred=pred,
+        target=target,
+        weight=rng.uniform(0.5, 2, M).astype(DTYPE),
+        grad=np.full((M, N), np.nan, DTYPE),
+        sums=start,
+    )
+    backend.loss_grad(kind, a["pred"], a["target"], a["weight"], a["grad"], a["sums"])
+    backend.synchronize()
+    a.assert_unchanged("pred", "target", "weight")
+    a.assert_written("grad")
+    ref_grad, ref_sums = np.empty((M, N), DTYPE), start.copy()
+    numpy_ops.loss_grad(kind, pred, target, a.host["weight"], ref_grad, ref_sums)
+    np.testing.assert_allclose(a.out("grad"), ref_grad, **TOL)
+    np.testing.assert_allclose(a.out("sums"), ref_sums, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["sgd-nesterov", "adamw", "rmsprop-centered-momentum"])
+def test_optimizer_contract(backend, rule):
+    rng = np.random.default_rng(7)
+    P = 9
+    host = {k: _rand(rng, (P,)) for k in ("params", "grads", "s1", "s2", "s3")}
+    host["s2"] = np.abs(host["s2"])  # second moments are non-negative
+    a = Arrays(backend, **host)
+    ref = {k: v.copy() for k, v in host.items()}
+    if rule == "sgd-nesterov":
+        backend.sgd_update(a["params"], a["grads"], a["s1"], 0.1, 0.9, True)
+        numpy_ops.sgd_update(ref["params"], ref["grads"], ref["s1"], 0.1, 0.9, True)
+        updated = ["params", "s1"]
+    elif rule == "adamw":
+        backend.adam_update(a["params"], a["grads"], a["s1"], a["s2"], 0.01, 0.9, 0.999, 1e-7, 3, 0.004)
+        numpy_ops.adam_update(ref["params"], ref["grads"], ref["s1"], ref["s2"], 0.01, 0.9, 0.999, 1e-7, 3, 0.004)
+        updated = ["params", "s1", "s2"]
+    else:
+        ref["s1"] = np.abs(ref["s1"]) + 1  # with |a| < 0.5 below, keeps v - a^2 > 0 (centered form)
+        ref["s2"] = ref["s2"] / 3
+        a = Arrays(backend, **ref)
+        backend.rmsprop_update(a["params"], a["grads"], a["s1"], a["s2"], a["s3"], 0.01, 0.9, 0.5, 1e-7)
+        numpy_ops.rmsprop_update(ref["params"], ref["grads"], ref["s1"], ref["s2"], ref["s3"], 0.01, 0.9, 0.5, 1e-7)
+        updated = ["params", "s1", "s2", "s3"]
+    backend.synchronize()
+    a.assert_unchanged("grads")
+    for name in updated:
+        np.testing.assert_allclose(a.out(name), ref[name], **TOL, err_msg=name)
