@@ -1,24 +1,30 @@
 """Activation functions by name, as Keras spells them.
 
-The fused kernels apply ``linear``, ``relu``, ``leaky_relu``, ``sigmoid``,
-``tanh`` and ``gelu`` in the matrix-product epilogue; ``softmax`` is a
-row-wise operation applied after the product (and, before a cross-entropy
-loss, fused with the loss instead).
+Every member of :class:`gpunn.codes.Act` is an activation, named by its
+lower-case member name (``Act.HARD_SIGMOID`` is ``"hard_sigmoid"``); the
+fused kernels apply it in the matrix-product epilogue with the math of
+:mod:`gpunn.opmath`.  ``softmax`` is a row-wise operation applied after the
+product (and, before a cross-entropy loss, fused with the loss instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from gpunn import codes
 from gpunn._names import lookup
+from gpunn.codes import Act
+
+#: Keras's default negative slope for leaky_relu
+LEAKY_RELU_ALPHA = Act.LEAKY_RELU.default_alpha
 
 
 @dataclasses.dataclass(frozen=True)
 class Activation:
     name: str
-    #: kernel epilogue code; softmax runs as ACT_LINEAR followed by a row softmax
+    #: kernel epilogue code; softmax runs as Act.LINEAR followed by a row softmax
     code: int
+    #: the activation's one parameter (leaky_relu's negative slope, elu's alpha)
     alpha: float = 0.0
 
     @property
@@ -26,51 +32,90 @@ class Activation:
         return self.name == "softmax"
 
     def get_config(self):
-        return self.name if self.name != "leaky_relu" or self.alpha == 0.2 else {"name": self.name, "alpha": self.alpha}
+        if self.alpha == _default_alpha(self.name):
+            return self.name
+        return {"name": self.name, "alpha": self.alpha}
 
 
-_CODES = {
-    "linear": codes.ACT_LINEAR,
-    "relu": codes.ACT_RELU,
-    "leaky_relu": codes.ACT_LEAKY_RELU,
-    "sigmoid": codes.ACT_SIGMOID,
-    "tanh": codes.ACT_TANH,
-    "gelu": codes.ACT_GELU,
-    "softmax": codes.ACT_LINEAR,
-}
-_ALIASES = {"none": "linear", "identity": "linear", "leakyrelu": "leaky_relu"}
+#: Spellings Keras also accepts, mapped to gpunn's names.
+_ALIASES = {"none": "linear", "identity": "linear", "leakyrelu": "leaky_relu", "silu": "swish"}
 
-#: Keras's default negative slope for leaky_relu
-LEAKY_RELU_ALPHA = 0.2
+
+def _codes() -> dict[str, int]:
+    table = {act.math_name: act for act in Act}
+    table["softmax"] = Act.LINEAR
+    return table
+
+
+def _default_alpha(name):
+    table = _codes()
+    return table[name].default_alpha if name in table and name != "softmax" else 0.0
 
 
 def names() -> list[str]:
-    return sorted(_CODES)
+    return sorted(_codes())
 
 
 def get(identifier, argument: str = "activation") -> Activation:
-    """Resolve ``None``, a name, a ``{"name", "alpha"}`` dict or an Activation."""
+    """Resolve ``None``, a name, a ``{"name", "alpha"}`` dict, an Activation or one of this
+    module's activation functions (``gpunn.activations.relu``)."""
     if identifier is None:
-        return Activation("linear", codes.ACT_LINEAR)
+        return Activation("linear", Act.LINEAR)
     if isinstance(identifier, Activation):
         return identifier
+    if callable(identifier) and getattr(identifier, "__module__", None) == __name__ and identifier.__name__ in _codes():
+        return get(identifier.__name__, argument)
     if isinstance(identifier, dict):
-        name = identifier.get("name")
-        alpha = identifier.get("alpha", LEAKY_RELU_ALPHA)
-        base = get(name, argument)
-        if base.name != "leaky_relu":
-            return base
-        return leaky_relu(alpha)
-    table = dict(_CODES)
-    table.update({k: _CODES[v] for k, v in _ALIASES.items()})
+        base = get(identifier.get("name"), argument)
+        parameter = identifier.get("alpha", identifier.get("negative_slope"))
+        if base.name in _PARAMETRISED and parameter is not None:
+            return _PARAMETRISED[base.name](parameter)
+        return base
+    table = _codes()
+    table.update({alias: table[name] for alias, name in _ALIASES.items()})
     code = lookup(argument, "activation", identifier, table)
-    name = _ALIASES.get(identifier.strip().lower(), identifier.strip().lower())
-    return Activation(name, code, LEAKY_RELU_ALPHA if name == "leaky_relu" else 0.0)
+    key = identifier.strip().lower()
+    name = _ALIASES.get(key, key)
+    return Activation(name, code, _default_alpha(name))
 
 
-def leaky_relu(alpha: float = LEAKY_RELU_ALPHA) -> Activation:
-    """Leaky ReLU with negative slope ``alpha`` (``max(z, alpha z)`` for 0 <= alpha <= 1)."""
-    alpha = float(alpha)
-    if not alpha >= 0:
-        raise ValueError(f"alpha: expected a non-negative slope, got {alpha!r}")
-    return Activation("leaky_relu", codes.ACT_LEAKY_RELU, alpha)
+def _checked_alpha(alpha, argument, positive):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) and not hasattr(alpha, "__float__"):
+        raise TypeError(f"{argument}: expected a number, got {type(alpha).__name__} {alpha!r}")
+    value = float(alpha)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{argument}: expected a {'positive' if positive else 'non-negative'} finite number, got {alpha!r}")
+    return value
+
+
+def leaky_relu(negative_slope: float = LEAKY_RELU_ALPHA) -> Activation:
+    """Leaky ReLU with ``negative_slope`` >= 0 (Keras's default 0.2): ``z`` for z > 0, else ``slope z``."""
+    return Activation("leaky_relu", Act.LEAKY_RELU, _checked_alpha(negative_slope, "negative_slope", positive=False))
+
+
+def elu(alpha: float = Act.ELU.default_alpha) -> Activation:
+    """ELU with ``alpha`` > 0 (Keras's default 1.0): ``z`` for z > 0, else ``alpha (e^z - 1)``."""
+    return Activation("elu", Act.ELU, _checked_alpha(alpha, "alpha", positive=True))
+
+
+_PARAMETRISED = {"leaky_relu": leaky_relu, "elu": elu}
+
+
+def _named(name):
+    def activation():
+        return get(name)
+
+    activation.__name__ = activation.__qualname__ = name
+    activation.__doc__ = f"The {name!r} activation (pass it, or its name, as ``activation=``)."
+    return activation
+
+
+# gpunn.activations.relu etc.: Keras's activation functions as objects that
+# Dense(activation=...) accepts (the parametrised ones take their parameter).
+for _name in names():
+    if _name not in _PARAMETRISED:
+        globals()[_name] = _named(_name)
+silu = globals()["swish"]
+
+__all__ = ["Activation", "get", "names", *names(), "silu"]
+del _name

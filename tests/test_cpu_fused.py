@@ -9,7 +9,7 @@ from gpunn.backend.numpy_backend import NumpyBackend
 
 BACKEND = NumpyBackend()
 DTYPES = [np.float32, np.float64]
-ACTS = [codes.ACT_LINEAR, codes.ACT_RELU, codes.ACT_LEAKY_RELU, codes.ACT_SIGMOID, codes.ACT_TANH, codes.ACT_GELU]
+ACTS = list(codes.Act)
 
 
 def tolerance(dtype):

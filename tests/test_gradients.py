@@ -19,8 +19,9 @@ from scipy import special
 import gpunn
 from gpunn import codes
 from gpunn.backend import numpy_ops
+from gpunn.backend.numpy_backend import NumpyBackend
 
-ACTIVATIONS = ["relu", "leaky_relu", "sigmoid", "tanh", "softmax", "linear", "gelu"]
+ACTIVATIONS = gpunn.activations.names()
 N_IN, N_HIDDEN, N_OUT, BATCH = 5, 7, 3, 11
 
 # loss name, from_logits, output activation (None: the activation under test), targets, expected loss kind
@@ -63,7 +64,8 @@ def _model(activation, case, seed, **dense_kwargs):
     )
     model.build()
     assert model._loss_kind == kind  # the case really exercises the path it names
-    randomize_weights(model, seed)
+    # exponential stacked on exponential is exp(exp(.)): smaller weights keep it in range
+    randomize_weights(model, seed, scale=0.25 if activation == "exponential" else 0.6)
     x = rng(seed + 1).normal(size=(BATCH, N_IN))
     return model, x, _targets(target_kind, seed + 2)
 
@@ -272,25 +274,76 @@ def test_bce_on_probabilities_clips_like_keras():
     assert grad[0, 2] == pytest.approx((0.3 - 1) / (0.3 * 0.7) / 3)
 
 
-@pytest.mark.parametrize("name", ["relu", "leaky_relu", "sigmoid", "tanh", "linear", "gelu"])
+def _sigmoid(v):
+    return 1 / (1 + np.exp(-v))
+
+
+#: Keras 3's definitions (keras.activations), with Keras's default parameters.
+KERAS_DEFINITIONS = {
+    "relu": lambda v: np.maximum(v, 0),
+    "leaky_relu": lambda v: np.where(v > 0, v, 0.2 * v),
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+    "linear": lambda v: v,
+    "gelu": lambda v: 0.5 * v * (1 + special.erf(v / np.sqrt(2))),
+    "elu": lambda v: np.where(v > 0, v, 1.0 * (np.exp(v) - 1)),
+    "selu": lambda v: 1.05070098 * np.where(v > 0, v, 1.67326324 * (np.exp(v) - 1)),
+    "softplus": lambda v: np.log(np.exp(v) + 1),
+    "softsign": lambda v: v / (np.abs(v) + 1),
+    "swish": lambda v: v * _sigmoid(v),
+    "relu6": lambda v: np.minimum(np.maximum(v, 0), 6),
+    "hard_sigmoid": lambda v: np.where(v < -3, 0.0, np.where(v > 3, 1.0, v / 6 + 0.5)),
+    "exponential": np.exp,
+}
+
+
+def test_every_activation_has_a_keras_definition_here():
+    assert sorted(KERAS_DEFINITIONS) == sorted(set(gpunn.activations.names()) - {"softmax"})
+
+
+@pytest.mark.parametrize("name", sorted(KERAS_DEFINITIONS))
 def test_activation_forward_and_derivative(name):
     act = gpunn.activations.get(name)
-    z = rng(900).normal(size=(6, 5)) * 2
-    reference = {
-        "relu": lambda v: np.maximum(v, 0),
-        "leaky_relu": lambda v: np.where(v > 0, v, 0.2 * v),
-        "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
-        "tanh": np.tanh,
-        "linear": lambda v: v,
-        "gelu": lambda v: 0.5 * v * (1 + special.erf(v / np.sqrt(2))),
-    }[name]
+    # wide enough to cross relu6's and hard_sigmoid's upper kinks; kinks themselves avoided
+    z = rng(900).normal(size=(6, 5)) * 4
+    reference = KERAS_DEFINITIONS[name]
     y = np.empty_like(z)
     numpy_ops.apply_activation(z, act.code, act.alpha, y)
-    np.testing.assert_allclose(y, reference(z), rtol=1e-12, atol=1e-15)
+    # SELU's constants are Keras's to 8 digits
+    np.testing.assert_allclose(y, reference(z), rtol=1e-12 if name != "selu" else 1e-8, atol=1e-15)
     g = rng(901).normal(size=z.shape)
-    out = numpy_ops.multiply_activation_grad(g.copy(), y, z, act.code, act.alpha)
     h = 1e-6
-    np.testing.assert_allclose(out, g * (reference(z + h) - reference(z - h)) / (2 * h), rtol=1e-6, atol=1e-9)
+    numeric = g * (reference(z + h) - reference(z - h)) / (2 * h)
+    for z_given in (z, None if not act.code.needs_preactivation else z):
+        out = numpy_ops.multiply_activation_grad(g.copy(), y, z_given, act.code, act.alpha)
+        np.testing.assert_allclose(out, numeric, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "name, z, expected",
+    [
+        ("elu", -1.0, np.exp(-1.0) - 1),
+        ("selu", 2.0, 2.10140197),
+        ("selu", -1.0, 1.05070098 * 1.67326324 * (np.exp(-1.0) - 1)),
+        ("softplus", 0.0, np.log(2.0)),
+        ("softsign", 3.0, 0.75),
+        ("swish", 0.0, 0.0),
+        ("relu6", 7.5, 6.0),
+        ("relu6", -1.0, 0.0),
+        ("hard_sigmoid", 1.5, 0.75),
+        ("hard_sigmoid", -4.0, 0.0),
+        ("hard_sigmoid", 3.5, 1.0),
+        ("exponential", 2.0, np.e**2),
+    ],
+)
+def test_activation_values_from_keras_formulas(name, z, expected):
+    """Hand-computed values of Keras's definitions, on every backend path (reference and CPU pass)."""
+    act = gpunn.activations.get(name)
+    x = np.array([[z]])
+    for impl in (numpy_ops, NumpyBackend()):
+        y = np.full_like(x, np.nan)
+        impl.apply_activation(x, act.code, act.alpha, y)
+        assert y[0, 0] == pytest.approx(expected, rel=1e-7, abs=1e-12), impl
 
 
 def test_leaky_relu_slope_above_one():

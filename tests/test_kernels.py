@@ -32,10 +32,10 @@ if _STATUS.usable:
     from gpunn import kernels
     from gpunn.kernels import linear as linear_mod
 
-ACTS = [codes.ACT_LINEAR, codes.ACT_RELU, codes.ACT_LEAKY_RELU, codes.ACT_SIGMOID, codes.ACT_TANH, codes.ACT_GELU]
-ACT_IDS = ["linear", "relu", "leaky", "sigmoid", "tanh", "gelu"]
+ACTS = list(codes.Act)
+ACT_IDS = [act.math_name for act in ACTS]
 DTYPES = [np.float32, np.float64]
-ALPHA = 0.15  # leaky ReLU slope (ignored by the other activations)
+ALPHA = 0.15  # leaky ReLU's slope and ELU's alpha (ignored by the other activations)
 
 
 # --------------------------------------------------------------------------
