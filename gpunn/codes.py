@@ -44,6 +44,7 @@ class Act(enum.IntEnum):
     SWISH = 10, True
     RELU6 = 11
     HARD_SIGMOID = 12
+    MISH = 13, True
     EXPONENTIAL = 14
 
     @property

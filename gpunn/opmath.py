@@ -229,6 +229,18 @@ def hard_sigmoid_grad(y, z, alpha):
 
 
 @scalar
+def mish(z, alpha):
+    """``z tanh(softplus(z))`` (Misra 2019)."""
+    return z * math.tanh(softplus(z, alpha))
+
+
+@scalar
+def mish_grad(y, z, alpha):
+    t = math.tanh(softplus(z, alpha))
+    return t + z * sigmoid(z, alpha) * (like(z, 1) - t * t)
+
+
+@scalar
 def exponential(z, alpha):
     return math.exp(z)
 

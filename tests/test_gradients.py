@@ -293,6 +293,7 @@ KERAS_DEFINITIONS = {
     "swish": lambda v: v * _sigmoid(v),
     "relu6": lambda v: np.minimum(np.maximum(v, 0), 6),
     "hard_sigmoid": lambda v: np.where(v < -3, 0.0, np.where(v > 3, 1.0, v / 6 + 0.5)),
+    "mish": lambda v: v * np.tanh(np.log(1 + np.exp(v))),
     "exponential": np.exp,
 }
 
@@ -333,6 +334,7 @@ def test_activation_forward_and_derivative(name):
         ("hard_sigmoid", 1.5, 0.75),
         ("hard_sigmoid", -4.0, 0.0),
         ("hard_sigmoid", 3.5, 1.0),
+        ("mish", 1.0, np.tanh(np.log1p(np.e))),
         ("exponential", 2.0, np.e**2),
     ],
 )

@@ -69,6 +69,8 @@ def _forward_values(z, act, alpha):
         return np.clip(z, 0, 6)
     if act == Act.HARD_SIGMOID:
         return np.clip(z + 3, 0, 6) / T(6)
+    if act == Act.MISH:
+        return z * np.tanh(_softplus(z))
     if act == Act.EXPONENTIAL:
         return np.exp(z)
     raise ValueError(f"unknown activation code {act!r}")
@@ -106,6 +108,9 @@ def _derivative_from_z(z, act, alpha):
         return ((z > 0) & (z < 6)).astype(z.dtype)
     if act == Act.HARD_SIGMOID:
         return np.where((z > -3) & (z < 3), T(1) / T(6), T(0))
+    if act == Act.MISH:
+        t = np.tanh(_softplus(z))
+        return t + z * _sigmoid(z) * (1 - t * t)
     if act == Act.EXPONENTIAL:
         return np.exp(z)
     raise ValueError(f"unknown activation code {act!r}")
