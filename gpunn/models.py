@@ -58,6 +58,87 @@ class _Workspace:
             self.probs = b.empty((batch, model.output_dim), dt)
 
 
+_BACKEND_CALLS = ("take_rows", "linear_forward", "linear_backward", "loss_grad", "xp")
+
+
+class TrainStep:
+    """A reusable training step for exactly ``batch_size`` rows (see ``Sequential.make_train_step``).
+
+    ``load``/``load_rows`` fill the step's own buffers, ``run`` does forward,
+    loss, backward and one optimizer update without reading anything back to
+    the host, and ``logs`` reads the loss and metrics accumulated by every
+    ``run`` since the step was made.
+    """
+
+    def __init__(self, model, batch_size, backend=None):
+        self.model = model
+        self.batch_size = batch_size
+        self.backend = model.backend if backend is None else backend
+        self._params, self._acts = model.params, model._train_acts
+        self._ws = _Workspace(model, batch_size, self._acts, training=True)
+        self._sums, self._states = model._new_accumulators()
+        self._weighted = False
+        self._seen = 0
+
+    def _check_rows(self, argument, rows):
+        if rows != self.batch_size:
+            raise ValueError(f"{argument}: this step trains on exactly {self.batch_size} rows, got {rows}")
+
+    def load(self, x, y, sample_weight=None):
+        """Copy one batch into the step: ``x`` (batch, features), ``y`` targets, optional weights.
+
+        Host (NumPy) data is checked as ``fit`` checks it; arrays already on
+        the backend's device are only shape-checked (reading their values
+        would synchronise).
+        """
+        model, b, ws = self.model, self.model.backend, self._ws
+        if isinstance(x, np.ndarray) or not hasattr(x, "shape"):
+            x, t, w = model._standardize(x, y, sample_weight, argument="x")
+            self._check_rows("x", x.shape[0])
+        else:
+            self._check_rows("x", x.shape[0])
+            if tuple(x.shape) != tuple(ws.x.shape):
+                raise ValueError(f"x: expected shape {tuple(ws.x.shape)}, got {tuple(x.shape)}")
+            t, w = y, sample_weight
+            if getattr(t, "size", None) != ws.t.size or t.shape[0] != self.batch_size:
+                raise ValueError(f"y: expected targets of shape {tuple(ws.t.shape)}, got {tuple(getattr(t, 'shape', ()))}")
+            t = t.reshape(ws.t.shape)
+        ws.x[...] = b.asarray(x, dtype=model.dtype)
+        ws.t[...] = b.asarray(t, dtype=model.dtype)
+        self._weighted = w is not None
+        if w is not None:
+            ws.w[...] = b.asarray(w, dtype=model.dtype).reshape(ws.w.shape)
+
+    def load_rows(self, X, Y, index, sample_weight=None):
+        """Gather rows ``index`` (batch_size integers) of backend-resident ``X``, ``Y``
+        (and per-row ``sample_weight``) into the step's buffers, on the device."""
+        ws = self._ws
+        self._check_rows("index", index.shape[0])
+        if X.ndim != 2 or X.shape[1] != ws.x.shape[1]:
+            raise ValueError(f"X: expected shape (rows, {ws.x.shape[1]}), got {tuple(X.shape)}")
+        if tuple(Y.shape[1:]) != tuple(ws.t.shape[1:]):
+            raise ValueError(f"Y: expected shape (rows, *{tuple(ws.t.shape[1:])}), got {tuple(Y.shape)}")
+        index = self.model.backend.asarray(index)
+        self.backend.take_rows(X, index, ws.x)
+        self.backend.take_rows(Y, index, ws.t)
+        self._weighted = sample_weight is not None
+        if sample_weight is not None:
+            self.backend.take_rows(sample_weight, index, ws.w)
+
+    def run(self):
+        """Forward, loss, backward and one optimizer update on the loaded batch (no host sync)."""
+        model = self.model
+        if model.params is not self._params or model._train_acts is not self._acts:
+            raise RuntimeError("TrainStep.run: the model was rebuilt or recompiled since this step was made; make a new step")
+        model._has_weights = self._weighted
+        model._train_step(self._ws, self._sums, self._states, self.backend)
+        self._seen += self.batch_size
+
+    def logs(self) -> dict:
+        """Mean loss and metrics over every ``run`` since the step was made (Keras names)."""
+        return self.model._read_logs(self._sums, self._states, self._seen)
+
+
 class Sequential:
     """A linear stack of layers: ``Sequential([Dense(64, activation="relu"), Dense(1, activation="sigmoid")])``."""
 
@@ -173,6 +254,22 @@ class Sequential:
                 raise ValueError(f"x: the model expects {self.input_dim} features per sample, got {n_features}")
             self._declared_input_dim = n_features
             self.build()
+
+    def make_train_step(self, batch_size, backend=None) -> TrainStep:
+        """A reusable training step for exactly ``batch_size`` rows (builds the model if needed).
+
+        ``backend``, when given, stands in for the model's backend for every
+        numeric call the step makes (gather, forward, loss, backward,
+        regularization, optimizer), e.g. a timing proxy; its buffers still
+        live on the model's backend.
+        """
+        self._require_compiled("make_train_step")
+        batch_size = check.positive_int(batch_size, "batch_size")
+        if backend is not None and not all(hasattr(backend, name) for name in _BACKEND_CALLS):
+            raise TypeError(f"backend: expected an object with the Backend methods {', '.join(_BACKEND_CALLS)}, got {type(backend).__name__}")
+        if not self.built:
+            self.build()
+        return TrainStep(self, batch_size, backend)
 
     def count_params(self) -> int:
         if not self.built:
@@ -374,17 +471,18 @@ class Sequential:
         return ws
 
     # ------------------------------------------------------------ one step
-    def _forward(self, x, ws, acts):
+    def _forward(self, x, ws, acts, backend=None):
+        backend = backend or self.backend
         a = x
         for layer, act, y, z in zip(self.layers, acts, ws.y, ws.z):
-            layer.call(self.backend, a, y, z, act_override=act)
+            layer.call(backend, a, y, z, act_override=act)
             a = y
         return a
 
-    def _regularization(self, sums, batch, gradients):
+    def _regularization(self, sums, batch, gradients, backend=None):
         """Add each regularizer's penalty (times the batch size) to the loss sum, and with
         ``gradients`` its gradient to the weights' gradients."""
-        xp = self.backend.xp
+        xp = (backend or self.backend).xp
         for layer in self.layers:
             for reg, w, g in (
                 (layer.kernel_regularizer, layer.kernel, layer.kernel_grad),
@@ -395,9 +493,10 @@ class Sequential:
                         reg.add_gradient(xp, w, g)
                     sums[0] += reg.penalty(xp, w) * batch
 
-    def _update_metrics(self, out, ws, states):
+    def _update_metrics(self, out, ws, states, backend=None):
         """Update the metrics the loss pass does not count, on the model's outputs (probabilities
         when the output activation is folded into the loss)."""
+        backend = backend or self.backend
         computed = self._computed_metrics
         if not computed:
             return
@@ -406,20 +505,21 @@ class Sequential:
             pred = ws.probs
             act = self.layers[-1].activation
             if act.is_softmax:
-                self.backend.softmax(out, pred)
+                backend.softmax(out, pred)
             else:
-                self.backend.apply_activation(out, act.code, act.alpha, pred)
+                backend.apply_activation(out, act.code, act.alpha, pred)
         w = ws.w if self._has_weights else None
         for (metric, weighted), state in zip(computed, states):
-            metric.update(self.backend.xp, pred, ws.t, w if weighted else None, state)
+            metric.update(backend.xp, pred, ws.t, w if weighted else None, state)
 
-    def _train_step(self, ws, sums, states):
-        """Forward, loss, backward and update on the batch held in ``ws``."""
-        b = self.backend
+    def _train_step(self, ws, sums, states, backend=None):
+        """Forward, loss, backward and update on the batch held in ``ws`` (on ``backend``,
+        by default the model's)."""
+        b = backend or self.backend
         acts = self._train_acts
-        out = self._forward(ws.x, ws, acts)
+        out = self._forward(ws.x, ws, acts, b)
         b.loss_grad(self._loss_kind, out, ws.t, ws.w if self._has_weights else None, ws.g[-1], sums)
-        self._update_metrics(out, ws, states)
+        self._update_metrics(out, ws, states, b)
         for i in range(len(self.layers) - 1, -1, -1):
             layer, act, g = self.layers[i], acts[i], ws.g[i]
             code = act.code
@@ -438,8 +538,8 @@ class Sequential:
                 layer.kernel_grad,
                 layer.bias_grad if layer.use_bias else None,
             )
-        self._regularization(sums, ws.batch, gradients=True)
-        self.optimizer.apply(self.params, self.grads, self._segments)
+        self._regularization(sums, ws.batch, gradients=True, backend=b)
+        self.optimizer.apply(self.params, self.grads, self._segments, backend=b)
 
     def _test_step(self, ws, sums, states):
         out = self._forward(ws.x, ws, self._train_acts)

@@ -70,8 +70,8 @@ class Optimizer:
     def built(self) -> bool:
         return self._backend is not None
 
-    def _clip(self, grads, segments):
-        xp = self._backend.xp
+    def _clip(self, grads, segments, backend):
+        xp = backend.xp
         if self.clipvalue is not None:
             xp.clip(grads, -self.clipvalue, self.clipvalue, out=grads)
         if self.clipnorm is not None:
@@ -83,18 +83,21 @@ class Optimizer:
             norm = xp.sqrt((grads * grads).sum())
             grads *= xp.minimum(1, self.global_clipnorm / xp.maximum(norm, 1e-12)).astype(grads.dtype)
 
-    def apply(self, params, grads, segments) -> None:
+    def apply(self, params, grads, segments, backend=None) -> None:
         """One update of the flat ``params`` (P,) from ``grads`` (P,).
 
         segments: (start, stop) of each variable in the flat buffers, used
-        by per-variable clipping.
+        by per-variable clipping.  backend: the object making the numeric
+        calls (by default the one the optimizer was built on; a stand-in
+        such as a timing proxy may be passed).
         """
+        backend = backend or self._backend
         if self.clipvalue is not None or self.clipnorm is not None or self.global_clipnorm is not None:
-            self._clip(grads, segments)
+            self._clip(grads, segments, backend)
         self.iterations += 1
-        self._update(params, grads)
+        self._update(params, grads, backend)
 
-    def _update(self, params, grads):
+    def _update(self, params, grads, backend):
         raise NotImplementedError
 
     def get_config(self) -> dict:
@@ -130,8 +133,8 @@ class SGD(Optimizer):
     def active_slots(self):
         return ("velocity",) if self.momentum > 0 else ()
 
-    def _update(self, params, grads):
-        self._backend.sgd_update(
+    def _update(self, params, grads, backend):
+        backend.sgd_update(
             params, grads, self.slots.get("velocity"), self.learning_rate, self.momentum, self.nesterov
         )
 
@@ -152,8 +155,8 @@ class Adam(Optimizer):
         wd = self._default_weight_decay if weight_decay is None else weight_decay
         self.weight_decay = _positive("weight_decay", wd, allow_zero=True)
 
-    def _update(self, params, grads):
-        self._backend.adam_update(
+    def _update(self, params, grads, backend):
+        backend.adam_update(
             params,
             grads,
             self.slots["m"],
@@ -203,8 +206,8 @@ class RMSprop(Optimizer):
             slots.append("momentum")
         return tuple(slots)
 
-    def _update(self, params, grads):
-        self._backend.rmsprop_update(
+    def _update(self, params, grads, backend):
+        backend.rmsprop_update(
             params,
             grads,
             self.slots["velocity"],
