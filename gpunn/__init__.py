@@ -20,9 +20,9 @@ from gpunn import activations, callbacks, initializers, layers, losses, metrics,
 from gpunn.backend import get_backend, set_backend, use_backend
 from gpunn.config import floatx, set_floatx
 from gpunn.layers import Input
-from gpunn.models import DeviceMemoryError, NonFiniteLossError, Sequential
+from gpunn.models import DeviceMemoryError, NonFiniteLossError, Sequential, load_model
 from gpunn.random import set_seed
-from gpunn.saving import MODEL_SUFFIX, ModelFileError, load_model
+from gpunn.saving import MODEL_SUFFIX, ModelFileError
 
 __version__ = "0.1.0"
 

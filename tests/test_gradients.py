@@ -62,7 +62,7 @@ def _model(activation, case, seed, **dense_kwargs):
         loss=gpunn.losses.get({"name": loss, "from_logits": from_logits}),
     )
     model.build()
-    assert model._loss_kind == kind  # the case really exercises the path it names
+    assert model._objective.kind == kind  # the case really exercises the path it names
     randomize_weights(model, seed)
     x = rng(seed + 1).normal(size=(BATCH, N_IN))
     return model, x, _targets(target_kind, seed + 2)
