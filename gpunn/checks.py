@@ -128,12 +128,15 @@ def number(value, argument: str, minimum=None, allow_minimum=True, below=None) -
         raise ValueError(f"{argument}: expected a finite number, got {value!r}")
     value = float(value)
     if minimum is not None and (value < minimum or (value == minimum and not allow_minimum)):
+        if below is not None:
+            low = f"{'[' if allow_minimum else '('}{minimum:g}"
+            raise ValueError(f"{argument}: expected a number in {low}, {below:g}), got {value!r}")
         if minimum == 0:
             kind = "non-negative" if allow_minimum else "positive"
             raise ValueError(f"{argument}: expected a {kind} number, got {value!r}")
         raise ValueError(f"{argument}: expected a number {'>=' if allow_minimum else '>'} {minimum}, got {value!r}")
     if below is not None and value >= below:
-        low = "" if minimum is None else f"[{minimum:g}, "
+        low = "" if minimum is None else f"{'[' if allow_minimum else '('}{minimum:g}, "
         raise ValueError(f"{argument}: expected a number in {low}{below:g}), got {value!r}")
     return value
 
@@ -146,13 +149,6 @@ def positive_number(value, argument: str, allow_zero: bool = False) -> float:
 def fraction(value, argument: str) -> float:
     """A finite number in [0, 1)."""
     return number(value, argument, minimum=0, below=1)
-
-
-def one_of(value, argument: str, choices):
-    """``value`` when it is one of ``choices`` (compared with ==, never bools for numbers)."""
-    if isinstance(value, bool) or value not in choices:
-        raise ValueError(f"{argument}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
 
 
 def unknown_name_error(argument: str, what: str, got, valid) -> ValueError:

@@ -116,8 +116,6 @@ def fit_data(backend, standardize, arrays, validation_data, validation_split):
 class DeviceData:
     """Data copied to the backend's device once; batches are gathered there."""
 
-    streamed = False
-
     def __init__(self, backend, x, t, w):
         self.x, self.t = backend.asarray(x), backend.asarray(t)
         self.w = None if w is None else backend.asarray(w)
@@ -139,8 +137,6 @@ class DeviceData:
 
 class StreamedData:
     """Host data too large for the device: each batch is gathered on the host and copied over."""
-
-    streamed = True
 
     def __init__(self, backend, x, t, w):
         self.x, self.t, self.w = x, t, w

@@ -142,10 +142,6 @@ class WorkspacePool:
             if len(spares) < self._per_key:
                 spares.append(ws)
 
-    def clear(self):
-        with self._lock:
-            self._free.clear()
-
 
 class Accumulators:
     """Device-side running sums for one call: ``sums`` = (weighted loss sum, accuracy count
@@ -210,10 +206,6 @@ class Trainer:
     def new_workspace(self, batch) -> Workspace:
         """A training workspace owned by the caller (not pooled)."""
         return self._make_workspace(batch, True)
-
-    def release(self):
-        """Drop the pooled buffers (after a device out-of-memory error)."""
-        self._pool.clear()
 
     def accumulators(self, backend=None) -> Accumulators:
         return Accumulators(backend or self.backend, self.dtype, self.objective)
