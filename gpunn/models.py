@@ -149,6 +149,8 @@ class Sequential:
             self.optimizer.build(backend, total, dtype)
 
     def _ensure_built(self, n_features):
+        if self.built:
+            return
         with self._lock:
             if not self.built:
                 if self.input_dim is not None and self.input_dim != n_features:
@@ -162,6 +164,9 @@ class Sequential:
         return int(self.params.shape[0])
 
     def _get_trainer(self) -> Trainer:
+        trainer = self._trainer
+        if trainer is not None:
+            return trainer
         with self._lock:
             if self._trainer is None:
                 optimizer = self.optimizer if self.compiled else None
