@@ -61,7 +61,7 @@ class Objective:
                 f"{loss.name}(from_logits=False) expects: use from_logits=True, or a sigmoid/softmax output."
             )
             if warn:
-                warnings.warn(f"compile:{self.probability_hint}", UserWarning, stacklevel=4)
+                warnings.warn(f"compile:{self.probability_hint}", UserWarning, stacklevel=3)
         self.train_activations = [layer.activation for layer in layers]
         if self.fused_output:
             self.train_activations[-1] = activations.get("linear")
