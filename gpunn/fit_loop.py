@@ -33,6 +33,8 @@ from gpunn.random import generator
 
 #: candidate states kept per replay while searching backwards for the last good one
 _REPLAY_WINDOW = 4
+#: rows per forward pass when checking a candidate state's predictions (fewer, larger launches)
+_CHECK_BATCH = 1024
 
 
 class OneAtATime:
@@ -123,7 +125,7 @@ class Divergence:
                     self._replay_one(s, index, acc)
             for s, snap in reversed(window):
                 snap.restore(trainer)
-                if trainer.predictions_finite(self.data, self.batch_size):
+                if trainer.predictions_finite(self.data, max(self.batch_size, _CHECK_BATCH)):
                     return s, bad_update
             last = first - 1
         return None, bad_update
