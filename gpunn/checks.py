@@ -114,6 +114,20 @@ def verbose(value, argument: str = "verbose") -> int:
     return int(value)
 
 
+FLOAT_TYPES = ("float32", "float64")
+
+
+def float_dtype(dtype, argument: str = "dtype") -> str:
+    """The name of a float dtype gpunn computes in: ``"float32"`` or ``"float64"``."""
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in FLOAT_TYPES:
+        raise ValueError(f"{argument}: expected 'float32' or 'float64', got {dtype!r}")
+    return name
+
+
 def boolean(value, argument: str) -> bool:
     """``value`` as a bool; only ``True``/``False`` (and NumPy's bools) are accepted."""
     if isinstance(value, (bool, np.bool_)):

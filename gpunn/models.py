@@ -45,7 +45,7 @@ class Sequential:
         self.name = name or "sequential"
         self.layers: list[Dense] = []
         self._declared_input_dim = None
-        self._dtype_request = None if dtype is None else config.check_dtype(dtype)
+        self._dtype_request = None if dtype is None else checks.float_dtype(dtype)
         self._built_dtype = None
         self.backend = None
         self.params = self.grads = None
