@@ -654,14 +654,13 @@ def run_ops(env, rep, selftest, peak):
 
 
 def _gpunn_device_epoch(trainer, x, y, batch):
-    """An epoch of gpunn steps on device-resident data (``_run_epoch`` without callbacks/progress)."""
+    """An epoch of gpunn steps on device-resident data (fit's loop without callbacks/progress)."""
     import numpy as np
 
     m = trainer.model
     b = m.backend
     X, T = b.asarray(x), b.asarray(y.astype(m.dtype))
-    m._has_weights = False
-    sums, states = m._new_accumulators()
+    train_step = m.make_train_step(batch)
     n = x.shape[0]
     steps = n // batch
     rng = np.random.default_rng(0)
@@ -669,9 +668,8 @@ def _gpunn_device_epoch(trainer, x, y, batch):
     def epoch():
         order = b.asarray(rng.permutation(n).astype(np.int64))
         for step in range(steps):
-            ws = m._workspace(batch)
-            m._load_batch(ws, X, T, None, order[step * batch : (step + 1) * batch])
-            m._train_step(ws, sums, states)
+            train_step.load_rows(X, T, order[step * batch : (step + 1) * batch])
+            train_step.run()
         b.synchronize()
 
     return epoch, steps

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging as _logging
 
 from gpunn import activations, callbacks, initializers, layers, losses, metrics, optimizers, regularizers
-from gpunn.backend import get_backend, set_backend
+from gpunn.backend import get_backend, set_backend, use_backend
 from gpunn.config import floatx, set_floatx
 from gpunn.layers import Input
-from gpunn.models import DeviceMemoryError, NonFiniteLossError, Sequential
+from gpunn.models import DeviceMemoryError, NonFiniteLossError, Sequential, load_model
 from gpunn.random import set_seed
-from gpunn.saving import MODEL_SUFFIX, ModelFileError, load_model
+from gpunn.saving import MODEL_SUFFIX, ModelFileError
 
 __version__ = "0.1.0"
 
@@ -49,4 +49,5 @@ __all__ = [
     "set_backend",
     "set_floatx",
     "set_seed",
+    "use_backend",
 ]

@@ -562,7 +562,7 @@ class PhaseTimer:
 def phase_times(trainer: GpunnTrainer, x, y, batch, steps):
     """Median seconds of gather / forward / backward / optimizer over ``steps`` training steps.
 
-    Runs the model's own training step (``Sequential._train_step``) with its
+    Runs the model's own training step (``Sequential.make_train_step``) with its
     backend behind a :class:`PhaseTimer` that synchronises after every call,
     so each phase is the sum of its calls: gather = the batch's rows,
     forward = fused linear layers and the fused loss with its gradient,
@@ -571,23 +571,17 @@ def phase_times(trainer: GpunnTrainer, x, y, batch, steps):
     model = trainer.model
     b = model.backend
     X, Y = b.asarray(x), b.asarray(y.astype(model.dtype))
-    model._has_weights = False
-    ws = model._workspace(batch)
-    sums, states = model._new_accumulators()
     rng = np.random.default_rng(1)
     times = {p: [] for p in PHASES}
     timer = PhaseTimer(b)
-    model.backend = model.optimizer._backend = timer
-    try:
-        for _ in range(steps):
-            index = b.asarray(rng.integers(0, x.shape[0], batch))
-            timer.times = dict.fromkeys(PHASES, 0.0)
-            model._load_batch(ws, X, Y, None, index)
-            model._train_step(ws, sums, states)
-            for p in PHASES:
-                times[p].append(timer.times[p])
-    finally:
-        model.backend = model.optimizer._backend = b
+    step = model.make_train_step(batch, backend=timer)
+    for _ in range(steps):
+        index = b.asarray(rng.integers(0, x.shape[0], batch))
+        timer.times = dict.fromkeys(PHASES, 0.0)
+        step.load_rows(X, Y, index)
+        step.run()
+        for p in PHASES:
+            times[p].append(timer.times[p])
     return {p: float(np.median(v)) for p, v in times.items()}
 
 

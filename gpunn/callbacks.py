@@ -9,6 +9,8 @@ import warnings
 
 import numpy as np
 
+from gpunn import checks
+
 
 class Callback:
     """Base class: override any ``on_*`` hook; ``self.model`` is set by fit."""
@@ -102,15 +104,13 @@ class EarlyStopping(Callback):
     ):
         super().__init__()
         self.monitor = monitor
-        self.min_delta = abs(float(min_delta))
-        if int(patience) < 0:
-            raise ValueError(f"patience: expected a non-negative integer, got {patience!r}")
-        self.patience = int(patience)
+        self.min_delta = abs(checks.number(min_delta, "min_delta"))
+        self.patience = checks.positive_int(patience, "patience", minimum=0)
         self.verbose = verbose
         self.mode = _monitor_op(monitor, mode)
-        self.baseline = baseline
-        self.restore_best_weights = restore_best_weights
-        self.start_from_epoch = int(start_from_epoch)
+        self.baseline = None if baseline is None else checks.number(baseline, "baseline")
+        self.restore_best_weights = checks.boolean(restore_best_weights, "restore_best_weights")
+        self.start_from_epoch = checks.positive_int(start_from_epoch, "start_from_epoch", minimum=0)
         self.stopped_epoch = 0
 
     def on_train_begin(self, logs=None):
@@ -178,8 +178,8 @@ class ModelCheckpoint(Callback):
         self.filepath = os.fspath(filepath)
         self.monitor = monitor
         self.verbose = verbose
-        self.save_best_only = save_best_only
-        self.save_weights_only = save_weights_only
+        self.save_best_only = checks.boolean(save_best_only, "save_best_only")
+        self.save_weights_only = checks.boolean(save_weights_only, "save_weights_only")
         self.mode = _monitor_op(monitor, mode)
         self.best = math.inf if self.mode == "min" else -math.inf
 
@@ -221,16 +221,14 @@ class ReduceLROnPlateau(Callback):
         self, monitor="val_loss", factor=0.1, patience=10, verbose=0, mode="auto", min_delta=1e-4, cooldown=0, min_lr=0.0
     ):
         super().__init__()
-        if not 0 < factor < 1:
-            raise ValueError(f"factor: expected a number in (0, 1), got {factor!r}")
+        self.factor = checks.number(factor, "factor", minimum=0, allow_minimum=False, below=1)
         self.monitor = monitor
-        self.factor = float(factor)
-        self.patience = int(patience)
+        self.patience = checks.positive_int(patience, "patience", minimum=0)
         self.verbose = verbose
         self.mode = _monitor_op(monitor, mode)
-        self.min_delta = float(min_delta)
-        self.cooldown = int(cooldown)
-        self.min_lr = float(min_lr)
+        self.min_delta = checks.positive_number(min_delta, "min_delta", allow_zero=True)
+        self.cooldown = checks.positive_int(cooldown, "cooldown", minimum=0)
+        self.min_lr = checks.positive_number(min_lr, "min_lr", allow_zero=True)
 
     def on_train_begin(self, logs=None):
         self.best = math.inf if self.mode == "min" else -math.inf

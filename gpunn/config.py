@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
+from gpunn import checks
 
 _FLOATX = "float32"
-FLOAT_TYPES = ("float32", "float64")
 
 
 def floatx() -> str:
@@ -15,14 +14,4 @@ def floatx() -> str:
 def set_floatx(dtype) -> None:
     """Use ``"float32"`` (default) or ``"float64"`` (e.g. for gradient checks) in new models."""
     global _FLOATX
-    _FLOATX = check_dtype(dtype)
-
-
-def check_dtype(dtype, argument: str = "dtype") -> str:
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        name = None
-    if name not in FLOAT_TYPES:
-        raise ValueError(f"{argument}: expected 'float32' or 'float64', got {dtype!r}")
-    return name
+    _FLOATX = checks.float_dtype(dtype)

@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from gpunn._names import lookup
+from gpunn.checks import lookup
 
 #: the kinds of problem gpunn's command line knows how to set up
 TASKS = ("binary", "multiclass", "regression")

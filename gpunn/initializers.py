@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpunn import random as grandom
-from gpunn._names import lookup
+from gpunn.checks import lookup
 
 _TRUNC_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
 

@@ -7,15 +7,11 @@ and ``get_config`` returns every constructor argument.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
-from gpunn import activations, initializers, regularizers
-
-
-def _positive_int(argument, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{argument}: expected a positive integer, got {value!r}")
-    return int(value)
+from gpunn import activations, checks, codes, initializers, regularizers
 
 
 class Input:
@@ -26,7 +22,7 @@ class Input:
             shape = (shape,)
         if not isinstance(shape, (tuple, list)) or len(shape) != 1:
             raise ValueError(f"shape: expected a 1-tuple (n_features,) for an MLP input, got {shape!r}")
-        self.shape = (_positive_int("shape", shape[0]),)
+        self.shape = (checks.positive_int(shape[0], "shape"),)
         self.name = name
 
     def get_config(self):
@@ -51,6 +47,23 @@ class Layer:
             raise ValueError(f"name: expected a non-empty string, got {name!r}")
         self.name = name
         self.built = False
+        self._owner = None  # weak reference to the model holding this layer
+
+    def attach(self, model):
+        """Record that ``model`` holds this layer.
+
+        A layer's weights are views into its model's flat buffers, so a layer
+        belongs to one model; adding it to a second raises ValueError (while
+        the first model is alive).
+        """
+        owner = None if self._owner is None else self._owner()
+        if owner is not None and owner is not model:
+            raise ValueError(
+                f"layers: layer {self.name!r} already belongs to model {owner.name!r}; gpunn layers cannot be "
+                "shared between models (their weights live in one model's buffers). Use a new layer, e.g. "
+                "Dense.from_config(layer.get_config()), and copy weights with set_weights(get_weights())"
+            )
+        self._owner = weakref.ref(model)
 
 
 class Dense(Layer):
@@ -74,11 +87,9 @@ class Dense(Layer):
         name=None,
     ):
         super().__init__(name)
-        self.units = _positive_int("units", units)
+        self.units = checks.positive_int(units, "units")
         self.activation = activations.get(activation)
-        if not isinstance(use_bias, bool):
-            raise TypeError(f"use_bias: expected a bool, got {use_bias!r}")
-        self.use_bias = use_bias
+        self.use_bias = checks.boolean(use_bias, "use_bias")
         initializers.get(kernel_initializer, "kernel_initializer")
         initializers.get(bias_initializer, "bias_initializer")
         self.kernel_initializer = kernel_initializer
@@ -89,7 +100,7 @@ class Dense(Layer):
             if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 1:
                 raise ValueError(f"input_shape: expected (n_features,), got {input_shape!r}")
             input_dim = input_shape[0]
-        self.input_dim = None if input_dim is None else _positive_int("input_dim", input_dim)
+        self.input_dim = None if input_dim is None else checks.positive_int(input_dim, "input_dim")
         self.kernel = self.bias = None
         self.kernel_grad = self.bias_grad = None
         self._backend = None  # set by build: the backend holding the weights
@@ -158,13 +169,52 @@ class Dense(Layer):
             target[...] = self._backend.asarray(value.astype(target.dtype))
 
     # -- computation ------------------------------------------------------------
-    def call(self, backend, x, y, z, act_override=None):
-        """Forward into preallocated ``y`` (and ``z`` for GELU) on ``backend``."""
-        act = self.activation if act_override is None else act_override
+    @staticmethod
+    def needs_preactivation(activation) -> bool:
+        """Whether running ``activation`` keeps the pre-activation ``z`` for the backward pass."""
+        return activation.code in codes.ACT_NEEDS_PREACTIVATION
+
+    def call(self, backend, x, y, z, activation=None):
+        """Forward: ``y = act(x @ kernel + bias)`` into preallocated ``y`` (B, units).
+
+        x: (B, in).  z: (B, units) receives ``x @ kernel + bias`` when
+        :meth:`needs_preactivation`, else None.  ``activation`` overrides the
+        layer's own (a fused output layer runs "linear" in training: the loss
+        applies the activation).  Softmax normalises each row of ``y``.
+        """
+        act = self.activation if activation is None else activation
         backend.linear_forward(x, self.kernel, self.bias if self.use_bias else None, act.code, act.alpha, y, z)
         if act.is_softmax:
             backend.softmax(y, y)
         return y
+
+    def backward(self, backend, x, dy, y, z, dx, activation=None):
+        """Backward through :meth:`call`: gradients into ``kernel_grad``, ``bias_grad`` and ``dx``.
+
+        dy: (B, units), dL/dy on entry; its contents afterwards are
+        unspecified (a backend may reuse it as scratch).  x, y, z: the
+        forward's input, output and pre-activation.  dx: (B, in) receives
+        dL/dx, or None for the first layer.  Softmax's Jacobian is applied to
+        ``dy`` first (``dz = y * (dy - sum(dy * y))`` per row), then the rest
+        is a linear layer's backward.
+        """
+        act = self.activation if activation is None else activation
+        code = act.code
+        if act.is_softmax:
+            backend.softmax_backward(dy, y)
+            code = codes.ACT_LINEAR
+        backend.linear_backward(
+            x, self.kernel, dy, y, z, code, act.alpha, dx, self.kernel_grad, self.bias_grad if self.use_bias else None
+        )
+
+    def activate(self, backend, z, out):
+        """``out = activation(z)`` for this layer's own activation (e.g. logits to probabilities)."""
+        act = self.activation
+        if act.is_softmax:
+            backend.softmax(z, out)
+        else:
+            backend.apply_activation(z, act.code, act.alpha, out)
+        return out
 
     def get_config(self):
         return {

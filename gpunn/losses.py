@@ -9,8 +9,21 @@ then produces logits and the activation is folded into the loss.
 
 from __future__ import annotations
 
-from gpunn import codes
-from gpunn._names import lookup
+import numpy as np
+
+from gpunn import checks, codes
+from gpunn.checks import lookup
+
+
+def _dense_targets(arr, n, outputs, argument, hint=""):
+    """``arr`` as (n, outputs): a 1-D array is one target per sample for a single output."""
+    if arr.ndim == 1:
+        if outputs != 1:
+            raise ValueError(f"{argument}: the model has {outputs} outputs, so expected shape ({n}, {outputs}), got ({n},){hint}")
+        arr = arr.reshape(n, 1)
+    if arr.ndim != 2 or arr.shape[1] != outputs:
+        raise ValueError(f"{argument}: expected shape ({n}, {outputs}) to match the model's {outputs} outputs, got {arr.shape}")
+    return arr
 
 
 class Loss:
@@ -20,13 +33,16 @@ class Loss:
     sparse = False
 
     def __init__(self, from_logits: bool = False):
-        if not isinstance(from_logits, bool):
-            raise TypeError(f"from_logits: expected a bool, got {from_logits!r}")
-        self.from_logits = from_logits
+        self.from_logits = checks.boolean(from_logits, "from_logits")
 
     def resolve(self, output_activation: str) -> tuple[int, bool]:
         """(backend loss kind, whether the output activation is folded into it)."""
         raise NotImplementedError
+
+    def prepare_targets(self, arr, n: int, outputs: int, argument: str = "y"):
+        """Targets ``arr`` (finite floats, one row per sample) shaped and checked for this loss:
+        (n, outputs), or (n,) class indices for a sparse loss.  ValueError naming ``argument``."""
+        return np.ascontiguousarray(_dense_targets(arr, n, outputs, argument))
 
     def get_config(self):
         return {"name": self.name, "from_logits": self.from_logits}
@@ -52,6 +68,13 @@ class MeanAbsoluteError(Loss):
 class BinaryCrossentropy(Loss):
     name = "binary_crossentropy"
 
+    def prepare_targets(self, arr, n, outputs, argument="y"):
+        arr = super().prepare_targets(arr, n, outputs, argument)
+        outside = (arr < 0) | (arr > 1)
+        if outside.any():
+            raise ValueError(f"{argument}: binary_crossentropy expects labels in [0, 1], found {float(arr[outside][0])!r}")
+        return arr
+
     def resolve(self, output_activation):
         if self.from_logits:
             return codes.LOSS_SIGMOID_BCE, False
@@ -62,6 +85,13 @@ class BinaryCrossentropy(Loss):
 
 class CategoricalCrossentropy(Loss):
     name = "categorical_crossentropy"
+
+    def prepare_targets(self, arr, n, outputs, argument="y"):
+        hint = "; for integer class labels use loss='sparse_categorical_crossentropy'"
+        arr = np.ascontiguousarray(_dense_targets(arr, n, outputs, argument, hint))
+        if (arr < 0).any():
+            raise ValueError(f"{argument}: categorical_crossentropy expects non-negative (one-hot) labels, found {float(arr.min())!r}")
+        return arr
 
     def resolve(self, output_activation):
         if self.from_logits:
@@ -74,6 +104,19 @@ class CategoricalCrossentropy(Loss):
 class SparseCategoricalCrossentropy(Loss):
     name = "sparse_categorical_crossentropy"
     sparse = True
+
+    def prepare_targets(self, arr, n, outputs, argument="y"):
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+        if arr.ndim != 1:
+            raise ValueError(
+                f"{argument}: {self.name} expects integer class labels of shape ({n},), got shape {arr.shape}; "
+                "for one-hot labels use categorical_crossentropy"
+            )
+        invalid = (arr != np.round(arr)) | (arr < 0) | (arr >= outputs)
+        if invalid.any():
+            raise ValueError(f"{argument}: expected integer class labels in [0, {outputs}), found {float(arr[invalid][0])!r}")
+        return np.ascontiguousarray(arr)
 
     def resolve(self, output_activation):
         if self.from_logits:
@@ -105,7 +148,7 @@ def get(identifier) -> Loss:
         return identifier
     if isinstance(identifier, dict):
         cls = lookup("loss", "loss", identifier.get("name"), _CLASSES)
-        return cls(from_logits=bool(identifier.get("from_logits", False)))
+        return cls(from_logits=identifier.get("from_logits", False))
     if identifier is None:
         raise ValueError(f"loss: expected a loss name or Loss instance, got None; valid names: {', '.join(names())}")
     return lookup("loss", "loss", identifier, _CLASSES)()

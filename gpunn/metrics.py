@@ -14,7 +14,7 @@ counts that accuracy in its fused pass, no extra work is done per batch.
 
 from __future__ import annotations
 
-from gpunn._names import lookup
+from gpunn.checks import lookup, unknown_name_error
 
 
 class Metric:
@@ -183,10 +183,25 @@ def get(identifier, loss=None, n_outputs=None, sparse_targets=False) -> Metric:
     return cls(name=identifier.strip().lower())
 
 
-def validate(identifier) -> None:
-    """Raise early (at compile time) for an unknown metric name."""
+def validate(identifier, argument: str = "metrics") -> None:
+    """Raise early (at compile time) unless ``identifier`` is a metric name (``"accuracy"``
+    included) or a Metric instance; the error names ``argument`` and lists the names."""
     if isinstance(identifier, Metric):
         return
-    if isinstance(identifier, str) and identifier.strip().lower() in ACCURACY_NAMES:
-        return
-    lookup("metrics", "metric", identifier, _CLASSES)
+    if not isinstance(identifier, str):
+        raise TypeError(
+            f"{argument}: expected metric names (str) or gpunn.metrics.Metric instances, "
+            f"got {type(identifier).__name__} {identifier!r}"[:300]
+        )
+    if identifier.strip().lower() not in names():
+        raise unknown_name_error(argument, "metric", identifier, names())
+
+
+def check_list(given, argument: str = "metrics") -> list:
+    """``given`` (None, or a list of metric names / Metric instances) as a list, each validated."""
+    given = [] if given is None else given
+    if isinstance(given, str) or not isinstance(given, (list, tuple)):
+        raise TypeError(f"{argument}: expected a list of metric names, got {given!r}")
+    for m in given:
+        validate(m, argument)
+    return list(given)

@@ -11,24 +11,8 @@ Gradient clipping as in Keras: ``clipvalue`` clips elementwise,
 
 from __future__ import annotations
 
-import math
-
-from gpunn._names import lookup
-
-
-def _positive(argument, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{argument}: expected a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{argument}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-    return float(value)
-
-
-def _fraction(argument, value):
-    value = _positive(argument, value, allow_zero=True)
-    if value >= 1:
-        raise ValueError(f"{argument}: expected a number in [0, 1), got {value!r}")
-    return value
+from gpunn import checks
+from gpunn.checks import fraction, lookup, positive_number
 
 
 class Optimizer:
@@ -37,10 +21,10 @@ class Optimizer:
     slot_names: tuple[str, ...] = ()
 
     def __init__(self, learning_rate=0.001, clipnorm=None, clipvalue=None, global_clipnorm=None):
-        self.learning_rate = _positive("learning_rate", learning_rate)
-        self.clipnorm = None if clipnorm is None else _positive("clipnorm", clipnorm)
-        self.clipvalue = None if clipvalue is None else _positive("clipvalue", clipvalue)
-        self.global_clipnorm = None if global_clipnorm is None else _positive("global_clipnorm", global_clipnorm)
+        self.learning_rate = positive_number(learning_rate, "learning_rate")
+        self.clipnorm = None if clipnorm is None else positive_number(clipnorm, "clipnorm")
+        self.clipvalue = None if clipvalue is None else positive_number(clipvalue, "clipvalue")
+        self.global_clipnorm = None if global_clipnorm is None else positive_number(global_clipnorm, "global_clipnorm")
         chosen = [k for k in ("clipnorm", "clipvalue", "global_clipnorm") if getattr(self, k) is not None]
         if len(chosen) > 1:
             raise ValueError(f"{', '.join(chosen)}: set at most one of clipnorm, clipvalue and global_clipnorm (as Keras), got {len(chosen)}")
@@ -55,7 +39,7 @@ class Optimizer:
 
     @learning_rate.setter
     def learning_rate(self, value):
-        self._learning_rate = _positive("learning_rate", value)
+        self._learning_rate = positive_number(value, "learning_rate")
 
     def build(self, backend, size: int, dtype) -> None:
         """Allocate zeroed state buffers for ``size`` parameters (a fresh start: step count 0)."""
@@ -70,8 +54,8 @@ class Optimizer:
     def built(self) -> bool:
         return self._backend is not None
 
-    def _clip(self, grads, segments):
-        xp = self._backend.xp
+    def _clip(self, grads, segments, backend):
+        xp = backend.xp
         if self.clipvalue is not None:
             xp.clip(grads, -self.clipvalue, self.clipvalue, out=grads)
         if self.clipnorm is not None:
@@ -83,18 +67,21 @@ class Optimizer:
             norm = xp.sqrt((grads * grads).sum())
             grads *= xp.minimum(1, self.global_clipnorm / xp.maximum(norm, 1e-12)).astype(grads.dtype)
 
-    def apply(self, params, grads, segments) -> None:
+    def apply(self, params, grads, segments, backend=None) -> None:
         """One update of the flat ``params`` (P,) from ``grads`` (P,).
 
         segments: (start, stop) of each variable in the flat buffers, used
-        by per-variable clipping.
+        by per-variable clipping.  backend: the object making the numeric
+        calls (by default the one the optimizer was built on; a stand-in
+        such as a timing proxy may be passed).
         """
+        backend = backend or self._backend
         if self.clipvalue is not None or self.clipnorm is not None or self.global_clipnorm is not None:
-            self._clip(grads, segments)
+            self._clip(grads, segments, backend)
         self.iterations += 1
-        self._update(params, grads)
+        self._update(params, grads, backend)
 
-    def _update(self, params, grads):
+    def _update(self, params, grads, backend):
         raise NotImplementedError
 
     def get_config(self) -> dict:
@@ -122,16 +109,14 @@ class SGD(Optimizer):
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        self.momentum = _fraction("momentum", momentum)
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"nesterov: expected a bool, got {nesterov!r}")
-        self.nesterov = nesterov
+        self.momentum = fraction(momentum, "momentum")
+        self.nesterov = checks.boolean(nesterov, "nesterov")
 
     def active_slots(self):
         return ("velocity",) if self.momentum > 0 else ()
 
-    def _update(self, params, grads):
-        self._backend.sgd_update(
+    def _update(self, params, grads, backend):
+        backend.sgd_update(
             params, grads, self.slots.get("velocity"), self.learning_rate, self.momentum, self.nesterov
         )
 
@@ -146,14 +131,14 @@ class Adam(Optimizer):
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=None, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        self.beta_1 = _fraction("beta_1", beta_1)
-        self.beta_2 = _fraction("beta_2", beta_2)
-        self.epsilon = _positive("epsilon", epsilon)
+        self.beta_1 = fraction(beta_1, "beta_1")
+        self.beta_2 = fraction(beta_2, "beta_2")
+        self.epsilon = positive_number(epsilon, "epsilon")
         wd = self._default_weight_decay if weight_decay is None else weight_decay
-        self.weight_decay = _positive("weight_decay", wd, allow_zero=True)
+        self.weight_decay = positive_number(wd, "weight_decay", allow_zero=True)
 
-    def _update(self, params, grads):
-        self._backend.adam_update(
+    def _update(self, params, grads, backend):
+        backend.adam_update(
             params,
             grads,
             self.slots["m"],
@@ -188,12 +173,10 @@ class RMSprop(Optimizer):
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        self.rho = _fraction("rho", rho)
-        self.momentum = _fraction("momentum", momentum)
-        self.epsilon = _positive("epsilon", epsilon)
-        if not isinstance(centered, bool):
-            raise TypeError(f"centered: expected a bool, got {centered!r}")
-        self.centered = centered
+        self.rho = fraction(rho, "rho")
+        self.momentum = fraction(momentum, "momentum")
+        self.epsilon = positive_number(epsilon, "epsilon")
+        self.centered = checks.boolean(centered, "centered")
 
     def active_slots(self):
         slots = ["velocity"]
@@ -203,8 +186,8 @@ class RMSprop(Optimizer):
             slots.append("momentum")
         return tuple(slots)
 
-    def _update(self, params, grads):
-        self._backend.rmsprop_update(
+    def _update(self, params, grads, backend):
+        backend.rmsprop_update(
             params,
             grads,
             self.slots["velocity"],

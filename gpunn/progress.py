@@ -6,7 +6,11 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
+
 from tqdm.auto import tqdm
+
+from gpunn import checks
 
 #: seconds between progress refreshes (each one reads the metrics back from the device)
 REFRESH_SECONDS = 0.25
@@ -16,20 +20,12 @@ def format_logs(logs: dict) -> str:
     return " - ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in logs.items())
 
 
-def resolve_verbose(verbose) -> int:
-    if verbose == "auto":
-        return 1
-    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
-        raise ValueError(f"verbose: expected 'auto', 0, 1 or 2, got {verbose!r}")
-    return int(verbose)
-
-
 class EpochProgress:
     """Progress for one training run; ``verbose`` 0 silent, 1 bar, 2 one line per epoch."""
 
     def __init__(self, verbose, epochs: int, steps: int, file=None):
         self.file = file or sys.stdout
-        self.verbose = resolve_verbose(verbose)
+        self.verbose = checks.verbose(verbose)
         self.interactive = self.verbose == 1 and hasattr(self.file, "isatty") and self.file.isatty()
         self.epochs, self.steps = epochs, steps
         self._bar = None
@@ -82,3 +78,27 @@ def summary_line(steps: int, elapsed: float, logs: dict, file=None) -> None:
     if logs:
         parts.append(format_logs(logs))
     print(" - ".join(parts), file=file or sys.stdout, flush=True)
+
+
+def model_summary(model, backend_name: str, print_fn=print) -> None:
+    """Keras's table of a model's layers, output shapes and parameter counts."""
+    rows = [("Layer (type)", "Output Shape", "Param #", "Activation")]
+    total, dim = 0, model.input_dim
+    for layer in model.layers:
+        count = None if dim is None else sum(int(np.prod(s)) for _, s in layer.param_shapes(dim))
+        total += count or 0
+        rows.append((f"{layer.name} (Dense)", f"(None, {layer.units})", "?" if count is None else f"{count:,}", layer.activation.name))
+        dim = layer.units
+    widths = [max(len(r[i]) for r in rows) + 2 for i in range(4)]
+    line = "-" * sum(widths)
+    print_fn(f'Model: "{model.name}"')
+    print_fn(line)
+    print_fn("".join(c.ljust(w) for c, w in zip(rows[0], widths)))
+    print_fn("=" * sum(widths))
+    for r in rows[1:]:
+        print_fn("".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_fn("=" * sum(widths))
+    size = model.dtype.itemsize
+    print_fn(f"Total params: {total:,} ({total * size / 1024:.2f} KB)" if model.input_dim else "Total params: unknown (model not built)")
+    print_fn(f"Input features: {model.input_dim}   Backend: {backend_name}   dtype: {model.dtype}")
+    print_fn(line)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from gpunn import checks
+
 _generator = np.random.default_rng()
 
 
 def set_seed(seed: int) -> None:
     """Seed gpunn's generator (and NumPy's legacy global one, as Keras does)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    seed = checks.positive_int(seed, "seed", minimum=0)
     global _generator
     _generator = np.random.default_rng(int(seed))
     np.random.seed(int(seed) % 2**32)

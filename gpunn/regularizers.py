@@ -5,15 +5,14 @@ penalty(W) = l1 * sum|W| + l2 * sum W^2; gradient l1 * sign(W) + 2 l2 W.
 
 from __future__ import annotations
 
-from gpunn._names import lookup
+from gpunn import checks
+from gpunn.checks import lookup
 
 
 class Regularizer:
     def __init__(self, l1: float = 0.0, l2: float = 0.0):
-        for arg, v in (("l1", l1), ("l2", l2)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
-                raise ValueError(f"{arg}: expected a non-negative number, got {v!r}")
-        self.l1, self.l2 = float(l1), float(l2)
+        self.l1 = checks.positive_number(l1, "l1", allow_zero=True)
+        self.l2 = checks.positive_number(l2, "l2", allow_zero=True)
 
     def penalty(self, xp, w):
         """The penalty as a 0-d backend array (no host synchronisation)."""

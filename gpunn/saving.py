@@ -111,14 +111,13 @@ def _model_metadata(model, weights_only: bool) -> dict:
         "config": model.get_config(),
         "compile": None,
     }
-    if model.compiled and not weights_only:
+    compile_config = None if weights_only else model.get_compile_config()
+    if compile_config is not None:
+        optimizer = model.optimizer
         meta["compile"] = {
-            "loss": model.loss.get_config(),
-            "optimizer": model.optimizer.get_config(),
-            "metrics": [m.name if hasattr(m, "update") else m for m in model._metric_specs],
-            "weighted_metrics": [m.name if hasattr(m, "update") else m for m in model._weighted_metric_specs],
-            "iterations": model.optimizer.iterations,
-            "slots": list(model.optimizer.slots) if model.optimizer.built else [],
+            **compile_config,
+            "iterations": optimizer.iterations,
+            "slots": list(optimizer.slots) if optimizer.built else [],
         }
     return meta
 
@@ -245,8 +244,8 @@ def _check_tensor_names(tensors, meta, path):
 
 
 def _check_weights(model, weights, path):
-    dtype = model._working_dtype
-    expected = model._weight_shapes()  # from the architecture: nothing allocated yet
+    dtype = model.dtype
+    expected = model.weight_shapes()  # from the architecture: nothing allocated yet
     if len(weights) != len(expected):
         raise _fail(path, f"the architecture has {len(expected)} weight arrays but the file holds {len(weights)}")
     for i, (w, shape) in enumerate(zip(weights, expected)):
@@ -259,24 +258,10 @@ def _check_weights(model, weights, path):
             warnings.warn(f"{path}: weight {i} holds NaN or infinite values (saved after training diverged?)", RuntimeWarning, stacklevel=3)
 
 
-def model_from_config(config, path="<config>"):
-    """An unbuilt Sequential from ``get_config()`` output; ModelFileError if it is malformed."""
-    from gpunn import layers as layers_mod
-    from gpunn.models import Sequential
-
+def model_from_config(model_class, config, path="<config>"):
+    """An unbuilt model from ``model_class.from_config(config)``; ModelFileError if it is malformed."""
     try:
-        if not isinstance(config, dict):
-            raise TypeError(f"expected a mapping, got {type(config).__name__}")
-        layer_configs = config["layers"]
-        if not isinstance(layer_configs, list) or not layer_configs:
-            raise ValueError("no layers")
-        model = Sequential(name=config.get("name"), dtype=config.get("dtype"))
-        if config.get("input_dim") is not None:
-            model.add(layers_mod.Input(shape=(config["input_dim"],)))
-        for lc in layer_configs:
-            if not isinstance(lc, dict):
-                raise ValueError(f"layer config {lc!r} is not a mapping")
-            model.add(layers_mod.from_config(lc))
+        model = model_class.from_config(config)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise _fail(path, f"invalid architecture ({exc})") from None
     if model.input_dim is None:
@@ -284,42 +269,47 @@ def model_from_config(config, path="<config>"):
     return model
 
 
-def load_model(filepath, compile=True):
-    """Rebuild a saved model (on the active backend) with its weights and, by default, its training state."""
+def _restore_training_state(model, spec, tensors, path):
+    """Compile ``model`` from the file's compile settings and load the optimizer's state."""
+    try:
+        model.compile_from_config(spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _fail(path, f"invalid compile settings ({exc})") from None
+    optimizer = model.optimizer
+    slots = spec["slots"]
+    if slots and sorted(slots) != sorted(optimizer.slots):
+        raise _fail(path, f"optimizer state {sorted(slots)} does not match the optimizer's {sorted(optimizer.slots)}")
+    for name in slots:
+        value = tensors[f"optimizer.{name}"]
+        if value.shape != optimizer.slots[name].shape or value.dtype != model.dtype:
+            raise _fail(
+                path,
+                f"optimizer state {name!r} has shape {value.shape} and dtype {value.dtype}, "
+                f"expected {optimizer.slots[name].shape} {model.dtype}",
+            )
+        optimizer.slots[name][...] = model.backend.asarray(value)
+    optimizer.iterations = spec["iterations"]
+
+
+def load_model(filepath, model_class, compile=True):
+    """Rebuild a model saved by ``save`` as a ``model_class`` (``gpunn.Sequential``), on the
+    active backend, with its weights and, by default, its training state.
+
+    Only the model's public API is used: ``from_config``, ``build``,
+    ``set_weights``, ``compile_from_config`` and the optimizer's state.
+    """
     path, blob = _read(filepath)
     meta, tensors = parse(blob, path)
     if meta["kind"] != "model":
         raise _fail(path, "this file holds weights only; use model.load_weights(path) on a model of the same architecture")
-    model = model_from_config(meta["config"], path)
+    model = model_from_config(model_class, meta["config"], path)
     weights = _check_tensor_names(tensors, meta, path)
     _check_weights(model, weights, path)  # before allocating anything
-    model._allocate(initialize=False)
+    model.build(initialize=False)
     model.set_weights(weights)
     spec = meta.get("compile")
     if compile and spec:
-        try:
-            model.compile(
-                optimizer=dict(spec["optimizer"]),
-                loss=dict(spec["loss"]),
-                metrics=list(spec["metrics"]),
-                weighted_metrics=list(spec.get("weighted_metrics") or []),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _fail(path, f"invalid compile settings ({exc})") from None
-        optimizer = model.optimizer
-        slots = spec["slots"]
-        if slots and sorted(slots) != sorted(optimizer.slots):
-            raise _fail(path, f"optimizer state {sorted(slots)} does not match the optimizer's {sorted(optimizer.slots)}")
-        for name in slots:
-            value = tensors[f"optimizer.{name}"]
-            if value.shape != optimizer.slots[name].shape or value.dtype != model.dtype:
-                raise _fail(
-                    path,
-                    f"optimizer state {name!r} has shape {value.shape} and dtype {value.dtype}, "
-                    f"expected {optimizer.slots[name].shape} {model.dtype}",
-                )
-            optimizer.slots[name][...] = model.backend.asarray(value)
-        optimizer.iterations = spec["iterations"]
+        _restore_training_state(model, spec, tensors, path)
     return model
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import gpunn
+from gpunn import data_adapter
 from gpunn._cuda import cuda_status
 from gpunn.layers import Dense
 
@@ -183,15 +184,15 @@ def test_data_larger_than_the_device_is_streamed(monkeypatch):
     resident = train_on("cuda", build, args, y, RAGGED_BATCH)
     monkeypatch.setattr(CudaBackend, "free_device_bytes", lambda self: 64)
     sources = []
-    load_batch = gpunn.Sequential._load_batch
+    for source in (data_adapter.DeviceData, data_adapter.StreamedData):
 
-    def spy(self, ws, X, T, W, index):
-        sources.append(type(X).__name__)
-        return load_batch(self, ws, X, T, W, index)
+        def spy(self, backend, index, ws, gather=source.gather):
+            sources.append(type(self).__name__)
+            return gather(self, backend, index, ws)
 
-    monkeypatch.setattr(gpunn.Sequential, "_load_batch", spy)
+        monkeypatch.setattr(source, "gather", spy)
     streamed = train_on("cuda", build, args, y, RAGGED_BATCH)
-    assert sources and set(sources) == {"_Streamed"}
+    assert sources and set(sources) == {"StreamedData"}
     for got, want in zip(streamed[0], resident[0]):
         np.testing.assert_array_equal(got, want)
     assert streamed[1] == resident[1]

@@ -9,6 +9,7 @@ with the reason; there is never a silent fallback from an explicit request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -69,6 +70,27 @@ def set_backend(name: str) -> str:
     backend = _resolve(name)
     _requested, _resolved = name, backend
     return backend.name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Select backend ``name`` for a block, then restore the previous selection::
+
+        with gpunn.use_backend("numpy"):
+            model = build_model()   # built on NumPy
+
+    Yields the resolved name (``"numpy"`` or ``"cuda"``).  Like
+    :func:`set_backend` this is process-wide, not per thread.  The previous
+    selection comes back even when the block raises, and also when it was
+    still the unresolved default (``GPUNN_BACKEND`` / ``"auto"``).
+    """
+    global _requested, _resolved
+    saved = (_requested, _resolved)
+    resolved = set_backend(name)
+    try:
+        yield resolved
+    finally:
+        _requested, _resolved = saved
 
 
 def current() -> Backend:

@@ -1,0 +1,187 @@
+"""Argument checks at the API boundary, used by every module: bad input fails early.
+
+Every error names the argument, what was expected and what was received.
+Numbers are accepted as any ``numbers.Real`` / ``numbers.Integral`` (so
+``np.float32(0.1)`` and ``0.1`` are treated alike) but never ``bool``;
+booleans must be real booleans (``"false"`` is not silently ``True``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+
+import numpy as np
+
+
+def describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+def as_float_array(value, argument: str, dtype) -> np.ndarray:
+    """A numeric NumPy array (cast to ``dtype``), or TypeError naming ``argument``."""
+    if value is None:
+        raise TypeError(f"{argument}: expected array-like numeric data, got None")
+    if hasattr(value, "toarray") and hasattr(value, "nnz"):
+        raise TypeError(f"{argument}: sparse matrices are not supported; pass a dense array (e.g. {argument}.toarray())")
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # ragged lists and friends
+        raise TypeError(f"{argument}: expected a rectangular array of numbers, got {describe(value)} ({exc})") from None
+    if arr.dtype == object:
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{argument}: expected numeric data, got non-numeric values (dtype object)") from None
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise TypeError(f"{argument}: expected numeric data, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"{argument}: expected real numbers, got complex dtype {arr.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(dtype, copy=False)
+    if out is not arr and np.issubdtype(arr.dtype, np.floating) and arr.size:
+        overflow = np.isinf(out) & np.isfinite(arr)
+        if overflow.any():
+            at = np.argwhere(overflow)[0]
+            where = ", ".join(f"{axis} {i}" for axis, i in zip(("row", "column", "index 2", "index 3"), at))
+            raise ValueError(
+                f"{argument}: expected values representable in {np.dtype(dtype).name} "
+                f"(|x| <= {np.finfo(dtype).max:.3g}), got {float(arr[tuple(at)]):.6g} at {where}; rescale the data"
+            )
+    return out
+
+
+def finite(arr: np.ndarray, argument: str) -> None:
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        kind = "NaN" if np.isnan(arr[tuple(bad)]) else "infinity"
+        where = f"row {bad[0]}" + (f", column {bad[1]}" if arr.ndim > 1 else "")
+        raise ValueError(f"{argument}: expected finite values, found {kind} at {where}")
+
+
+def features(x, dtype, n_features=None, argument: str = "x") -> np.ndarray:
+    """2-D finite float features (M, K) with M >= 1 (and K == n_features when given)."""
+    arr = as_float_array(x, argument, dtype)
+    if arr.ndim != 2:
+        raise ValueError(
+            f"{argument}: expected a 2-D array (samples, features), got {arr.ndim}-D with shape {arr.shape}"
+            + ("; reshape a single feature with x.reshape(-1, 1)" if arr.ndim == 1 else "")
+        )
+    if arr.shape[0] == 0:
+        raise ValueError(f"{argument}: expected at least one sample, got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{argument}: expected at least one feature column, got shape {arr.shape}")
+    if n_features is not None and arr.shape[1] != n_features:
+        raise ValueError(f"{argument}: the model expects {n_features} features per sample, got {arr.shape[1]} (shape {arr.shape})")
+    finite(arr, argument)
+    return np.ascontiguousarray(arr)
+
+
+def sample_weights(sample_weight, n: int, dtype, argument: str = "sample_weight"):
+    if sample_weight is None:
+        return None
+    w = as_float_array(sample_weight, argument, dtype)
+    if w.ndim == 2 and w.shape[1] == 1:
+        w = w[:, 0]
+    if w.ndim != 1:
+        raise ValueError(f"{argument}: expected a 1-D array of one weight per sample, got shape {w.shape}")
+    if w.shape[0] != n:
+        raise ValueError(f"{argument}: expected {n} weights (one per sample of x), got {w.shape[0]}")
+    finite(w, argument)
+    if (w < 0).any():
+        raise ValueError(f"{argument}: expected non-negative weights, found {w.min()!r}")
+    return np.ascontiguousarray(w)
+
+
+def positive_int(value, argument: str, allow_none_default=None, minimum: int = 1) -> int:
+    if value is None and allow_none_default is not None:
+        return allow_none_default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
+        raise ValueError(f"{argument}: expected a {kind} integer, got {value!r}")
+    return int(value)
+
+
+def verbose(value, argument: str = "verbose") -> int:
+    """Keras's verbose: 'auto', 0 (silent), 1 (progress bar) or 2 (one line per epoch)."""
+    if value == "auto" and isinstance(value, str):
+        return 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in (0, 1, 2):
+        raise ValueError(f"{argument}: expected 'auto', 0, 1 or 2, got {value!r}")
+    return int(value)
+
+
+FLOAT_TYPES = ("float32", "float64")
+
+
+def float_dtype(dtype, argument: str = "dtype") -> str:
+    """The name of a float dtype gpunn computes in: ``"float32"`` or ``"float64"``."""
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in FLOAT_TYPES:
+        raise ValueError(f"{argument}: expected 'float32' or 'float64', got {dtype!r}")
+    return name
+
+
+def boolean(value, argument: str) -> bool:
+    """``value`` as a bool; only ``True``/``False`` (and NumPy's bools) are accepted."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{argument}: expected a bool, got {value!r}")
+
+
+def number(value, argument: str, minimum=None, allow_minimum=True, below=None) -> float:
+    """A finite real number as a float, optionally ``>= minimum`` (``> minimum`` without
+    ``allow_minimum``) and ``< below``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{argument}: expected a finite number, got {value!r}")
+    value = float(value)
+    if minimum is not None and (value < minimum or (value == minimum and not allow_minimum)):
+        if below is not None:
+            low = f"{'[' if allow_minimum else '('}{minimum:g}"
+            raise ValueError(f"{argument}: expected a number in {low}, {below:g}), got {value!r}")
+        if minimum == 0:
+            kind = "non-negative" if allow_minimum else "positive"
+            raise ValueError(f"{argument}: expected a {kind} number, got {value!r}")
+        raise ValueError(f"{argument}: expected a number {'>=' if allow_minimum else '>'} {minimum}, got {value!r}")
+    if below is not None and value >= below:
+        low = "" if minimum is None else f"{'[' if allow_minimum else '('}{minimum:g}, "
+        raise ValueError(f"{argument}: expected a number in {low}{below:g}), got {value!r}")
+    return value
+
+
+def positive_number(value, argument: str, allow_zero: bool = False) -> float:
+    """A finite number > 0 (>= 0 with ``allow_zero``)."""
+    return number(value, argument, minimum=0, allow_minimum=allow_zero)
+
+
+def fraction(value, argument: str) -> float:
+    """A finite number in [0, 1)."""
+    return number(value, argument, minimum=0, below=1)
+
+
+def unknown_name_error(argument: str, what: str, got, valid) -> ValueError:
+    """A ValueError naming the argument, the valid names and the closest one."""
+    valid = sorted(valid)
+    msg = f"{argument}: unknown {what} {got!r}; expected one of: {', '.join(valid)}"
+    if isinstance(got, str):
+        close = difflib.get_close_matches(got.lower(), valid, n=1, cutoff=0.5)
+        if close:
+            msg += f" (did you mean {close[0]!r}?)"
+    return ValueError(msg)
+
+
+def lookup(argument: str, what: str, name, table: dict):
+    """``table[name.lower()]`` or a ValueError listing the valid names."""
+    if not isinstance(name, str):
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise TypeError(f"{argument}: expected {article} {what} name (str), got {type(name).__name__} {name!r}")
+    key = name.strip().lower()
+    if key not in table:
+        raise unknown_name_error(argument, what, name, table.keys())
+    return table[key]

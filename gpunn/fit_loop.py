@@ -1,0 +1,257 @@
+"""``fit``'s loop over epochs and batches, and the rollback when training diverges.
+
+The loop reads nothing back to the host per batch: the running loss sum is
+read once per progress refresh or epoch; on a device backend each batch's
+running sum is also copied to a device-side record so that the first
+non-finite batch can be found after the epoch.
+
+Divergence.  When a batch's loss turns NaN or infinite (or an update makes a
+weight non-finite), the model is put back in the last state whose loss was
+finite and whose predictions on the training data are all finite, and
+:class:`NonFiniteLossError` is raised.  A state's loss is the loss of the
+batch it was evaluated on, so the candidates are the states before the
+failing batch's: they are rebuilt by replaying the epoch from a snapshot
+taken at its start (same batches, same order), newest first, checking each
+one's predictions on the whole training set.  When the epoch's own states
+do not qualify, the previous epoch is searched the same way; when nothing
+qualifies the model keeps the earliest snapshot it has (the state ``fit``
+started the epoch from).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import numpy as np
+
+from gpunn import checks
+from gpunn.callbacks import CallbackList, History, TerminateOnNaN
+from gpunn.progress import EpochProgress
+from gpunn.random import generator
+
+#: candidate states kept per replay while searching backwards for the last good one
+_REPLAY_WINDOW = 4
+#: rows per forward pass when checking a candidate state's predictions (fewer, larger launches)
+_CHECK_BATCH = 1024
+
+
+class OneAtATime:
+    """Refuses a second concurrent training call on one model (from another thread or a callback)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, what):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"{what}: this model is already training (fit or train_on_batch is running, in another "
+                "thread or from a callback); one model trains one call at a time -- train a copy, or wait"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the model keeps its last finite state."""
+
+
+class _Snapshot:
+    """Copies of the parameters and optimizer state (on the device), with the step count and rate."""
+
+    def __init__(self, trainer):
+        xp, optimizer = trainer.backend.xp, trainer.optimizer
+        self.params = xp.copy(trainer.params)
+        self.slots = {k: xp.copy(v) for k, v in optimizer.slots.items()}
+        self.iterations = optimizer.iterations
+        self.learning_rate = optimizer.learning_rate
+
+    def restore(self, trainer):
+        optimizer = trainer.optimizer
+        trainer.params[...] = self.params
+        for k, v in self.slots.items():
+            optimizer.slots[k][...] = v
+        optimizer.iterations = self.iterations
+        optimizer.learning_rate = self.learning_rate
+
+
+class _EpochStart:
+    """Where an epoch began: its snapshot, sample order and number of steps."""
+
+    def __init__(self, trainer, order, batch_size):
+        self.snapshot = _Snapshot(trainer)
+        self.order = order
+        self.steps = math.ceil(order.shape[0] / batch_size)
+
+
+class Divergence:
+    """The snapshots that let ``fit`` roll back to the last good state (see the module doc)."""
+
+    def __init__(self, trainer, data, batch_size, enabled):
+        self.trainer, self.data, self.batch_size, self.enabled = trainer, data, batch_size, enabled
+        self.current = self.previous = None
+
+    def epoch_begin(self, order):
+        if self.enabled:
+            self.previous, self.current = self.current, _EpochStart(self.trainer, order, self.batch_size)
+
+    def _replay(self, steps, index, acc):
+        for step in range(steps):
+            self._replay_one(step, index, acc)
+
+    def _search(self, start, last):
+        """Restore the newest state W_s, s <= ``last``, of the epoch begun at ``start`` whose
+        weights and predictions are finite; returns (s, first update that made the weights
+        non-finite or None), s None when no state qualifies."""
+        trainer = self.trainer
+        index = self.data.batch_index(start.order)
+        bad_update = None
+        while last >= 0:
+            first = max(0, last - _REPLAY_WINDOW + 1)
+            start.snapshot.restore(trainer)
+            acc = trainer.accumulators()
+            self._replay(first, index, acc)
+            window = []
+            for s in range(first, last + 1):
+                if not trainer.params_finite():
+                    bad_update = s - 1 if bad_update is None else min(bad_update, s - 1)
+                    break
+                window.append((s, _Snapshot(trainer)))
+                if s < last:
+                    self._replay_one(s, index, acc)
+            for s, snap in reversed(window):
+                snap.restore(trainer)
+                if trainer.predictions_finite(self.data, max(self.batch_size, _CHECK_BATCH)):
+                    return s, bad_update
+            last = first - 1
+        return None, bad_update
+
+    def _replay_one(self, step, index, acc):
+        lo, hi = step * self.batch_size, min(index.shape[0], (step + 1) * self.batch_size)
+        ws = self.trainer.take_workspace(hi - lo)
+        try:
+            self.data.gather(self.trainer.backend, index[lo:hi], ws)
+            self.trainer.train_step(ws, acc, self.data.weighted)
+        finally:
+            self.trainer.give_workspace(ws)
+
+    def recover(self, epoch, bad_step, value):
+        """Roll back and raise NonFiniteLossError.
+
+        bad_step: the first batch whose loss was non-finite (``value``), or
+        with ``value`` None the number of updates done when the weights were
+        found non-finite (every loss was finite).
+        """
+        rate = self.trainer.optimizer.learning_rate
+        found, bad_update = self._search(self.current, bad_step - 1)
+        if found is None and self.previous is not None:
+            found, _ = self._search(self.previous, self.previous.steps - 1)
+        if found is None:
+            (self.previous or self.current).snapshot.restore(self.trainer)
+        self.trainer.optimizer.learning_rate = rate
+        if value is None:
+            bad_update = bad_step - 1 if bad_update is None else bad_update
+            what = f"the update of epoch {epoch + 1}, batch {bad_update + 1} made the weights non-finite"
+        else:
+            what = f"the loss became {'NaN' if math.isnan(value) else 'infinite'} at epoch {epoch + 1}, batch {bad_step + 1}"
+        raise NonFiniteLossError(
+            f"fit: {what}; training stopped and the model keeps its last state whose loss and predictions "
+            f"on the training data were finite. Try a lower learning rate (currently {rate:g}), "
+            "gradient clipping (e.g. clipnorm=1.0), or check the data for extreme values." + self.trainer.objective.probability_hint
+        )
+
+
+def run_epoch(trainer, model, data, order, batch_size, cbs, progress, divergence, epoch):
+    """One pass over ``data`` in ``order``; returns (logs, batches done)."""
+    b = trainer.backend
+    n = order.shape[0]
+    steps = math.ceil(n / batch_size)
+    divergence.epoch_begin(order)
+    index = data.batch_index(order)
+    acc = trainer.accumulators()
+    # running loss after each batch: finds the first non-finite batch without a per-batch sync
+    record = b.zeros((steps,), trainer.dtype) if divergence.enabled and b.name != "numpy" else None
+    held = {}
+    seen = done = 0
+    try:
+        for step in range(steps):
+            start, stop = step * batch_size, min(n, (step + 1) * batch_size)
+            ws = held.get(stop - start) or held.setdefault(stop - start, trainer.take_workspace(stop - start))
+            cbs.on_train_batch_begin(step)
+            data.gather(b, index[start:stop], ws)
+            trainer.train_step(ws, acc, data.weighted)
+            seen, done = stop, step + 1
+            if record is not None:
+                record[step] = acc.sums[0]
+            elif divergence.enabled and not math.isfinite(acc.sums[0]):
+                divergence.recover(epoch, step, float(acc.sums[0]))
+            if cbs.wants_batch_logs:
+                cbs.on_train_batch_end(step, acc.read(seen))
+            elif progress.due():
+                progress.update(done, acc.read(seen))
+            if model.stop_training:
+                break
+    finally:
+        for ws in held.values():
+            trainer.give_workspace(ws)
+    logs = acc.read(seen)
+    if record is not None and not math.isfinite(logs["loss"]):
+        host_record = b.to_numpy(record[:done])
+        bad = int(np.flatnonzero(~np.isfinite(host_record))[0])
+        divergence.recover(epoch, bad, float(host_record[bad]))
+    if divergence.enabled and not trainer.params_finite():
+        # every loss was finite but an update overflowed (e.g. the epoch's last): roll back
+        divergence.recover(epoch, done, None)
+    return logs, done
+
+
+def fit(model, trainer, data, val_data, settings) -> History:
+    """The epoch loop of ``Sequential.fit`` with validated ``settings`` (a dict of fit's arguments)."""
+    batch_size, epochs = settings["batch_size"], settings["epochs"]
+    steps = math.ceil(data.rows / batch_size)
+    history = model.history = History()
+    user_callbacks = list(settings["callbacks"] or [])
+    # History last, as in Keras: it records what other callbacks add to the logs (e.g. learning_rate)
+    cbs = CallbackList(user_callbacks + [history], model, {"epochs": epochs, "steps": steps, "verbose": settings["verbose"]})
+    raise_on_nonfinite = not any(isinstance(cb, TerminateOnNaN) for cb in user_callbacks)
+    divergence = Divergence(trainer, data, batch_size, raise_on_nonfinite)
+    progress = EpochProgress(settings["verbose"], epochs, steps)
+    model.stop_training = False
+    cbs.on_train_begin()
+    for epoch in range(settings["initial_epoch"], epochs):
+        if model.stop_training:
+            break
+        cbs.on_epoch_begin(epoch)
+        progress.epoch_begin(epoch)
+        order = generator().permutation(data.rows) if settings["shuffle"] else np.arange(data.rows)
+        logs, done = run_epoch(trainer, model, data, order, batch_size, cbs, progress, divergence, epoch)
+        if val_data is not None and (epoch + 1 - settings["initial_epoch"]) % settings["validation_freq"] == 0:
+            logs.update(trainer.evaluate(val_data, settings["validation_batch_size"], prefix="val_"))
+        cbs.on_epoch_end(epoch, logs)
+        progress.epoch_end(epoch, done, logs)
+    cbs.on_train_end()
+    return history
+
+
+def check_settings(batch_size, epochs, verbose, callbacks, validation_split, shuffle, initial_epoch,
+                  validation_batch_size, validation_freq) -> dict:  # fmt: skip
+    """fit's loop arguments, checked, as the ``settings`` of :func:`fit`."""
+    batch_size = checks.positive_int(batch_size, "batch_size", allow_none_default=32)
+    if not isinstance(validation_split, (int, float)) or isinstance(validation_split, bool) or not 0 <= validation_split < 1:
+        raise ValueError(f"validation_split: expected a fraction in [0, 1), got {validation_split!r}")
+    if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks: expected a list of callbacks, got {type(callbacks).__name__}")
+    return {
+        "batch_size": batch_size,
+        "epochs": checks.positive_int(epochs, "epochs", minimum=0),
+        "initial_epoch": checks.positive_int(initial_epoch, "initial_epoch", minimum=0),
+        "validation_freq": checks.positive_int(validation_freq, "validation_freq"),
+        "verbose": checks.verbose(verbose),
+        "validation_batch_size": checks.positive_int(validation_batch_size, "validation_batch_size", allow_none_default=batch_size),
+        "shuffle": checks.boolean(shuffle, "shuffle"),
+        "callbacks": callbacks,
+    }

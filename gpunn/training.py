@@ -1,0 +1,410 @@
+"""The training step: what ``compile`` resolved, the per-batch workspaces, the
+metric accumulators, and the step itself.
+
+A :class:`Trainer` holds a built (and usually compiled) model's numeric
+machinery -- its layers, flat parameter and gradient buffers, optimizer and
+:class:`Objective` -- and runs one step as a fixed sequence of backend calls:
+a fused linear forward per layer (``Dense.call``), a fused loss + gradient, a
+fused linear backward per layer (``Dense.backward``) and one optimizer
+update, reading nothing back to the host.  Losses and metrics accumulate in
+device arrays (:class:`Accumulators`) that are read once per progress
+refresh or epoch.
+
+Every call that runs steps takes its own buffers from a :class:`WorkspacePool`
+and its own accumulators, so inference and evaluation may run from several
+threads at once; nothing about one call (e.g. whether it had sample weights)
+is left behind for the next.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+
+from gpunn import activations, codes
+from gpunn import metrics as metrics_mod
+
+#: the loss kind whose fused pass already counts each "natural" accuracy
+_NATURAL_ACCURACY = {
+    codes.LOSS_SIGMOID_BCE: metrics_mod.BinaryAccuracy,
+    codes.LOSS_BCE: metrics_mod.BinaryAccuracy,
+    codes.LOSS_SOFTMAX_CCE: metrics_mod.CategoricalAccuracy,
+    codes.LOSS_CCE: metrics_mod.CategoricalAccuracy,
+    codes.LOSS_SOFTMAX_SPARSE_CCE: metrics_mod.SparseCategoricalAccuracy,
+    codes.LOSS_SPARSE_CCE: metrics_mod.SparseCategoricalAccuracy,
+}
+_PROBABILITY_LOSSES = (codes.LOSS_BCE, codes.LOSS_CCE, codes.LOSS_SPARSE_CCE)
+
+
+class Objective:
+    """What ``compile`` resolves for a stack of layers, a loss and metric names.
+
+    kind: the backend's fused loss kind; fused_output: whether the output
+    layer's activation is folded into that loss (the layer then produces
+    logits in training); train_activations: each layer's activation as run
+    in training; metrics: ``(name, Metric or None, weighted)`` in log order,
+    None meaning "the accuracy the fused loss pass already counts".
+    """
+
+    def __init__(self, loss, layers, metric_specs, weighted_metric_specs, warn=True):
+        self.loss = loss
+        output = layers[-1].activation
+        self.kind, self.fused_output = loss.resolve(output.name)
+        self.sparse_targets = self.kind in codes.SPARSE_LOSSES
+        self.output_dim = layers[-1].units
+        self.probability_hint = ""
+        if self.kind in _PROBABILITY_LOSSES and output.name not in ("sigmoid", "softmax"):
+            self.probability_hint = (
+                f" The output activation {output.name!r} does not produce probabilities, which "
+                f"{loss.name}(from_logits=False) expects: use from_logits=True, or a sigmoid/softmax output."
+            )
+            if warn:
+                warnings.warn(f"compile:{self.probability_hint}", UserWarning, stacklevel=3)
+        self.train_activations = [layer.activation for layer in layers]
+        if self.fused_output:
+            self.train_activations[-1] = activations.get("linear")
+        self.metrics = self._resolve_metrics(metric_specs, weighted_metric_specs)
+        self.computed_metrics = [(m, weighted) for _, m, weighted in self.metrics if m is not None]
+
+    def _resolve_metrics(self, metric_specs, weighted_metric_specs):
+        natural = _NATURAL_ACCURACY.get(self.kind)
+        resolved, names = [], set()
+        for weighted, specs in ((False, metric_specs), (True, weighted_metric_specs)):
+            for spec in specs:
+                metric = metrics_mod.get(spec, self.loss, self.output_dim, self.sparse_targets)
+                name = metric.name
+                if name in names:  # the same metric asked for weighted and unweighted
+                    name = "weighted_" + name
+                names.add(name)
+                from_loss = (
+                    not weighted
+                    and type(metric) is natural
+                    and getattr(metric, "threshold", 0.5) == 0.5
+                )
+                resolved.append((name, None if from_loss else metric, weighted))
+        return resolved
+
+    @property
+    def metric_names(self) -> list[str]:
+        return ["loss"] + [name for name, _, _ in self.metrics]
+
+    def target_shape(self, batch: int) -> tuple:
+        """Shape of a batch of prepared targets: (batch,) class indices or (batch, outputs)."""
+        return (batch,) if self.sparse_targets else (batch, self.output_dim)
+
+
+class Workspace:
+    """Buffers for one batch size: each layer's output ``y`` (and pre-activation ``z``
+    where its activation needs it); for training (``target_shape`` given) also the
+    inputs ``x``, targets ``t``, weights ``w``, per-layer gradients ``g`` and the
+    output probabilities ``probs`` metrics read when the activation is fused."""
+
+    def __init__(self, backend, dtype, layers, batch, acts, input_dim=None, target_shape=None):
+        self.batch = batch
+        self.y = [backend.empty((batch, layer.units), dtype) for layer in layers]
+        self.z = [backend.empty((batch, layer.units), dtype) if layer.needs_preactivation(act) else None for layer, act in zip(layers, acts)]
+        if target_shape is not None:
+            self.x = backend.empty((batch, input_dim), dtype)
+            self.t = backend.empty(target_shape, dtype)
+            self.w = backend.empty((batch,), dtype)
+            self.g = [backend.empty((batch, layer.units), dtype) for layer in layers]
+            self.probs = backend.empty((batch, layers[-1].units), dtype)
+
+
+class WorkspacePool:
+    """Workspaces lent one caller at a time, kept for reuse (thread-safe).
+
+    ``take`` hands out a free workspace for a key or makes one; ``give``
+    returns it.  Two threads never hold the same workspace.  At most
+    ``max_keys`` batch sizes and ``per_key`` spares per size are kept.
+    """
+
+    def __init__(self, make, max_keys=5, per_key=8):
+        self._make = make
+        self._free: dict = {}
+        self._lock = threading.Lock()
+        self._max_keys, self._per_key = max_keys, per_key
+
+    def take(self, key):
+        with self._lock:
+            spares = self._free.get(key)
+            if spares:
+                return spares.pop()
+        return self._make(*key)
+
+    def give(self, key, ws):
+        with self._lock:
+            if key not in self._free and len(self._free) >= self._max_keys:
+                self._free.clear()
+            spares = self._free.setdefault(key, [])
+            if len(spares) < self._per_key:
+                spares.append(ws)
+
+
+class Accumulators:
+    """Device-side running sums for one call: ``sums`` = (weighted loss sum, accuracy count
+    from the fused loss pass) and one 2-element state per computed metric."""
+
+    def __init__(self, backend, dtype, objective):
+        self.backend = backend
+        self.objective = objective
+        self.sums = backend.zeros((2,), dtype)
+        count = 0 if objective is None else len(objective.computed_metrics)
+        self.states = [backend.zeros((2,), np.float64) for _ in range(count)]
+
+    def read(self, seen: int, prefix: str = "") -> dict:
+        """Host-side logs: mean loss over ``seen`` samples and each metric (one small transfer each)."""
+        b = self.backend
+        host_sums = b.to_numpy(self.sums)
+        logs = {prefix + "loss": float(host_sums[0]) / max(seen, 1)}
+        host_states = iter([b.to_numpy(s) for s in self.states])
+        for name, metric, _ in self.objective.metrics:
+            if metric is None:
+                logs[prefix + name] = float(host_sums[1]) / seen if seen else 0.0
+            else:
+                logs[prefix + name] = metric.result(next(host_states))
+        return logs
+
+
+class Trainer:
+    """The numeric machinery of one built model: forward, loss, backward and update.
+
+    layers: the built Dense layers; params/grads: the flat buffers their
+    weights view; optimizer and objective: from compile (None for a model
+    that only predicts).  ``backend`` arguments default to the model's and
+    may be a stand-in (e.g. a timing proxy) for every numeric call.
+    """
+
+    def __init__(self, layers, params, grads, backend, dtype, input_dim, optimizer=None, objective=None):
+        self.layers, self.params, self.grads = layers, params, grads
+        self.backend, self.dtype, self.input_dim = backend, dtype, input_dim
+        self.optimizer, self.objective = optimizer, objective
+        bounds = np.cumsum([0] + [int(np.prod(w.shape)) for layer in layers for w in layer.weights])
+        self.segments = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        self.inference_activations = [layer.activation for layer in layers]
+        self._pool = WorkspacePool(self._make_workspace)
+        #: False once the model has replaced this trainer (recompiled or rebuilt)
+        self.active = True
+
+    # -- buffers ---------------------------------------------------------------
+    def _make_workspace(self, batch, training):
+        if not training:
+            return Workspace(self.backend, self.dtype, self.layers, batch, self.inference_activations)
+        target_shape = self.objective.target_shape(batch)
+        acts = self.objective.train_activations
+        return Workspace(self.backend, self.dtype, self.layers, batch, acts, self.input_dim, target_shape)
+
+    def take_workspace(self, batch, training=True) -> Workspace:
+        """A workspace for ``batch`` rows held by the caller alone until :meth:`give_workspace`."""
+        return self._pool.take((batch, training))
+
+    def give_workspace(self, ws, training=True):
+        self._pool.give((ws.batch, training), ws)
+
+    def new_workspace(self, batch) -> Workspace:
+        """A training workspace owned by the caller (not pooled)."""
+        return self._make_workspace(batch, True)
+
+    def accumulators(self, backend=None) -> Accumulators:
+        return Accumulators(backend or self.backend, self.dtype, self.objective)
+
+    # -- one step --------------------------------------------------------------
+    def forward(self, backend, x, ws, acts):
+        a = x
+        for layer, act, y, z in zip(self.layers, acts, ws.y, ws.z):
+            a = layer.call(backend, a, y, z, act)
+        return a
+
+    def _regularization(self, backend, sums, batch, gradients):
+        """Add each regularizer's penalty (times the batch size) to the loss sum, and with
+        ``gradients`` its gradient to the weights' gradients."""
+        xp = backend.xp
+        for layer in self.layers:
+            for reg, w, g in (
+                (layer.kernel_regularizer, layer.kernel, layer.kernel_grad),
+                (layer.bias_regularizer, layer.bias, layer.bias_grad),
+            ):
+                if reg is not None and w is not None:
+                    if gradients:
+                        reg.add_gradient(xp, w, g)
+                    sums[0] += reg.penalty(xp, w) * batch
+
+    def _update_metrics(self, backend, out, ws, acc, weighted):
+        """Update the metrics the loss pass does not count, on the model's outputs (probabilities
+        when the output activation is folded into the loss)."""
+        computed = self.objective.computed_metrics
+        if not computed:
+            return
+        pred = self.layers[-1].activate(backend, out, ws.probs) if self.objective.fused_output else out
+        w = ws.w if weighted else None
+        for (metric, weighted_metric), state in zip(computed, acc.states):
+            metric.update(backend.xp, pred, ws.t, w if weighted_metric else None, state)
+
+    def train_step(self, ws, acc, weighted, backend=None):
+        """Forward, loss, backward and one optimizer update on the batch held in ``ws``."""
+        b = backend or self.backend
+        acts = self.objective.train_activations
+        out = self.forward(b, ws.x, ws, acts)
+        b.loss_grad(self.objective.kind, out, ws.t, ws.w if weighted else None, ws.g[-1], acc.sums)
+        self._update_metrics(b, out, ws, acc, weighted)
+        for i in range(len(self.layers) - 1, -1, -1):
+            x = ws.x if i == 0 else ws.y[i - 1]
+            dx = ws.g[i - 1] if i > 0 else None
+            self.layers[i].backward(b, x, ws.g[i], ws.y[i], ws.z[i], dx, acts[i])
+        self._regularization(b, acc.sums, ws.batch, gradients=True)
+        self.optimizer.apply(self.params, self.grads, self.segments, backend=b)
+
+    def test_step(self, ws, acc, weighted):
+        b = self.backend
+        out = self.forward(b, ws.x, ws, self.objective.train_activations)
+        b.loss_grad(self.objective.kind, out, ws.t, ws.w if weighted else None, None, acc.sums)
+        self._update_metrics(b, out, ws, acc, weighted)
+        self._regularization(b, acc.sums, ws.batch, gradients=False)
+
+    # -- whole passes ----------------------------------------------------------
+    def evaluate(self, data, batch_size, prefix=""):
+        """Logs of the loss and metrics over all of ``data`` (a data_adapter source)."""
+        n = data.rows
+        acc = self.accumulators()
+        index = data.batch_index(np.arange(n))
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            ws = self.take_workspace(stop - start)
+            try:
+                data.gather(self.backend, index[start:stop], ws)
+                self.test_step(ws, acc, data.weighted)
+            finally:
+                self.give_workspace(ws)
+        return acc.read(n, prefix)
+
+    def train_on_batch(self, data):
+        """One step on all of ``data`` (a data_adapter source) as one batch; returns its logs."""
+        acc = self.accumulators()
+        ws = self.take_workspace(data.rows)
+        try:
+            data.gather(self.backend, data.batch_index(np.arange(data.rows)), ws)
+            self.train_step(ws, acc, data.weighted)
+        finally:
+            self.give_workspace(ws)
+        return acc.read(data.rows)
+
+    def predict(self, X, batch_size):
+        """Outputs (M, units) of backend-resident inputs ``X`` (M, features), as a backend array."""
+        b = self.backend
+        out = b.empty((X.shape[0], self.layers[-1].units), self.dtype)
+        for start in range(0, X.shape[0], batch_size):
+            stop = min(X.shape[0], start + batch_size)
+            ws = self.take_workspace(stop - start, training=False)
+            try:
+                out[start:stop] = self.forward(b, X[start:stop], ws, self.inference_activations)
+            finally:
+                self.give_workspace(ws, training=False)
+        return out
+
+    def predictions_finite(self, data, batch_size) -> bool:
+        """Whether every output of the model on ``data`` is finite (one host read at the end)."""
+        b, xp = self.backend, self.backend.xp
+        bad = b.zeros((1,), self.dtype)
+        index = data.batch_index(np.arange(data.rows))
+        for start in range(0, data.rows, batch_size):
+            stop = min(data.rows, start + batch_size)
+            ws = self.take_workspace(stop - start)
+            try:
+                data.gather(b, index[start:stop], ws)
+                out = self.forward(b, ws.x, ws, self.inference_activations)
+                bad += (~xp.isfinite(out)).sum()
+            finally:
+                self.give_workspace(ws)
+        return float(b.to_numpy(bad)[0]) == 0.0
+
+    def params_finite(self) -> bool:
+        return bool(self.backend.xp.isfinite(self.params).all())
+
+
+_BACKEND_CALLS = ("take_rows", "linear_forward", "linear_backward", "loss_grad", "xp")
+
+
+class TrainStep:
+    """A reusable training step for exactly ``batch_size`` rows (``Sequential.make_train_step``).
+
+    ``load``/``load_rows`` fill the step's own buffers, ``run`` does forward,
+    loss, backward and one optimizer update without reading anything back to
+    the host, and ``logs`` reads the loss and metrics accumulated by every
+    ``run`` since the step was made.  A step belongs to one thread.
+    """
+
+    def __init__(self, trainer, batch_size, standardize, backend=None):
+        if backend is not None and not all(hasattr(backend, name) for name in _BACKEND_CALLS):
+            raise TypeError(
+                f"backend: expected an object with the Backend methods {', '.join(_BACKEND_CALLS)}, got {type(backend).__name__}"
+            )
+        self.batch_size = batch_size
+        self._standardize = standardize
+        self.backend = trainer.backend if backend is None else backend
+        self._trainer = trainer
+        self._ws = trainer.new_workspace(batch_size)
+        self._acc = trainer.accumulators(trainer.backend)
+        self._weighted = False
+        self._seen = 0
+
+    def _check_rows(self, argument, rows):
+        if rows != self.batch_size:
+            raise ValueError(f"{argument}: this step trains on exactly {self.batch_size} rows, got {rows}")
+
+    def load(self, x, y, sample_weight=None):
+        """Copy one batch into the step: ``x`` (batch, features), ``y`` targets, optional weights.
+
+        Host (NumPy) data is checked as ``fit`` checks it; arrays already on
+        the backend's device are only shape-checked (reading their values
+        would synchronise).
+        """
+        ws, b = self._ws, self._trainer.backend
+        if isinstance(x, np.ndarray) or not hasattr(x, "shape"):
+            x, y, sample_weight = self._standardize(x, y, sample_weight)
+        self._check_rows("x", x.shape[0])
+        if tuple(x.shape) != tuple(ws.x.shape):
+            raise ValueError(f"x: expected shape {tuple(ws.x.shape)}, got {tuple(x.shape)}")
+        if getattr(y, "size", None) != ws.t.size:
+            raise ValueError(f"y: expected targets of shape {tuple(ws.t.shape)}, got {tuple(getattr(y, 'shape', ()))}")
+        ws.x[...] = b.asarray(x, dtype=ws.x.dtype)
+        ws.t[...] = b.asarray(y, dtype=ws.t.dtype).reshape(ws.t.shape)
+        self._weighted = sample_weight is not None
+        if sample_weight is not None:
+            ws.w[...] = b.asarray(sample_weight, dtype=ws.w.dtype).reshape(ws.w.shape)
+
+    def load_rows(self, X, Y, index, sample_weight=None):
+        """Gather rows ``index`` (batch_size integers) of backend-resident ``X``, ``Y``
+        (and per-row ``sample_weight``) into the step's buffers, on the device."""
+        ws = self._ws
+        self._check_rows("index", index.shape[0])
+        if X.ndim != 2 or X.shape[1] != ws.x.shape[1]:
+            raise ValueError(f"X: expected shape (rows, {ws.x.shape[1]}), got {tuple(X.shape)}")
+        if tuple(Y.shape[1:]) != tuple(ws.t.shape[1:]):
+            raise ValueError(f"Y: expected shape (rows, *{tuple(ws.t.shape[1:])}), got {tuple(Y.shape)}")
+        index = self._trainer.backend.asarray(index)
+        self.backend.take_rows(X, index, ws.x)
+        self.backend.take_rows(Y, index, ws.t)
+        self._weighted = sample_weight is not None
+        if sample_weight is not None:
+            self.backend.take_rows(sample_weight, index, ws.w)
+
+    def run(self):
+        """Forward, loss, backward and one optimizer update on the loaded batch (no host sync)."""
+        if not self._trainer.active:
+            raise RuntimeError("TrainStep.run: the model was rebuilt or recompiled since this step was made; make a new step")
+        self._trainer.train_step(self._ws, self._acc, self._weighted, self.backend)
+        self._seen += self.batch_size
+
+    def logs(self) -> dict:
+        """Mean loss and metrics over every ``run`` since the step was made (Keras names)."""
+        return self._acc.read(self._seen)
+
+
+def format_result(logs, return_dict):
+    """Keras's result of evaluate / *_on_batch: the logs dict, the loss alone, or [loss, *metrics]."""
+    if return_dict:
+        return logs
+    values = list(logs.values())
+    return values[0] if len(values) == 1 else values
