@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from gpunn._names import lookup
+from gpunn.checks import lookup
 from gpunn.codes import Act
 
 #: Keras's default negative slope for leaky_relu

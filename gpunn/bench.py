@@ -529,9 +529,7 @@ PHASE_OF = {
     "loss_grad": "forward",
     "linear_backward": "backward",
     "softmax_backward": "backward",
-    "sgd_update": "optimizer",
-    "adam_update": "optimizer",
-    "rmsprop_update": "optimizer",
+    "optimizer_update": "optimizer",
 }
 PHASES = ("gather", "forward", "backward", "optimizer")
 

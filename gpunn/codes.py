@@ -55,40 +55,72 @@ class Act(enum.IntEnum):
 class LossKind(enum.IntEnum):
     """Fused loss kinds: each folds the output non-linearity (when any) into the loss.
 
-    ``elementwise``: the row loss is the mean over the N outputs of an
-    elementwise loss (``opmath.<name>(p, t) -> (loss, dloss/dp, hit)``); the
-    others are row-wise cross-entropies (``opmath.<function>(pred, target,
-    grad, i, gscale, sparse, has_grad) -> (loss_i, hit_i)``).
-    ``sparse``: targets are integer class indices, one per row.
-    ``classification``: the loss pass also counts accuracy hits.
+    ``elementwise``: the row loss reduces an elementwise loss
+    ``opmath.<function>(p, t, param) -> (loss, dloss/dp, hit)`` over the N
+    outputs, by its mean, or by its sum when ``summed``; the others are
+    row-wise losses (``opmath.<function>(pred, target, grad, i, gscale,
+    sparse, has_grad) -> (loss_i, hit_i)``).  ``sparse``: targets are integer
+    class indices, one per row.  ``classification``: the loss pass also
+    counts accuracy hits.  ``param``: the name of the loss's one parameter
+    (Huber's delta), passed to the elementwise function.
     """
 
-    def __new__(cls, value, function, elementwise, sparse=False, classification=True):
+    def __new__(cls, value, function, elementwise, sparse=False, classification=False, summed=False, param=None):
         member = int.__new__(cls, value)
         member._value_ = value
         member.function = function
         member.elementwise = elementwise
         member.sparse = sparse
         member.classification = classification
+        member.summed = summed
+        member.param = param
         return member
 
-    SIGMOID_BCE = 0, "loss_sigmoid_bce", True  # logits, targets in [0, 1]
-    SOFTMAX_CCE = 1, "loss_softmax_cce", False  # logits, one-hot or probability targets
-    SOFTMAX_SPARSE_CCE = 2, "loss_softmax_cce", False, True  # logits, integer class targets
-    BCE = 3, "loss_bce", True  # probabilities, targets in [0, 1]
-    CCE = 4, "loss_cce", False  # probabilities (normalised per row), one-hot targets
-    SPARSE_CCE = 5, "loss_cce", False, True  # probabilities (normalised per row), integer targets
-    MSE = 6, "loss_mse", True, False, False
-    MAE = 7, "loss_mae", True, False, False
+    SIGMOID_BCE = 0, "loss_sigmoid_bce", True, False, True  # logits, targets in [0, 1]
+    SOFTMAX_CCE = 1, "loss_softmax_cce", False, False, True  # logits, one-hot or probability targets
+    SOFTMAX_SPARSE_CCE = 2, "loss_softmax_cce", False, True, True  # logits, integer class targets
+    BCE = 3, "loss_bce", True, False, True  # probabilities, targets in [0, 1]
+    CCE = 4, "loss_cce", False, False, True  # probabilities (normalised per row), one-hot targets
+    SPARSE_CCE = 5, "loss_cce", False, True, True  # probabilities (normalised per row), integer targets
+    MSE = 6, "loss_mse", True
+    MAE = 7, "loss_mae", True
+    HUBER = 8, "loss_huber", True, False, False, False, "delta"
+    LOG_COSH = 9, "loss_log_cosh", True
+    POISSON = 10, "loss_poisson", True
+    HINGE = 11, "loss_hinge", True  # targets in {-1, 1}
+    SQUARED_HINGE = 12, "loss_squared_hinge", True
+    MAPE = 13, "loss_mape", True
+    MSLE = 14, "loss_msle", True
+    KL_DIVERGENCE = 15, "loss_kl_divergence", True, False, False, True
+    CATEGORICAL_HINGE = 16, "loss_categorical_hinge", False
+    COSINE_SIMILARITY = 17, "loss_cosine_similarity", False
 
 
 class Opt(enum.IntEnum):
-    """Optimizers updating one flat parameter buffer (``opmath.<name>_step``)."""
+    """Optimizers updating one flat parameter buffer.
 
-    SGD = 0
-    ADAM = 1
-    ADAMW = 2
-    RMSPROP = 3
+    ``step``: the name of its element update in :mod:`gpunn.opmath`
+    (``step(p, g, state, k, h) -> p``); ``slots``: its state rows, in order.
+    """
+
+    def __new__(cls, value, step, slots):
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.step = step
+        member.slots = slots
+        return member
+
+    SGD = 0, "sgd_step", ("velocity",)
+    ADAM = 1, "adam_step", ("m", "v", "v_hat")
+    ADAMW = 2, "adam_step", ("m", "v", "v_hat")
+    RMSPROP = 3, "rmsprop_step", ("velocity", "average_gradient", "momentum")
+    NADAM = 4, "nadam_step", ("m", "v")
+    ADAGRAD = 5, "adagrad_step", ("accumulator",)
+    ADADELTA = 6, "adadelta_step", ("accumulated_grad", "accumulated_delta_var")
+    ADAMAX = 7, "adamax_step", ("m", "u")
+    LION = 8, "lion_step", ("m",)
+    FTRL = 9, "ftrl_step", ("accumulator", "linear")
+    SGD_NESTEROV = 10, "sgd_nesterov_step", ("velocity",)
 
 
 # The flat names older code and tests use; each is the enum member itself.
@@ -132,3 +164,13 @@ def loss_kind(code, argument: str = "kind") -> LossKind:
         return LossKind(code)
     except (ValueError, TypeError):
         raise ValueError(f"{argument}: unknown loss code {code!r}; expected one of {[int(k) for k in LossKind]}") from None
+
+
+def optimizer(code, argument: str = "opt") -> Opt:
+    """``code`` as an :class:`Opt` member, or ValueError naming ``argument``."""
+    try:
+        if isinstance(code, bool):
+            raise TypeError
+        return Opt(code)
+    except (ValueError, TypeError):
+        raise ValueError(f"{argument}: unknown optimizer code {code!r}; expected one of {[int(o) for o in Opt]}") from None

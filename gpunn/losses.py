@@ -5,6 +5,19 @@ reduction; ``w_i`` are sample weights, 1 by default).  A sigmoid output with
 binary cross-entropy, or a softmax output with a categorical cross-entropy,
 is computed from the logits in one numerically stable step: the output layer
 then produces logits and the activation is folded into the loss.
+
+Every built-in loss runs as one fused backend pass whose math is in
+:mod:`gpunn.opmath`.  A user-defined loss subclasses :class:`Loss` and
+supplies ``call(y_true, y_pred)`` (the per-sample values, shape (M,)) and
+``gradient(y_true, y_pred)`` (their derivative with respect to ``y_pred``,
+(M, N)), both written with the array module ``self.xp`` (NumPy or CuPy)::
+
+    class Quartic(gpunn.losses.Loss):
+        name = "quartic"
+        def call(self, y_true, y_pred):
+            return ((y_pred - y_true) ** 4).mean(axis=1)
+        def gradient(self, y_true, y_pred):
+            return 4 * (y_pred - y_true) ** 3 / y_pred.shape[1]
 """
 
 from __future__ import annotations
@@ -27,17 +40,52 @@ def _dense_targets(arr, n, outputs, argument, hint=""):
 
 
 class Loss:
-    """Base class: a named loss with ``from_logits`` where meaningful."""
+    """Base class: a named loss with ``from_logits`` where meaningful.
+
+    Built-in losses implement ``resolve``; user losses implement ``call`` and
+    ``gradient`` instead (see the module docstring).
+    """
 
     name = ""
     sparse = False
+    #: the fused kind's parameter (Huber's delta); 0 for kinds without one
+    param = 0.0
+    #: the array module (numpy or cupy) a user loss computes with; set before each call
+    xp = np
 
     def __init__(self, from_logits: bool = False):
         self.from_logits = checks.boolean(from_logits, "from_logits")
 
-    def resolve(self, output_activation: str) -> tuple[int, bool]:
-        """(backend loss kind, whether the output activation is folded into it)."""
+    def resolve(self, output_activation: str):
+        """(backend loss kind, whether the output activation is folded into it); a user
+        loss (one that defines ``call``) resolves to (None, False) and runs ``compute``."""
+        if type(self).call is Loss.call:
+            raise NotImplementedError(f"{type(self).__name__}: a Loss subclass must define call() and gradient()")
+        return None, False
+
+    def call(self, y_true, y_pred):
+        """Per-sample loss values (M,) of a user loss."""
         raise NotImplementedError
+
+    def gradient(self, y_true, y_pred):
+        """d call(y_true, y_pred)[i] / d y_pred[i, j], shape (M, N), of a user loss."""
+        raise NotImplementedError(f"{type(self).__name__}: a user loss must define gradient(y_true, y_pred)")
+
+    def compute(self, xp, pred, target, weight, grad, sums):
+        """A user loss's contribution, with the fused kinds' contract (see ``Backend.loss_grad``)."""
+        self.xp = xp
+        m = pred.shape[0]
+        values = xp.asarray(self.call(target, pred), dtype=pred.dtype).reshape(-1)
+        if values.shape[0] != m:
+            raise ValueError(f"{type(self).__name__}.call: expected one loss value per sample ({m}), got shape {values.shape}")
+        w = xp.ones(m, dtype=pred.dtype) if weight is None else weight
+        sums[0] += (w * values).sum()
+        if grad is not None:
+            slope = xp.asarray(self.gradient(target, pred), dtype=pred.dtype)
+            if slope.shape != pred.shape:
+                raise ValueError(f"{type(self).__name__}.gradient: expected shape {pred.shape}, got {slope.shape}")
+            grad[...] = slope * (w / pred.dtype.type(m))[:, None]
+        return sums
 
     def prepare_targets(self, arr, n: int, outputs: int, argument: str = "y"):
         """Targets ``arr`` (finite floats, one row per sample) shaped and checked for this loss:
@@ -48,7 +96,8 @@ class Loss:
         return {"name": self.name, "from_logits": self.from_logits}
 
     def __repr__(self):
-        return f"{type(self).__name__}(from_logits={self.from_logits})"
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
 
 
 class MeanSquaredError(Loss):
@@ -65,15 +114,32 @@ class MeanAbsoluteError(Loss):
         return codes.LOSS_MAE, False
 
 
+def _smoothing(value):
+    return checks.number(value, "label_smoothing", minimum=0)
+
+
 class BinaryCrossentropy(Loss):
+    """Binary cross-entropy; ``label_smoothing`` moves targets towards 0.5: ``t (1 - s) + s / 2``."""
+
     name = "binary_crossentropy"
+
+    def __init__(self, from_logits=False, label_smoothing=0.0):
+        super().__init__(from_logits)
+        self.label_smoothing = _smoothing(label_smoothing)
+        if self.label_smoothing > 1:
+            raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
 
     def prepare_targets(self, arr, n, outputs, argument="y"):
         arr = super().prepare_targets(arr, n, outputs, argument)
         outside = (arr < 0) | (arr > 1)
         if outside.any():
             raise ValueError(f"{argument}: binary_crossentropy expects labels in [0, 1], found {float(arr[outside][0])!r}")
+        if self.label_smoothing:
+            arr = arr * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
         return arr
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
     def resolve(self, output_activation):
         if self.from_logits:
@@ -84,14 +150,27 @@ class BinaryCrossentropy(Loss):
 
 
 class CategoricalCrossentropy(Loss):
+    """Categorical cross-entropy; ``label_smoothing`` mixes in the uniform distribution: ``t (1 - s) + s / N``."""
+
     name = "categorical_crossentropy"
+
+    def __init__(self, from_logits=False, label_smoothing=0.0):
+        super().__init__(from_logits)
+        self.label_smoothing = _smoothing(label_smoothing)
+        if self.label_smoothing > 1:
+            raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
 
     def prepare_targets(self, arr, n, outputs, argument="y"):
         hint = "; for integer class labels use loss='sparse_categorical_crossentropy'"
         arr = np.ascontiguousarray(_dense_targets(arr, n, outputs, argument, hint))
         if (arr < 0).any():
             raise ValueError(f"{argument}: categorical_crossentropy expects non-negative (one-hot) labels, found {float(arr.min())!r}")
+        if self.label_smoothing:
+            arr = arr * (1 - self.label_smoothing) + self.label_smoothing / outputs
         return arr
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
     def resolve(self, output_activation):
         if self.from_logits:
@@ -126,6 +205,118 @@ class SparseCategoricalCrossentropy(Loss):
         return codes.LOSS_SPARSE_CCE, False
 
 
+class _Regression(Loss):
+    """A fused elementwise (or row) loss of the model's outputs; no activation is folded in."""
+
+    kind = None
+
+    def __init__(self):
+        super().__init__(False)
+
+    def resolve(self, output_activation):
+        return self.kind, False
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+class Huber(_Regression):
+    """``e^2 / 2`` for |e| <= delta, else ``delta (|e| - delta / 2)``, e = y_pred - y_true (Keras: delta=1.0)."""
+
+    name = "huber"
+    kind = codes.LossKind.HUBER
+
+    def __init__(self, delta=1.0):
+        super().__init__()
+        self.delta = checks.positive_number(delta, "delta")
+        self.param = self.delta
+
+    def get_config(self):
+        return {"name": self.name, "delta": self.delta}
+
+
+class LogCosh(_Regression):
+    """``log(cosh(y_pred - y_true))``, averaged over the outputs."""
+
+    name = "log_cosh"
+    kind = codes.LossKind.LOG_COSH
+
+
+class Poisson(_Regression):
+    """``y_pred - y_true log(y_pred + eps)``, averaged over the outputs."""
+
+    name = "poisson"
+    kind = codes.LossKind.POISSON
+
+
+class MeanAbsolutePercentageError(_Regression):
+    """``100 |y_true - y_pred| / max(|y_true|, eps)``, averaged over the outputs."""
+
+    name = "mean_absolute_percentage_error"
+    kind = codes.LossKind.MAPE
+
+
+class MeanSquaredLogarithmicError(_Regression):
+    """``(log(max(y_pred, eps) + 1) - log(max(y_true, eps) + 1))^2``, averaged over the outputs."""
+
+    name = "mean_squared_logarithmic_error"
+    kind = codes.LossKind.MSLE
+
+
+class KLDivergence(_Regression):
+    """``sum y_true log(y_true / y_pred)`` over the outputs, both clipped to [eps, 1]."""
+
+    name = "kl_divergence"
+    kind = codes.LossKind.KL_DIVERGENCE
+
+
+class CosineSimilarity(_Regression):
+    """``-sum normalize(y_true) normalize(y_pred)`` over the outputs (axis=-1 only, as an MLP's)."""
+
+    name = "cosine_similarity"
+    kind = codes.LossKind.COSINE_SIMILARITY
+
+    def __init__(self, axis=-1):
+        super().__init__()
+        if axis not in (-1, 1):
+            raise ValueError(f"axis: an MLP's outputs are reduced along axis -1 (or 1), got {axis!r}")
+        self.axis = -1
+
+    def get_config(self):
+        return {"name": self.name, "axis": self.axis}
+
+
+class _HingeTargets(_Regression):
+    """Hinge losses take targets in {-1, 1}; 0/1 labels are converted (``2 t - 1``) as Keras does."""
+
+    def prepare_targets(self, arr, n, outputs, argument="y"):
+        arr = super().prepare_targets(arr, n, outputs, argument)
+        if np.isin(arr, (0.0, 1.0)).all():
+            arr = 2.0 * arr - 1.0
+        return arr
+
+
+class Hinge(_HingeTargets):
+    """``max(1 - y_true y_pred, 0)``, averaged over the outputs."""
+
+    name = "hinge"
+    kind = codes.LossKind.HINGE
+
+
+class SquaredHinge(_HingeTargets):
+    """``max(1 - y_true y_pred, 0)^2``, averaged over the outputs."""
+
+    name = "squared_hinge"
+    kind = codes.LossKind.SQUARED_HINGE
+
+
+class CategoricalHinge(_Regression):
+    """``max(max_j (1 - t_j) p_j - sum_j t_j p_j + 1, 0)`` for one-hot targets."""
+
+    name = "categorical_hinge"
+    kind = codes.LossKind.CATEGORICAL_HINGE
+
+
 _CLASSES = {
     "mse": MeanSquaredError,
     "mean_squared_error": MeanSquaredError,
@@ -135,6 +326,21 @@ _CLASSES = {
     "bce": BinaryCrossentropy,
     "categorical_crossentropy": CategoricalCrossentropy,
     "sparse_categorical_crossentropy": SparseCategoricalCrossentropy,
+    "huber": Huber,
+    "log_cosh": LogCosh,
+    "logcosh": LogCosh,
+    "poisson": Poisson,
+    "kl_divergence": KLDivergence,
+    "kld": KLDivergence,
+    "kullback_leibler_divergence": KLDivergence,
+    "hinge": Hinge,
+    "squared_hinge": SquaredHinge,
+    "categorical_hinge": CategoricalHinge,
+    "mean_absolute_percentage_error": MeanAbsolutePercentageError,
+    "mape": MeanAbsolutePercentageError,
+    "mean_squared_logarithmic_error": MeanSquaredLogarithmicError,
+    "msle": MeanSquaredLogarithmicError,
+    "cosine_similarity": CosineSimilarity,
 }
 
 
@@ -147,8 +353,12 @@ def get(identifier) -> Loss:
     if isinstance(identifier, Loss):
         return identifier
     if isinstance(identifier, dict):
-        cls = lookup("loss", "loss", identifier.get("name"), _CLASSES)
-        return cls(from_logits=identifier.get("from_logits", False))
+        config = dict(identifier)
+        cls = lookup("loss", "loss", config.pop("name", None), _CLASSES)
+        try:
+            return cls(**config)
+        except TypeError as exc:
+            raise ValueError(f"loss: invalid settings for {cls.name}: {config!r} ({exc})") from None
     if identifier is None:
         raise ValueError(f"loss: expected a loss name or Loss instance, got None; valid names: {', '.join(names())}")
     return lookup("loss", "loss", identifier, _CLASSES)()

@@ -24,7 +24,7 @@ import math
 
 from numba.extending import overload
 
-from gpunn.codes import EPSILON, Act, LossKind
+from gpunn.codes import EPSILON, Act, LossKind, Opt
 
 _SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
@@ -258,16 +258,17 @@ def activation_functions(act):
 
 # ----------------------------------------------------------------------------
 # Losses.  The batch loss is L = sum_i w_i l_i / M (Keras's sum over batch
-# size).  Elementwise kinds: l_i is the mean over the N outputs of
-# f(p, t) -> (loss, dloss/dp, hit), and callers scale dloss/dp by
-# gscale = w_i / (M N).  Row kinds (cross-entropies): the functions take the
+# size).  Elementwise kinds: l_i is the mean (or, for LossKind.summed kinds,
+# the sum) over the N outputs of f(p, t, param) -> (loss, dloss/dp, hit), and
+# callers scale dloss/dp by gscale = w_i / (M N) (w_i / M when summed);
+# param is the kind's one parameter (Huber's delta), else 0.  Row kinds (cross-entropies): the functions take the
 # whole row i and write grad[i, :] scaled by gscale = w_i / M.  Sparse targets
 # are read as target[i, 0] (an (M, 1) array of class indices).
 # ----------------------------------------------------------------------------
 
 
 @scalar
-def loss_sigmoid_bce(p, t):
+def loss_sigmoid_bce(p, t, param):
     """Binary cross-entropy of logit ``p``: ``max(p, 0) - p t + log(1 + e^-|p|)``."""
     zero, one = like(p, 0), like(p, 1)
     e = math.exp(-abs(p))
@@ -277,7 +278,7 @@ def loss_sigmoid_bce(p, t):
 
 
 @scalar
-def loss_bce(p, t):
+def loss_bce(p, t, param):
     """Binary cross-entropy of probability ``p`` clipped to [eps, 1 - eps]; the clip's slope is 0 outside."""
     zero, one, half = like(p, 0), like(p, 1), like(p, 0.5)
     eps = like(p, EPSILON)
@@ -291,16 +292,86 @@ def loss_bce(p, t):
 
 
 @scalar
-def loss_mse(p, t):
+def loss_mse(p, t, param):
     d = p - t
     return d * d, like(p, 2) * d, like(p, 0)
 
 
 @scalar
-def loss_mae(p, t):
+def loss_mae(p, t, param):
     d = p - t
     zero, one = like(p, 0), like(p, 1)
     return abs(d), one if d > zero else (-one if d < zero else zero), zero
+
+
+@scalar
+def loss_huber(p, t, param):
+    """Huber with ``delta = param``: ``e^2 / 2`` for |e| <= delta, else ``delta (|e| - delta / 2)``; e = p - t."""
+    e = p - t
+    a = abs(e)
+    quadratic = min(a, param)
+    g = e if a <= param else (param if e > like(p, 0) else -param)
+    return like(p, 0.5) * quadratic * quadratic + param * (a - quadratic), g, like(p, 0)
+
+
+@scalar
+def loss_log_cosh(p, t, param):
+    """``log(cosh(e))`` written as ``e + softplus(-2 e) - log 2`` (no overflow); its slope is tanh(e)."""
+    e = p - t
+    x = like(p, -2) * e
+    softplus_x = max(x, like(p, 0)) + math.log1p(math.exp(-abs(x)))
+    return e + softplus_x - like(p, 0.6931471805599453), math.tanh(e), like(p, 0)
+
+
+@scalar
+def loss_poisson(p, t, param):
+    """``p - t log(p + eps)``."""
+    q = p + like(p, EPSILON)
+    return p - t * math.log(q), like(p, 1) - t / q, like(p, 0)
+
+
+@scalar
+def loss_hinge(p, t, param):
+    """``max(1 - t p, 0)`` for targets in {-1, 1}."""
+    margin = like(p, 1) - t * p
+    if margin > like(p, 0):
+        return margin, -t, like(p, 0)
+    return like(p, 0), like(p, 0), like(p, 0)
+
+
+@scalar
+def loss_squared_hinge(p, t, param):
+    """``max(1 - t p, 0)^2`` for targets in {-1, 1}."""
+    margin = max(like(p, 1) - t * p, like(p, 0))
+    return margin * margin, like(p, -2) * t * margin, like(p, 0)
+
+
+@scalar
+def loss_mape(p, t, param):
+    """``100 |t - p| / max(|t|, eps)``."""
+    scale = like(p, 100) / max(abs(t), like(p, EPSILON))
+    d = p - t
+    sign = like(p, 1) if d > like(p, 0) else (-like(p, 1) if d < like(p, 0) else like(p, 0))
+    return abs(d) * scale, sign * scale, like(p, 0)
+
+
+@scalar
+def loss_msle(p, t, param):
+    """``(log(max(p, eps) + 1) - log(max(t, eps) + 1))^2``; no slope through the clip."""
+    eps = like(p, EPSILON)
+    d = math.log(max(p, eps) + like(p, 1)) - math.log(max(t, eps) + like(p, 1))
+    g = like(p, 2) * d / (p + like(p, 1)) if p > eps else like(p, 0)
+    return d * d, g, like(p, 0)
+
+
+@scalar
+def loss_kl_divergence(p, t, param):
+    """``t log(t / p)`` with t and p clipped to [eps, 1]; summed over the outputs (LossKind.summed)."""
+    eps, one = like(p, EPSILON), like(p, 1)
+    tc = min(max(t, eps), one)
+    pc = min(max(p, eps), one)
+    g = -tc / pc if (p > eps and p < one) else like(p, 0)
+    return tc * math.log(tc / pc), g, like(p, 0)
 
 
 @scalar
@@ -326,9 +397,12 @@ def row_class(target, i, sparse):
 @scalar
 def target_at(target, i, j, label, sparse, ref):
     """Target probability of class j in row i (one-hot of ``label`` when sparse), in ``ref``'s type."""
+    # one return: Numba's inliner handles single-exit functions without SSA warnings
     if sparse:
-        return like(ref, 1) if j == label else like(ref, 0)
-    return like(ref, target[i, j])
+        value = like(ref, 1) if j == label else like(ref, 0)
+    else:
+        value = like(ref, target[i, j])
+    return value
 
 
 @scalar
@@ -391,58 +465,223 @@ def loss_cce(pred, target, grad, i, gscale, sparse, has_grad):
     return loss, like(top, 1) if best == label else like(top, 0)
 
 
+@scalar
+def loss_categorical_hinge(pred, target, grad, i, gscale, sparse, has_grad):
+    """``max(max_j (1 - t_j) p_j - sum_j t_j p_j + 1, 0)``; the gradient flows through the
+    target's terms and the largest wrong-class term."""
+    n = pred.shape[1]
+    top = pred[i, 0]
+    positive = like(top, 0)
+    best = 0
+    negative = (like(top, 1) - like(top, target[i, 0])) * top
+    for j in range(n):
+        t = like(top, target[i, j])
+        positive += t * pred[i, j]
+        candidate = (like(top, 1) - t) * pred[i, j]
+        if candidate > negative:
+            negative = candidate
+            best = j
+    loss = max(negative - positive + like(top, 1), like(top, 0))
+    if has_grad:
+        active = loss > like(top, 0)
+        for j in range(n):
+            t = like(top, target[i, j])
+            g = like(top, 0)
+            if active:
+                g = -t
+                if j == best:
+                    g += like(top, 1) - t
+            grad[i, j] = g * gscale
+    return loss, like(top, 0)
+
+
+@scalar
+def loss_cosine_similarity(pred, target, grad, i, gscale, sparse, has_grad):
+    """``-sum_j t_hat_j p_hat_j`` with x_hat = x / sqrt(max(sum x^2, 1e-12)) (Keras's l2_normalize)."""
+    n = pred.shape[1]
+    floor = like(pred[i, 0], 1e-12)
+    pp = like(floor, 0)
+    tt = like(floor, 0)
+    tp = like(floor, 0)
+    for j in range(n):
+        p = pred[i, j]
+        t = like(floor, target[i, j])
+        pp += p * p
+        tt += t * t
+        tp += t * p
+    p_norm = math.sqrt(max(pp, floor))
+    t_norm = math.sqrt(max(tt, floor))
+    cosine = tp / (t_norm * p_norm)
+    if has_grad:
+        # d/dp_j of -(t_hat . p) / |p| = -(t_hat_j - cos p_hat_j) / |p| (|p| not floored)
+        floored = pp <= floor
+        for j in range(n):
+            t_hat = like(floor, target[i, j]) / t_norm
+            g = -t_hat / p_norm
+            if not floored:
+                g += cosine * pred[i, j] / (p_norm * p_norm)
+            grad[i, j] = g * gscale
+    return -cosine, like(floor, 0)
+
+
 def loss_function(kind):
     """The scalar (elementwise kinds) or row (cross-entropy kinds) function of loss ``kind``."""
     return globals()[LossKind(kind).function]
 
 
 # ----------------------------------------------------------------------------
-# Optimizers (Keras 3 update rules), one parameter element at a time.  The
-# per-step scalars (learning rate, bias correction, ...) are computed on the
-# host by the *_scalars helpers and passed in the parameters' dtype.
+# Optimizers (Keras 3 update rules), one parameter element at a time:
+# step(p, g, state, k, h) -> the new p, reading and writing element k of the
+# optimizer's state rows state[s, k] (the slot order of the Optimizer class).
+# h holds the step's scalars, computed on the host by the Optimizer class in
+# the parameters' dtype; h[0] is always the decoupled weight decay factor
+# 1 - lr * weight_decay, applied first as Keras applies weight decay before
+# the update.  Flags in h are 1 or 0.
 # ----------------------------------------------------------------------------
 
-
-@scalar
-def sgd_step(p, g, v, lr, momentum, use_momentum, nesterov):
-    """-> (p, v).  Plain: ``p - lr g``.  Momentum: ``v = momentum v - lr g``, then
-    ``p + v`` or, Nesterov, ``p + (momentum v - lr g)``."""
-    if not use_momentum:
-        return p - lr * g, v
-    v = momentum * v - lr * g
-    if nesterov:
-        return p + (momentum * v - lr * g), v
-    return p + v, v
-
-
-def adam_scalars(lr, beta1, beta2, epsilon, step, weight_decay):
-    """Host-side scalars of one Adam/AdamW step t = ``step`` (1-based):
-    (decay = 1 - lr wd, lr_t = lr sqrt(1 - b2^t) / (1 - b1^t), 1 - b1, 1 - b2, eps)."""
-    lr_t = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-    return 1 - lr * weight_decay, lr_t, 1 - beta1, 1 - beta2, epsilon
+#: Length of the scalar tuple h every optimizer step receives (unused entries are 0).
+OPTIMIZER_SCALARS = 8
 
 
 @scalar
-def adam_step(p, g, m, v, decay, lr_t, one_m_beta1, one_m_beta2, eps):
-    """-> (p, m, v).  ``m += (g - m)(1 - b1)``; ``v += (g^2 - v)(1 - b2)``;
-    ``p = p decay - m / (sqrt(v) + eps) lr_t`` (decay = 1 - lr wd is AdamW's decoupled decay)."""
-    m = m + (g - m) * one_m_beta1
-    v = v + (g * g - v) * one_m_beta2
-    return p * decay - m / (math.sqrt(v) + eps) * lr_t, m, v
+def sgd_step(p, g, state, k, h):
+    """h = (decay, lr, momentum, use_momentum); state = (velocity,).
+    Plain: ``p - lr g``.  Momentum: ``v = momentum v - lr g``, then ``p + v``."""
+    p = p * h[0]
+    if h[3] == like(p, 0):
+        return p - h[1] * g
+    v = h[2] * state[0, k] - h[1] * g
+    state[0, k] = v
+    return p + v
 
 
 @scalar
-def rmsprop_step(p, g, v, a, mb, lr, rho, one_m_rho, momentum, eps, centered, use_momentum):
-    """-> (p, v, a, mb).  ``v = rho v + (1 - rho) g^2``; centered: ``a = rho a + (1 - rho) g``,
-    ``d = v - a^2``, else ``d = v``; ``inc = lr g / sqrt(d + eps)``; momentum:
-    ``mb = momentum mb + inc; p -= mb``, else ``p -= inc``."""
-    v = rho * v + one_m_rho * g * g
+def sgd_nesterov_step(p, g, state, k, h):
+    """As :func:`sgd_step` with Nesterov momentum: ``p + (momentum v - lr g)``."""
+    p = p * h[0]
+    v = h[2] * state[0, k] - h[1] * g
+    state[0, k] = v
+    return p + (h[2] * v - h[1] * g)
+
+
+@scalar
+def adam_step(p, g, state, k, h):
+    """h = (decay, lr_t = lr sqrt(1 - b2^t) / (1 - b1^t), 1 - b1, 1 - b2, eps, amsgrad);
+    state = (m, v[, v_hat]).  ``m += (g - m)(1 - b1)``; ``v += (g^2 - v)(1 - b2)``;
+    AMSGrad: ``v_hat = max(v_hat, v)`` used for v; ``p -= m lr_t / (sqrt(v) + eps)``."""
+    p = p * h[0]
+    m = state[0, k] + (g - state[0, k]) * h[2]
+    v = state[1, k] + (g * g - state[1, k]) * h[3]
+    state[0, k] = m
+    state[1, k] = v
+    if h[5] != like(p, 0):
+        v = max(state[2, k], v)
+        state[2, k] = v
+    return p - (m * h[1]) / (math.sqrt(v) + h[4])
+
+
+@scalar
+def rmsprop_step(p, g, state, k, h):
+    """h = (decay, lr, rho, 1 - rho, momentum, eps, centered, use_momentum);
+    state = (velocity, average_gradient, momentum).  ``v = rho v + (1 - rho) g^2``;
+    centered: ``a = rho a + (1 - rho) g``, ``d = v - a^2``, else ``d = v``;
+    ``inc = lr g / sqrt(d + eps)``; momentum: ``mb = momentum mb + inc; p -= mb``, else ``p -= inc``."""
+    p = p * h[0]
+    v = h[2] * state[0, k] + h[3] * g * g
+    state[0, k] = v
     d = v
-    if centered:
-        a = rho * a + one_m_rho * g
+    if h[6] != like(p, 0):
+        a = h[2] * state[1, k] + h[3] * g
+        state[1, k] = a
         d = v - a * a
-    inc = lr * g / math.sqrt(d + eps)
-    if use_momentum:
-        mb = momentum * mb + inc
-        return p - mb, v, a, mb
-    return p - inc, v, a, mb
+    inc = h[1] * g / math.sqrt(d + h[5])
+    if h[7] != like(p, 0):
+        mb = h[4] * state[2, k] + inc
+        state[2, k] = mb
+        return p - mb
+    return p - inc
+
+
+@scalar
+def nadam_step(p, g, state, k, h):
+    """h = (decay, lr, 1 - b1, 1 - b2, eps, u_{t+1} / (1 - U_{t+1}), (1 - u_t) / (1 - U_t), 1 - b2^t)
+    with Keras's momentum schedule u_t = b1 (1 - 0.96^t / 2) and U_t = u_1 ... u_t; state = (m, v).
+    ``m_hat = c1 m + c2 g``; ``p -= m_hat lr / (sqrt(v / (1 - b2^t)) + eps)``."""
+    p = p * h[0]
+    m = state[0, k] + (g - state[0, k]) * h[2]
+    v = state[1, k] + (g * g - state[1, k]) * h[3]
+    state[0, k] = m
+    state[1, k] = v
+    m_hat = h[5] * m + h[6] * g
+    return p - (m_hat * h[1]) / (math.sqrt(v / h[7]) + h[4])
+
+
+@scalar
+def adagrad_step(p, g, state, k, h):
+    """h = (decay, lr, eps); state = (accumulator,) starting at initial_accumulator_value.
+    ``acc += g^2``; ``p -= lr g / sqrt(acc + eps)``."""
+    p = p * h[0]
+    acc = state[0, k] + g * g
+    state[0, k] = acc
+    return p - h[1] * g / math.sqrt(acc + h[2])
+
+
+@scalar
+def adadelta_step(p, g, state, k, h):
+    """h = (decay, lr, rho, 1 - rho, eps); state = (accumulated_grad, accumulated_delta_var).
+    ``ag = rho ag + (1 - rho) g^2``; ``delta = -sqrt(adv + eps) g / sqrt(ag + eps)``;
+    ``adv = rho adv + (1 - rho) delta^2``; ``p += lr delta``."""
+    p = p * h[0]
+    ag = h[2] * state[0, k] + h[3] * g * g
+    state[0, k] = ag
+    delta = -math.sqrt(state[1, k] + h[4]) * g / math.sqrt(ag + h[4])
+    state[1, k] = h[2] * state[1, k] + h[3] * delta * delta
+    return p + h[1] * delta
+
+
+@scalar
+def adamax_step(p, g, state, k, h):
+    """h = (decay, lr, 1 - b1, b2, eps, 1 - b1^t); state = (m, u).
+    ``m += (g - m)(1 - b1)``; ``u = max(b2 u, |g|)``; ``p -= lr m / ((1 - b1^t)(u + eps))``."""
+    p = p * h[0]
+    m = state[0, k] + (g - state[0, k]) * h[2]
+    u = max(h[3] * state[1, k], abs(g))
+    state[0, k] = m
+    state[1, k] = u
+    return p - (h[1] * m) / (h[5] * (u + h[4]))
+
+
+@scalar
+def lion_step(p, g, state, k, h):
+    """h = (decay, lr, b1, 1 - b1, b2, 1 - b2); state = (m,).
+    ``p -= lr sign(b1 m + (1 - b1) g)``; then ``m = b2 m + (1 - b2) g``."""
+    p = p * h[0]
+    m = state[0, k]
+    c = m * h[2] + g * h[3]
+    step = like(p, 1) if c > like(p, 0) else (-like(p, 1) if c < like(p, 0) else like(p, 0))
+    state[0, k] = m * h[4] + g * h[5]
+    return p - h[1] * step
+
+
+@scalar
+def ftrl_step(p, g, state, k, h):
+    """h = (decay, lr, -lr_power, l1, 2 l2 + beta / lr, 2 l2_shrinkage); state = (accumulator, linear).
+
+    Keras 3's FTRL-proximal: ``n' = n + g^2``; ``z += g + 2 l2s p - (n'^-c - n^-c) / lr p``;
+    ``p = (clip(z, -l1, l1) - z) / (n'^-c / lr + 2 l2 + beta / lr)``; ``n = n'`` with c = lr_power.
+    """
+    p = p * h[0]
+    acc = state[0, k]
+    new_acc = acc + g * g
+    power_new = new_acc ** h[2]
+    linear = state[1, k] + (g + h[5] * p) - (power_new - acc ** h[2]) / h[1] * p
+    state[1, k] = linear
+    state[0, k] = new_acc
+    quadratic = power_new / h[1] + h[4]
+    clipped = min(max(linear, -h[3]), h[3])
+    return (clipped - linear) / quadratic
+
+
+def optimizer_step(opt):
+    """The scalar step function of optimizer code ``opt``."""
+    return globals()[Opt(opt).step]

@@ -68,6 +68,12 @@ class Objective:
         self.metrics = self._resolve_metrics(metric_specs, weighted_metric_specs)
         self.computed_metrics = [(m, weighted) for _, m, weighted in self.metrics if m is not None]
 
+    def loss_grad(self, backend, pred, target, weight, grad, sums):
+        """The batch's loss (+ gradient): the fused backend pass, or a user loss's ``compute``."""
+        if self.kind is None:
+            return self.loss.compute(backend.xp, pred, target, weight, grad, sums)
+        return backend.loss_grad(self.kind, pred, target, weight, grad, sums, self.loss.param)
+
     def _resolve_metrics(self, metric_specs, weighted_metric_specs):
         natural = _NATURAL_ACCURACY.get(self.kind)
         resolved, names = [], set()
@@ -247,7 +253,7 @@ class Trainer:
         b = backend or self.backend
         acts = self.objective.train_activations
         out = self.forward(b, ws.x, ws, acts)
-        b.loss_grad(self.objective.kind, out, ws.t, ws.w if weighted else None, ws.g[-1], acc.sums)
+        self.objective.loss_grad(b, out, ws.t, ws.w if weighted else None, ws.g[-1], acc.sums)
         self._update_metrics(b, out, ws, acc, weighted)
         for i in range(len(self.layers) - 1, -1, -1):
             x = ws.x if i == 0 else ws.y[i - 1]
@@ -259,7 +265,7 @@ class Trainer:
     def test_step(self, ws, acc, weighted):
         b = self.backend
         out = self.forward(b, ws.x, ws, self.objective.train_activations)
-        b.loss_grad(self.objective.kind, out, ws.t, ws.w if weighted else None, None, acc.sums)
+        self.objective.loss_grad(b, out, ws.t, ws.w if weighted else None, None, acc.sums)
         self._update_metrics(b, out, ws, acc, weighted)
         self._regularization(b, acc.sums, ws.batch, gradients=False)
 

@@ -9,15 +9,13 @@ use and cached.
 from .activation import apply_activation
 from .linear import linear_backward_data, linear_backward_weight, linear_forward
 from .loss import loss_grad
-from .optimizers import adam_update, rmsprop_update, sgd_update
+from .optimizers import optimizer_update
 
 __all__ = [
-    "adam_update",
     "apply_activation",
     "linear_backward_data",
     "linear_backward_weight",
     "linear_forward",
     "loss_grad",
-    "rmsprop_update",
-    "sgd_update",
+    "optimizer_update",
 ]

@@ -30,34 +30,35 @@ assert LOSS_THREADS & (LOSS_THREADS - 1) == 0
 
 
 def _row_function(dtype, kind, has_grad):
-    """``row(pred, target, grad, i, gscale) -> (loss_i, hit_i)`` for one loss kind.
+    """``row(pred, target, grad, i, gscale, param) -> (loss_i, hit_i)`` for one loss kind.
 
-    ``gscale`` is ``w_i / (M*N)`` for the elementwise kinds and ``w_i / M``
-    for cross-entropies (see ``numpy_ops.loss_grad``); the gradient row is
-    written only when ``has_grad``.  The math is ``opmath``'s; this only
-    walks the row.
+    ``gscale`` is ``w_i / (M*N)`` for the elementwise kinds that average over
+    the outputs and ``w_i / M`` for the rest (see ``numpy_ops.loss_grad``);
+    the gradient row is written only when ``has_grad``.  The math is
+    ``opmath``'s; this only walks the row.
     """
     T = np.dtype(dtype).type
     function = loss_function(kind)
     sparse = kind.sparse
+    summed = kind.summed
 
     if kind.elementwise:
 
-        def row(pred, target, grad, i, gscale):
+        def row(pred, target, grad, i, gscale, param):
             n = pred.shape[1]
             loss = T(0)
             hits = T(0)
             for j in range(n):
-                lj, gj, hj = function(pred[i, j], target[i, j])
+                lj, gj, hj = function(pred[i, j], target[i, j], param)
                 loss += lj
                 hits += hj
                 if has_grad:
                     grad[i, j] = gj * gscale
-            return loss / T(n), hits / T(n)
+            return (loss if summed else loss / T(n)), hits / T(n)
 
     else:
 
-        def row(pred, target, grad, i, gscale):
+        def row(pred, target, grad, i, gscale, param):
             return function(pred, target, grad, i, gscale, sparse, has_grad)
 
     return device(row)
@@ -70,19 +71,19 @@ def _loss_kernel(dtype, kind, has_weight, has_grad):
     kind = LossKind(kind)
     row = _row_function(dtype, kind, has_grad)
     classification = kind.classification
-    elementwise = kind.elementwise
+    per_output_mean = kind.elementwise and not kind.summed
 
-    def kernel(pred, target, weight, grad, sums):
+    def kernel(pred, target, weight, grad, sums, param):
         s_loss = cuda.shared.array(LOSS_THREADS, nbt)
         s_hits = cuda.shared.array(LOSS_THREADS, nbt)
         m, n = pred.shape
-        den = T(m * n) if elementwise else T(m)
+        den = T(m * n) if per_output_mean else T(m)
         t = cuda.threadIdx.x
         loss = T(0)
         hits = T(0)
         for i in range(cuda.grid(1), m, cuda.gridsize(1)):
             w = weight[i] if has_weight else T(1)
-            li, ci = row(pred, target, grad, i, w / den)
+            li, ci = row(pred, target, grad, i, w / den, param)
             loss += w * li
             hits += ci  # unweighted: Keras 3's plain metrics ignore sample weights
         s_loss[t] = loss
@@ -103,7 +104,7 @@ def _loss_kernel(dtype, kind, has_weight, has_grad):
     return cuda.jit(kernel)
 
 
-def loss_grad(kind, pred, target, weight, grad, sums, stream=0):
+def loss_grad(kind, pred, target, weight, grad, sums, param=0.0, stream=0):
     """Loss, gradient and accuracy of a batch in one kernel; see ``numpy_ops.loss_grad``.
 
     pred: (M, N) logits (``LOSS_SIGMOID_BCE``/``LOSS_SOFTMAX_*``) or
@@ -139,6 +140,6 @@ def loss_grad(kind, pred, target, weight, grad, sums, stream=0):
     # absent optional arrays are replaced by inputs of the right rank that
     # the specialised kernel never touches (never by an output: see linear.py)
     kernel[blocks, LOSS_THREADS, stream](
-        pred, target, pred[0] if weight is None else weight, pred if grad is None else grad, sums
+        pred, target, pred[0] if weight is None else weight, pred if grad is None else grad, sums, dt.type(param)
     )
     return sums

@@ -181,30 +181,28 @@ def test_loss_grad_contract(backend, kind):
     np.testing.assert_allclose(a.out("sums"), ref_sums, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rule", ["sgd-nesterov", "adamw", "rmsprop-centered-momentum"])
-def test_optimizer_contract(backend, rule):
+@pytest.mark.parametrize(
+    "name, config",
+    [("sgd", {"momentum": 0.9, "nesterov": True}), ("adamw", {"amsgrad": True}), ("rmsprop", {"centered": True, "momentum": 0.5})],
+    ids=["sgd-nesterov", "adamw-amsgrad", "rmsprop-centered-momentum"],
+)
+def test_optimizer_contract(backend, name, config):
+    from gpunn import optimizers
+
     rng = np.random.default_rng(7)
     P = 9
-    host = {k: _rand(rng, (P,)) for k in ("params", "grads", "s1", "s2", "s3")}
-    host["s2"] = np.abs(host["s2"])  # second moments are non-negative
-    a = Arrays(backend, **host)
-    ref = {k: v.copy() for k, v in host.items()}
-    if rule == "sgd-nesterov":
-        backend.sgd_update(a["params"], a["grads"], a["s1"], 0.1, 0.9, True)
-        numpy_ops.sgd_update(ref["params"], ref["grads"], ref["s1"], 0.1, 0.9, True)
-        updated = ["params", "s1"]
-    elif rule == "adamw":
-        backend.adam_update(a["params"], a["grads"], a["s1"], a["s2"], 0.01, 0.9, 0.999, 1e-7, 3, 0.004)
-        numpy_ops.adam_update(ref["params"], ref["grads"], ref["s1"], ref["s2"], 0.01, 0.9, 0.999, 1e-7, 3, 0.004)
-        updated = ["params", "s1", "s2"]
-    else:
-        ref["s1"] = np.abs(ref["s1"]) + 1  # with |a| < 0.5 below, keeps v - a^2 > 0 (centered form)
-        ref["s2"] = ref["s2"] / 3
-        a = Arrays(backend, **ref)
-        backend.rmsprop_update(a["params"], a["grads"], a["s1"], a["s2"], a["s3"], 0.01, 0.9, 0.5, 1e-7)
-        numpy_ops.rmsprop_update(ref["params"], ref["grads"], ref["s1"], ref["s2"], ref["s3"], 0.01, 0.9, 0.5, 1e-7)
-        updated = ["params", "s1", "s2", "s3"]
+    optimizer = optimizers.get({"name": name, "learning_rate": 0.01, **config})
+    optimizer.build(NumpyBackend(), P, DTYPE)
+    state = np.abs(_rand(rng, optimizer.state.shape))
+    if name == "rmsprop":
+        state[1] /= 3  # keeps v - a^2 > 0 for the centered form
+    a = Arrays(backend, params=_rand(rng, (P,)), grads=_rand(rng, (P,)), state=state)
+    optimizer.iterations = 2
+    backend.optimizer_update(optimizer.code, a["params"], a["grads"], a["state"], optimizer.step_scalars())
     backend.synchronize()
     a.assert_unchanged("grads")
-    for name in updated:
-        np.testing.assert_allclose(a.out(name), ref[name], **TOL, err_msg=name)
+    params, slots = a.host["params"].copy(), {s: state[optimizer.code.slots.index(s)].copy() for s in optimizer.slots}
+    numpy_ops.optimizer_step(name, params, a.host["grads"], slots, optimizer.learning_rate, 3, optimizer.get_config())
+    np.testing.assert_allclose(a.out("params"), params, **TOL)
+    for slot, value in slots.items():
+        np.testing.assert_allclose(a.out("state")[optimizer.code.slots.index(slot)], value, **TOL, err_msg=slot)

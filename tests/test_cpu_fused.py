@@ -87,27 +87,39 @@ def test_loss_grad_matches_reference(dtype, kind, weighted):
 
 
 OPTIMIZER_CASES = {
-    "sgd": lambda impl, p, g, s, t: impl.sgd_update(p, g, None, 0.1, 0.0, False),
-    "sgd_momentum": lambda impl, p, g, s, t: impl.sgd_update(p, g, s[0], 0.1, 0.9, False),
-    "sgd_nesterov": lambda impl, p, g, s, t: impl.sgd_update(p, g, s[0], 0.1, 0.9, True),
-    "adam": lambda impl, p, g, s, t: impl.adam_update(p, g, s[0], s[1], 0.01, 0.9, 0.999, 1e-7, t, 0.0),
-    "adamw": lambda impl, p, g, s, t: impl.adam_update(p, g, s[0], s[1], 0.01, 0.9, 0.999, 1e-7, t, 0.004),
-    "rmsprop": lambda impl, p, g, s, t: impl.rmsprop_update(p, g, s[0], None, None, 0.01, 0.9, 0.0, 1e-7),
-    "rmsprop_centered": lambda impl, p, g, s, t: impl.rmsprop_update(p, g, s[0], s[1], None, 0.01, 0.9, 0.0, 1e-7),
-    "rmsprop_momentum": lambda impl, p, g, s, t: impl.rmsprop_update(p, g, s[0], None, s[2], 0.01, 0.9, 0.5, 1e-7),
+    "sgd": ("sgd", {}),
+    "sgd_momentum": ("sgd", {"momentum": 0.9}),
+    "sgd_nesterov": ("sgd", {"momentum": 0.9, "nesterov": True}),
+    "adam": ("adam", {"learning_rate": 0.01}),
+    "adamw_amsgrad": ("adamw", {"learning_rate": 0.01, "amsgrad": True}),
+    "rmsprop_centered_momentum": ("rmsprop", {"learning_rate": 0.01, "centered": True, "momentum": 0.5}),
+    "nadam": ("nadam", {"learning_rate": 0.01}),
+    "adagrad": ("adagrad", {"learning_rate": 0.01}),
+    "adadelta": ("adadelta", {"learning_rate": 1.0}),
+    "adamax": ("adamax", {"learning_rate": 0.01}),
+    "lion": ("lion", {"learning_rate": 0.01}),
+    "ftrl": ("ftrl", {"learning_rate": 0.1, "l1_regularization_strength": 0.001}),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", sorted(OPTIMIZER_CASES))
+@pytest.mark.parametrize("case", sorted(OPTIMIZER_CASES))
 @pytest.mark.parametrize("size", [37, 70_001])
-def test_optimizer_updates_match_reference(dtype, name, size):
-    final = []
-    for impl in (reference, BACKEND):
-        rng = np.random.default_rng(300)
-        params = rng.standard_normal(size).astype(dtype)
-        slots = [np.zeros(size, dtype) for _ in range(3)]
-        for step in range(1, 4):
-            OPTIMIZER_CASES[name](impl, params, rng.standard_normal(size).astype(dtype), slots, step)
-        final.append(params)
-    np.testing.assert_allclose(final[1], final[0], rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
+def test_optimizer_updates_match_reference(dtype, case, size):
+    """The compiled optimizer pass against numpy_ops.optimizer_step, 3 steps, small and large buffers."""
+    from gpunn import optimizers
+
+    name, config = OPTIMIZER_CASES[case]
+    optimizer = optimizers.get({"name": name, **config})
+    optimizer.build(BACKEND, size, dtype)
+    rng = np.random.default_rng(300)
+    params = rng.standard_normal(size).astype(dtype)
+    expected = params.copy()
+    slots = {k: v.copy() for k, v in optimizer.slots.items()}
+    for step in range(1, 4):
+        grads = rng.standard_normal(size).astype(dtype)
+        reference.optimizer_step(name, expected, grads, slots, optimizer.learning_rate, step, optimizer.get_config())
+        optimizer.apply(params, grads, [(0, size)])
+    np.testing.assert_allclose(params, expected, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
+    for slot, value in slots.items():
+        np.testing.assert_allclose(optimizer.slots[slot], value, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)

@@ -281,85 +281,53 @@ def test_loss_shapes(kind, m, n):
 P = 37  # ragged parameter count
 STEPS = 2
 
+#: One configuration per optimizer code (and flag) the kernels can run.
+OPTIMIZER_CONFIGS = [
+    pytest.param("sgd", {}, id="sgd"),
+    pytest.param("sgd", {"momentum": 0.9}, id="sgd-momentum"),
+    pytest.param("sgd", {"momentum": 0.8, "nesterov": True, "weight_decay": 0.01}, id="sgd-nesterov-wd"),
+    pytest.param("adam", {}, id="adam"),
+    pytest.param("adam", {"amsgrad": True}, id="adam-amsgrad"),
+    pytest.param("adamw", {"weight_decay": 0.05}, id="adamw"),
+    pytest.param("rmsprop", {}, id="rmsprop"),
+    pytest.param("rmsprop", {"centered": True, "momentum": 0.6}, id="rmsprop-centered-momentum"),
+    pytest.param("nadam", {}, id="nadam"),
+    pytest.param("adagrad", {}, id="adagrad"),
+    pytest.param("adadelta", {"learning_rate": 0.5}, id="adadelta"),
+    pytest.param("adamax", {}, id="adamax"),
+    pytest.param("lion", {}, id="lion"),
+    pytest.param("ftrl", {"l1_regularization_strength": 0.01, "l2_regularization_strength": 0.02, "beta": 0.1,
+                          "l2_shrinkage_regularization_strength": 0.03}, id="ftrl"),
+]  # fmt: skip
 
-def optimizer_state(seed, dtype, names):
-    rng = np.random.default_rng(seed)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name,config", OPTIMIZER_CONFIGS)
+def test_optimizer_kernels(name, config, dtype):
+    """``STEPS`` updates with fresh gradients through the kernel and numpy_ops.optimizer_step."""
+    from gpunn import optimizers
+    from gpunn.backend.numpy_backend import NumpyBackend
+
+    config = {"learning_rate": 0.05, **config}
+    optimizer = optimizers.get({"name": name, **config})
+    optimizer.build(NumpyBackend(), P, dtype)  # state layout and initial values (e.g. Adagrad's 0.1)
+    rng = np.random.default_rng(900 + len(name))
     params = rand(rng, (P,), dtype)
-    # second moments positive; centered RMSprop needs v >= a^2 (a variance)
-    state = {name: rand(rng, (P,), dtype, 0.05, 1) for name in names}
-    if "average_grad" in state:
-        state["average_grad"] = rand(rng, (P,), dtype, -0.2, 0.2)
-    return rng, params, state
-
-
-def check_optimizer(update, ref_update, dtype, names, seed, **hyper):
-    """Run ``STEPS`` updates with fresh gradients through the kernel and the reference."""
-    rng, params, state = optimizer_state(seed, dtype, names)
+    state = optimizer.state.copy()
+    state += rand(rng, state.shape, dtype, 0.05, 0.5)  # non-trivial state (second moments positive)
+    if optimizer.slots.keys() >= {"average_gradient"}:
+        state[1] *= 0.3  # the centered form needs v - a^2 > 0
     params_ref = params.copy()
-    state_ref = {k: v.copy() for k, v in state.items()}
+    slots_ref = {slot: state[optimizer.code.slots.index(slot)].copy() for slot in optimizer.slots}
     for step in range(1, STEPS + 1):
         grads = rand(rng, (P,), dtype)
-        extra = {"step": step} if "step" in hyper else {}
-        h = {k: v for k, v in hyper.items() if k != "step"}
-        ref_update(params_ref, grads, *[state_ref.get(k) for k in names_all(update)], **h, **extra)
-        update(params, grads, *[state.get(k) for k in names_all(update)], **h, **extra)
+        optimizer.iterations = step - 1
+        lr = optimizer.learning_rate
+        kernels.optimizer_update(optimizer.code, params, grads, state, optimizer.step_scalars())
+        numpy_ops.optimizer_step(name, params_ref, grads, slots_ref, lr, step, optimizer.get_config())
     assert_close(params, params_ref, dtype, what="params")
-    for k in names:
-        assert_close(state[k], state_ref[k], dtype, what=k)
-
-
-def names_all(update):
-    return {
-        "sgd_update": ["velocity"],
-        "adam_update": ["m", "v"],
-        "rmsprop_update": ["velocity", "average_grad", "momentum_buf"],
-    }[update.__name__]
-
-
-SGD_CASES = [
-    pytest.param([], {"momentum": 0.0, "nesterov": False}, id="plain"),
-    pytest.param(["velocity"], {"momentum": 0.9, "nesterov": False}, id="momentum"),
-    pytest.param(["velocity"], {"momentum": 0.8, "nesterov": True}, id="nesterov"),
-]
-ADAM_CASES = [
-    pytest.param(["m", "v"], {"weight_decay": 0.0}, id="adam"),
-    pytest.param(["m", "v"], {"weight_decay": 0.05}, id="adamw"),
-]
-RMSPROP_CASES = [
-    pytest.param(["velocity"], {"momentum": 0.0}, id="plain"),
-    pytest.param(["velocity", "average_grad"], {"momentum": 0.0}, id="centered"),
-    pytest.param(["velocity", "momentum_buf"], {"momentum": 0.7}, id="momentum"),
-    pytest.param(["velocity", "average_grad", "momentum_buf"], {"momentum": 0.6}, id="centered-momentum"),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("names,hyper", SGD_CASES)
-def test_sgd(names, hyper, dtype):
-    check_optimizer(kernels.sgd_update, numpy_ops.sgd_update, dtype, names, 900 + len(names), lr=0.05, **hyper)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("names,hyper", ADAM_CASES)
-def test_adam(names, hyper, dtype):
-    check_optimizer(
-        kernels.adam_update, numpy_ops.adam_update, dtype, names, 910, lr=0.01, beta1=0.9, beta2=0.999,
-        epsilon=1e-7, step=None, **hyper,
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("names,hyper", RMSPROP_CASES)
-def test_rmsprop(names, hyper, dtype):
-    check_optimizer(
-        kernels.rmsprop_update, numpy_ops.rmsprop_update, dtype, names, 920 + len(names), lr=0.01, rho=0.9,
-        epsilon=1e-7, **hyper,
-    )  # fmt: skip
-
-
-# --------------------------------------------------------------------------
-# argument checking (no launch)
-# --------------------------------------------------------------------------
+    for slot, value in slots_ref.items():
+        assert_close(state[optimizer.code.slots.index(slot)], value, dtype, what=slot)
 
 
 def _f(*shape, dtype=np.float32):
@@ -396,12 +364,13 @@ BAD_CALLS = [
     pytest.param(lambda: kernels.loss_grad(codes.LOSS_MSE, _f(4, 3), _f(4, 3), None, None, _f(3)), "sums",
                  id="loss-sums"),
     pytest.param(lambda: kernels.loss_grad(42, _f(4, 3), _f(4, 3), None, None, _f(2)), "kind", id="loss-kind"),
-    pytest.param(lambda: kernels.sgd_update(_f(5), _f(4), None, 0.1, 0.0, False), "grads", id="sgd-grads"),
-    pytest.param(lambda: kernels.sgd_update(_f(5), _f(5), None, 0.1, 0.9, False), "velocity", id="sgd-velocity"),
-    pytest.param(lambda: kernels.adam_update(_f(5), _f(5), _f(5), _f(6), 0.1, 0.9, 0.99, 1e-7, 1, 0.0), "v",
-                 id="adam-v"),
-    pytest.param(lambda: kernels.rmsprop_update(_f(5), _f(5), _f(5), _f(4), None, 0.1, 0.9, 0.0, 1e-7),
-                 "average_grad", id="rmsprop-average"),
+    pytest.param(lambda: kernels.optimizer_update(codes.Opt.SGD, _f(5), _f(4), _f(1, 5), (0.0,) * 8), "grads",
+                 id="opt-grads"),
+    pytest.param(lambda: kernels.optimizer_update(codes.Opt.ADAM, _f(5), _f(5), _f(2, 6), (0.0,) * 8), "state",
+                 id="opt-state"),
+    pytest.param(lambda: kernels.optimizer_update(codes.Opt.ADAM, _f(5), _f(5), _f(2, 5), (0.0,) * 3), "hyper",
+                 id="opt-hyper"),
+    pytest.param(lambda: kernels.optimizer_update(77, _f(5), _f(5), _f(2, 5), (0.0,) * 8), "opt", id="opt-code"),
 ]  # fmt: skip
 
 
@@ -436,8 +405,8 @@ def test_cuda_backend_matches_numpy_backend():
         sums = be.zeros(2, np.float64)
         grad = be.zeros((6, 4), np.float64)
         be.loss_grad(codes.LOSS_SOFTMAX_CCE, y, p, None, grad, sums)
-        params, m, v = be.asarray(w.copy().ravel()), be.zeros(72, np.float64), be.zeros(72, np.float64)
-        be.adam_update(params, dw.ravel(), m, v, 0.01, 0.9, 0.999, 1e-7, 1, 0.0)
+        params, state = be.asarray(w.copy().ravel()), be.zeros((2, 72), np.float64)
+        be.optimizer_update(codes.Opt.ADAM, params, dw.ravel(), state, (1.0, 0.01, 0.1, 0.001, 1e-7, 0.0, 0.0, 0.0))
         be.synchronize()
         out[be.name] = [be.to_numpy(a) for a in (y, z, dx, dw, db, p, g, sums, grad, params)]
     for got, want in zip(out["cuda"], out["numpy"]):

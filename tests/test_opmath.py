@@ -137,15 +137,17 @@ def test_cuda_kernels_match_cpu_passes_bit_for_bit(act, kernel_path):
 @pytest.mark.parametrize("kind", [k for k in LossKind if k.elementwise], ids=lambda k: k.name.lower())
 def test_elementwise_losses_from_python_and_cpu_agree(kind):
     rng = np.random.default_rng(int(kind))
-    p = rng.uniform(0.05, 0.95, (4, 3)).astype(np.float32) if kind == LossKind.BCE else rng.standard_normal((4, 3)).astype(np.float32)
+    positive = kind in (LossKind.BCE, LossKind.POISSON, LossKind.MSLE, LossKind.KL_DIVERGENCE)
+    p = rng.uniform(0.05, 0.95, (4, 3)).astype(np.float32) if positive else rng.standard_normal((4, 3)).astype(np.float32)
     t = (rng.uniform(size=(4, 3)) > 0.5).astype(np.float32)
     grad = np.full_like(p, np.nan)
     sums = np.zeros(2, np.float64)
-    cpu_fused.loss_grad(kind, p, t, p[:, 0], False, grad, True, sums)
+    cpu_fused.loss_grad(kind, p, t, p[:, 0], False, grad, True, sums, 0.7)
     element = opmath.loss_function(kind)
-    values = [[element(pv, tv) for pv, tv in zip(pr, tr)] for pr, tr in zip(p, t)]
-    loss = sum(float(v[0]) for row in values for v in row) / p.shape[1]
-    expected_grad = np.array([[v[1] for v in row] for row in values], np.float32) / np.float32(p.size)
+    values = [[element(pv, tv, np.float32(0.7)) for pv, tv in zip(pr, tr)] for pr, tr in zip(p, t)]
+    per_row = 1 if kind.summed else p.shape[1]
+    loss = sum(float(v[0]) for row in values for v in row) / per_row
+    expected_grad = np.array([[v[1] for v in row] for row in values], np.float32) / np.float32(p.shape[0] * per_row)
     assert sums[0] == pytest.approx(loss, rel=1e-6)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-6)
     assert math.isfinite(sums[1])

@@ -88,7 +88,7 @@ def test_a_stand_in_backend_sees_every_numeric_call():
     assert model.backend is real and model.optimizer.iterations == 1
     assert proxy.calls.count("take_rows") == 2
     assert proxy.calls.count("linear_forward") == 2 and proxy.calls.count("linear_backward") == 2
-    assert "loss_grad" in proxy.calls and "softmax" in proxy.calls and proxy.calls[-1] == "adam_update"
+    assert "loss_grad" in proxy.calls and "softmax" in proxy.calls and proxy.calls[-1] == "optimizer_update"
 
 
 class CountingBackend(NumpyBackend):

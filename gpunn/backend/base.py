@@ -93,7 +93,7 @@ class Backend:
         Jacobian-vector product from its output y, read only).  Returns ``g``."""
         raise NotImplementedError
 
-    def loss_grad(self, kind, pred, target, weight, grad, sums):
+    def loss_grad(self, kind, pred, target, weight, grad, sums, param=0.0):
         """Loss, gradient and hit count of one batch; returns ``sums``.
 
         Read only: pred (M, N) (logits for the kinds that fold an output
@@ -101,23 +101,19 @@ class Backend:
         kinds, weight (M,) or None.  Written: grad (M, N) ``dL/dpred`` of
         ``L = sum_i w_i l_i / M``, skipped when None.  Updated: sums (2,)
         ``sums[0] += sum_i w_i l_i``, ``sums[1] += sum_i hit_i`` (unweighted,
-        classification kinds only).
+        classification kinds only).  param: the kind's parameter (``kind.param``,
+        e.g. Huber's delta), ignored by kinds without one.
         """
         raise NotImplementedError
 
-    def sgd_update(self, params, grads, velocity, lr, momentum, nesterov):
-        """Updated in place: params (P,), velocity (P,) (None allowed when momentum
-        is 0). Read only: grads (P,)."""
-        raise NotImplementedError
+    def optimizer_update(self, opt, params, grads, state, hyper):
+        """One optimizer step over flat buffers, element by element (``opmath.<opt.step>``).
 
-    def adam_update(self, params, grads, m, v, lr, beta1, beta2, epsilon, step, weight_decay):
-        """Updated in place: params, m, v (P,). Read only: grads (P,). ``step`` is the
-        1-based update count; ``weight_decay > 0`` is AdamW's decoupled decay."""
-        raise NotImplementedError
-
-    def rmsprop_update(self, params, grads, velocity, average_grad, momentum_buf, lr, rho, momentum, epsilon):
-        """Updated in place: params, velocity (P,), average_grad (P,) when centered (else
-        None), momentum_buf (P,) when momentum > 0 (else None). Read only: grads (P,)."""
+        opt: a :class:`gpunn.codes.Opt`.  Updated in place: params (P,) and
+        state (S, P), one row per slot of ``opt.slots`` up to the last the
+        optimizer uses.  Read only: grads (P,).  hyper: the step's
+        ``opmath.OPTIMIZER_SCALARS`` host floats (the Optimizer computes them).
+        """
         raise NotImplementedError
 
     def __repr__(self):

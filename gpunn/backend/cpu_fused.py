@@ -91,7 +91,7 @@ def needs_preactivation(act):
     raise NotImplementedError("compiled code only")
 
 
-def loss_element(kind, p, t):
+def loss_element(kind, p, t, param):
     """``(loss, dloss/dp, hit)`` of an elementwise loss kind (compiled code only)."""
     raise NotImplementedError("compiled code only")
 
@@ -120,9 +120,9 @@ def _needs_preactivation(act):
 
 
 @overload(loss_element, inline="always")
-def _loss_element(kind, p, t):
+def _loss_element(kind, p, t, param):
     element = opmath.loss_function(_literal_code(kind, "kind"))
-    return lambda kind, p, t: element(p, t)
+    return lambda kind, p, t, param: element(p, t, param)
 
 
 @overload(loss_row, inline="always")
@@ -246,12 +246,17 @@ def column_sums(g, out):
 
 
 @_specialised(0)
-def loss_grad_elementwise(kind, pred, target, weight, has_weight, grad, has_grad, sums):
-    """Elementwise loss kinds (see numpy_ops.loss_grad): one pass over (M, N)."""
+def loss_grad_elementwise(kind, pred, target, weight, has_weight, grad, has_grad, sums, param, divisor):
+    """Elementwise loss kinds (see numpy_ops.loss_grad): one pass over (M, N).
+
+    The row loss is the sum of the elements over ``divisor`` (N for the kinds
+    that average over outputs, 1 for those that sum); ``param`` is the kind's
+    parameter in pred's dtype.
+    """
     numba.literally(kind)
     m, n = pred.shape
     one = pred.dtype.type(1)
-    per_row = pred.dtype.type(m * n)
+    per_row = pred.dtype.type(m * divisor)
     loss_total = 0.0
     hit_total = 0.0
     for i in range(m):
@@ -260,12 +265,12 @@ def loss_grad_elementwise(kind, pred, target, weight, has_weight, grad, has_grad
         row = 0.0
         hits = 0.0
         for j in range(n):
-            loss, dloss, hit = loss_element(kind, pred[i, j], target[i, j])
+            loss, dloss, hit = loss_element(kind, pred[i, j], target[i, j], param)
             row += loss
             hits += hit
             if has_grad:
                 grad[i, j] = dloss * gscale
-        loss_total += w * (row / n)
+        loss_total += w * (row / divisor)
         hit_total += hits / n
     sums[0] += loss_total
     sums[1] += hit_total
@@ -289,55 +294,38 @@ def loss_grad_rows(kind, pred, target, weight, has_weight, grad, has_grad, sums)
     sums[1] += hit_total
 
 
-def loss_grad(kind, pred, target, weight, has_weight, grad, has_grad, sums):
+def loss_grad(kind, pred, target, weight, has_weight, grad, has_grad, sums, param=0.0):
     """Loss + gradient + hit count of one batch; target (M, N), or (M, 1) labels for sparse kinds."""
     kind = LossKind(kind)
-    run = loss_grad_elementwise if kind.elementwise else loss_grad_rows
-    run(kind, pred, target, weight, has_weight, grad, has_grad, sums)
+    if kind.elementwise:
+        divisor = 1 if kind.summed else pred.shape[1]
+        args = (kind, pred, target, weight, has_weight, grad, has_grad, sums, pred.dtype.type(param), divisor)
+        loss_grad_elementwise(*args)
+    else:
+        loss_grad_rows(kind, pred, target, weight, has_weight, grad, has_grad, sums)
 
 
 # ------------------------------------------------------------------- optimizers
-# Serial loops on purpose: Numba's thread pool and OpenBLAS's spinning threads
+# A serial loop on purpose: Numba's thread pool and OpenBLAS's spinning threads
 # fight over the cores when both are active in one training step (measured
 # 6x slower on 2 cores); the update is a single memory-bound pass anyway.
 
 
-@numba.njit(**_JIT)
-def sgd_update(params, grads, velocity, lr, momentum, use_momentum, nesterov):
-    """``opmath.sgd_step`` over flat (P,) buffers (velocity unused without momentum)."""
-    T = params.dtype.type
-    rate, mom = T(lr), T(momentum)
+def optimizer_step(opt, p, g, state, k, h):
+    """One element's update for a literal optimizer code (compiled code only)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(optimizer_step, inline="always")
+def _optimizer_step(opt, p, g, state, k, h):
+    step = opmath.optimizer_step(_literal_code(opt, "opt"))
+    return lambda opt, p, g, state, k, h: step(p, g, state, k, h)
+
+
+@_specialised(0)
+def optimizer_update(opt, params, grads, state, h):
+    """``params[k] = step(params[k], grads[k], state, k, h)`` over flat (P,) buffers; state (S, P)
+    is updated in place; h is the step's scalars in the parameters' dtype (see ``opmath``)."""
+    numba.literally(opt)
     for k in range(params.shape[0]):
-        v = velocity[k] if use_momentum else T(0)
-        p, v = opmath.sgd_step(params[k], grads[k], v, rate, mom, use_momentum, nesterov)
-        params[k] = p
-        if use_momentum:
-            velocity[k] = v
-
-
-@numba.njit(**_JIT)
-def adam_update(params, grads, m, v, decay, lr_t, one_m_beta1, one_m_beta2, epsilon):
-    """``opmath.adam_step`` over flat (P,) buffers, scalars from ``opmath.adam_scalars``."""
-    T = params.dtype.type
-    dc, step, k1, k2, eps = T(decay), T(lr_t), T(one_m_beta1), T(one_m_beta2), T(epsilon)
-    for k in range(params.shape[0]):
-        params[k], m[k], v[k] = opmath.adam_step(params[k], grads[k], m[k], v[k], dc, step, k1, k2, eps)
-
-
-@numba.njit(**_JIT)
-def rmsprop_update(params, grads, velocity, average_grad, centered, momentum_buf, use_momentum, lr, rho, momentum, epsilon):
-    """``opmath.rmsprop_step`` over flat (P,) buffers (average_grad / momentum_buf
-    are read and written only when ``centered`` / ``use_momentum``)."""
-    T = params.dtype.type
-    rate, r, keep, mom, eps = T(lr), T(rho), T(1.0 - rho), T(momentum), T(epsilon)
-    zero = T(0)
-    for k in range(params.shape[0]):
-        a = average_grad[k] if centered else zero
-        mb = momentum_buf[k] if use_momentum else zero
-        p, vk, a, mb = opmath.rmsprop_step(params[k], grads[k], velocity[k], a, mb, rate, r, keep, mom, eps, centered, use_momentum)
-        params[k] = p
-        velocity[k] = vk
-        if centered:
-            average_grad[k] = a
-        if use_momentum:
-            momentum_buf[k] = mb
+        params[k] = optimizer_step(opt, params[k], grads[k], state, k, h)

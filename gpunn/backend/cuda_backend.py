@@ -114,24 +114,11 @@ class CudaBackend(Backend):
         g *= y
         return g
 
-    def loss_grad(self, kind, pred, target, weight, grad, sums):
+    def loss_grad(self, kind, pred, target, weight, grad, sums, param=0.0):
         d = self._dev
-        kernels.loss_grad(kind, d(pred), d(target), d(weight), d(grad), d(sums), stream=self._stream())
+        kernels.loss_grad(kind, d(pred), d(target), d(weight), d(grad), d(sums), param, stream=self._stream())
         return sums
 
-    def sgd_update(self, params, grads, velocity, lr, momentum, nesterov):
+    def optimizer_update(self, opt, params, grads, state, hyper):
         d = self._dev
-        kernels.sgd_update(d(params), d(grads), d(velocity), lr, momentum, nesterov, stream=self._stream())
-
-    def adam_update(self, params, grads, m, v, lr, beta1, beta2, epsilon, step, weight_decay):
-        d = self._dev
-        kernels.adam_update(
-            d(params), d(grads), d(m), d(v), lr, beta1, beta2, epsilon, step, weight_decay, stream=self._stream()
-        )
-
-    def rmsprop_update(self, params, grads, velocity, average_grad, momentum_buf, lr, rho, momentum, epsilon):
-        d = self._dev
-        kernels.rmsprop_update(
-            d(params), d(grads), d(velocity), d(average_grad), d(momentum_buf), lr, rho, momentum, epsilon,
-            stream=self._stream(),
-        )  # fmt: skip
+        kernels.optimizer_update(opt, d(params), d(grads), d(state), hyper, stream=self._stream())

@@ -13,10 +13,9 @@ import threading
 
 import numpy as np
 
-from gpunn import opmath
 from gpunn.backend import cpu_fused, numpy_ops
 from gpunn.backend.base import Backend
-from gpunn.codes import Act
+from gpunn.codes import Act, Opt
 
 #: Distinct (shape, dtype) scratch buffers a thread keeps before starting over.
 _SCRATCH_SHAPES = 16
@@ -109,7 +108,7 @@ class NumpyBackend(Backend):
             zeros = self._zero_cache[key] = np.zeros(n, dtype)
         return zeros
 
-    def loss_grad(self, kind, pred, target, weight, grad, sums):
+    def loss_grad(self, kind, pred, target, weight, grad, sums, param=0.0):
         none = _NO_VECTOR[pred.dtype]
         target2d = target.reshape(target.shape[0], -1)
         if target2d.dtype != pred.dtype:  # integer class labels: the loss pass reads pred's dtype
@@ -123,35 +122,13 @@ class NumpyBackend(Backend):
             pred if grad is None else grad,
             grad is not None,
             sums,
+            param,
         )
         return sums
 
-    def sgd_update(self, params, grads, velocity, lr, momentum, nesterov):
-        use_momentum = momentum != 0
-        cpu_fused.sgd_update(
-            params, grads, velocity if use_momentum else params, float(lr), float(momentum), use_momentum,
-            bool(nesterov) and use_momentum,
-        )  # fmt: skip
-
-    def adam_update(self, params, grads, m, v, lr, beta1, beta2, epsilon, step, weight_decay):
-        cpu_fused.adam_update(params, grads, m, v, *opmath.adam_scalars(lr, beta1, beta2, epsilon, step, weight_decay))
-
-    def rmsprop_update(self, params, grads, velocity, average_grad, momentum_buf, lr, rho, momentum, epsilon):
-        centered = average_grad is not None
-        use_momentum = momentum_buf is not None and momentum > 0
-        cpu_fused.rmsprop_update(
-            params,
-            grads,
-            velocity,
-            average_grad if centered else velocity,
-            centered,
-            momentum_buf if use_momentum else velocity,
-            use_momentum,
-            float(lr),
-            float(rho),
-            float(momentum),
-            float(epsilon),
-        )
+    def optimizer_update(self, opt, params, grads, state, hyper):
+        T = params.dtype.type
+        cpu_fused.optimizer_update(Opt(opt), params, grads, state, tuple(T(v) for v in hyper))
 
     softmax = staticmethod(numpy_ops.softmax)
     softmax_backward = staticmethod(numpy_ops.softmax_backward)

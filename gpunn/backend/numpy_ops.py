@@ -258,16 +258,110 @@ def _row_weights(weight, m, dtype):
     return weight
 
 
-def loss_grad(kind, pred, target, weight, grad, sums):
+def _mse(p, t, param, eps):
+    return (p - t) ** 2, 2 * (p - t)
+
+
+def _mae(p, t, param, eps):
+    return np.abs(p - t), np.sign(p - t)
+
+
+def _huber(p, t, delta, eps):
+    e = p - t
+    quadratic = np.minimum(np.abs(e), delta)
+    return 0.5 * quadratic**2 + delta * (np.abs(e) - quadratic), np.where(np.abs(e) <= delta, e, delta * np.sign(e))
+
+
+def _log_cosh(p, t, param, eps):
+    e = (p - t).astype(np.float64)
+    return np.log(np.cosh(e)).astype(p.dtype), np.tanh(e).astype(p.dtype)
+
+
+def _poisson(p, t, param, eps):
+    return p - t * np.log(p + eps), 1 - t / (p + eps)
+
+
+def _hinge(p, t, param, eps):
+    margin = 1 - t * p
+    return np.maximum(margin, 0), np.where(margin > 0, -t, 0).astype(p.dtype)
+
+
+def _squared_hinge(p, t, param, eps):
+    margin = np.maximum(1 - t * p, 0)
+    return margin**2, -2 * t * margin
+
+
+def _mape(p, t, param, eps):
+    scale = 100 / np.maximum(np.abs(t), eps)
+    return np.abs(t - p) * scale, np.sign(p - t) * scale
+
+
+def _msle(p, t, param, eps):
+    d = np.log(np.maximum(p, eps) + 1) - np.log(np.maximum(t, eps) + 1)
+    return d**2, np.where(p > eps, 2 * d / (p + 1), 0).astype(p.dtype)
+
+
+def _kl_divergence(p, t, param, eps):
+    tc, pc = np.clip(t, eps, 1), np.clip(p, eps, 1)
+    return tc * np.log(tc / pc), np.where((p > eps) & (p < 1), -tc / pc, 0).astype(p.dtype)
+
+
+def _categorical_hinge(p, t, param, eps):
+    """Row losses in column 0 (the rest 0) and the gradient, as (M, N) arrays."""
+    positive = (t * p).sum(axis=1)
+    wrong = (1 - t) * p
+    best = wrong.argmax(axis=1)
+    loss = np.maximum(wrong.max(axis=1) - positive + 1, 0)
+    slope = -t.copy()
+    slope[np.arange(p.shape[0]), best] += 1 - t[np.arange(p.shape[0]), best]
+    slope *= (loss > 0)[:, None]
+    values = np.zeros_like(p)
+    values[:, 0] = loss
+    return values, slope
+
+
+def _cosine_similarity(p, t, param, eps):
+    """Row losses in column 0 and the gradient of ``-t_hat . p_hat`` (x_hat = x / sqrt(max(|x|^2, 1e-12)))."""
+    p64, t64 = p.astype(np.float64), t.astype(np.float64)
+    p_norm = np.sqrt(np.maximum((p64 * p64).sum(axis=1, keepdims=True), 1e-12))
+    t_hat = t64 / np.sqrt(np.maximum((t64 * t64).sum(axis=1, keepdims=True), 1e-12))
+    cosine = (t_hat * p64).sum(axis=1, keepdims=True) / p_norm
+    floored = (p64 * p64).sum(axis=1, keepdims=True) <= 1e-12
+    slope = -t_hat / p_norm + np.where(floored, 0, cosine * p64 / p_norm**2)
+    values = np.zeros_like(p64)
+    values[:, :1] = -cosine
+    return values.astype(p.dtype), slope.astype(p.dtype)
+
+
+#: Keras 3's losses other than the cross-entropies: (values, d values / d pred).
+_KERAS_LOSSES = {
+    codes.LossKind.MSE: _mse,
+    codes.LossKind.MAE: _mae,
+    codes.LossKind.HUBER: _huber,
+    codes.LossKind.LOG_COSH: _log_cosh,
+    codes.LossKind.POISSON: _poisson,
+    codes.LossKind.HINGE: _hinge,
+    codes.LossKind.SQUARED_HINGE: _squared_hinge,
+    codes.LossKind.MAPE: _mape,
+    codes.LossKind.MSLE: _msle,
+    codes.LossKind.KL_DIVERGENCE: _kl_divergence,
+    codes.LossKind.CATEGORICAL_HINGE: _categorical_hinge,
+    codes.LossKind.COSINE_SIMILARITY: _cosine_similarity,
+}
+
+
+def loss_grad(kind, pred, target, weight, grad, sums, param=0.0):
     """Loss and its gradient in one pass.
 
     pred: (M, N) logits (kinds ``LOSS_SIGMOID_BCE``/``LOSS_SOFTMAX_*``) or
     model outputs (the rest). target: (M, N) floats, or (M,) integer class
     indices for the sparse kinds. weight: (M,) sample weights or None (ones).
 
-    With l_i the loss of row i (the mean over the N outputs for BCE, MSE and
-    MAE; the sum over classes for cross-entropies), the batch loss is
-    ``L = sum_i w_i l_i / M`` (Keras's sum-over-batch-size reduction).
+    With l_i the loss of row i (the mean over the N outputs for the
+    elementwise kinds, the sum for KL divergence; the row's value for
+    cross-entropies, categorical hinge and cosine similarity), the batch loss
+    is ``L = sum_i w_i l_i / M`` (Keras's sum-over-batch-size reduction).
+    param: the kind's parameter (Huber's delta).
 
     grad: (M, N) output ``dL/dpred``, or None to skip it.
     sums: array of 2 accumulated in place: ``sums[0] += sum_i w_i l_i`` and,
@@ -340,17 +434,12 @@ def loss_grad(kind, pred, target, weight, grad, sums):
             grad += tm.sum(axis=1, keepdims=True) / s
             grad *= (w / dt.type(m))[:, None]
         correct = pred.argmax(axis=1) == t.argmax(axis=1)
-    elif kind == codes.LOSS_MSE:
-        diff = pred - target
-        rows = (diff * diff).mean(axis=1)
+    elif kind in _KERAS_LOSSES:
+        values, slope = _KERAS_LOSSES[kind](pred, target.astype(dt, copy=False), dt.type(param), eps)
+        summed = codes.loss_kind(kind).summed or not codes.loss_kind(kind).elementwise
+        rows = values.sum(axis=1) if summed else values.mean(axis=1)
         if grad is not None:
-            np.multiply(diff, (2 * w / dt.type(m * n))[:, None], out=grad)
-    elif kind == codes.LOSS_MAE:
-        diff = pred - target
-        rows = np.abs(diff).mean(axis=1)
-        if grad is not None:
-            np.sign(diff, out=grad)
-            grad *= (w / dt.type(m * n))[:, None]
+            np.multiply(slope, (w / dt.type(m if summed else m * n))[:, None], out=grad)
     else:
         raise ValueError(f"unknown loss code {kind!r}")
     sums[0] += np.dot(w, rows.astype(dt, copy=False))
@@ -432,3 +521,98 @@ def rmsprop_update(params, grads, velocity, average_grad, momentum_buf, lr, rho,
         params -= momentum_buf
     else:
         params -= denom
+
+
+def optimizer_step(name, params, grads, slots, lr, t, config):
+    """One step of optimizer ``name`` in place, from its Keras config (the reference for every optimizer).
+
+    params, grads: flat (P,) arrays; slots: the state arrays by Keras slot
+    name (updated in place); lr: this step's learning rate; t: the 1-based
+    step count; config: ``Optimizer.get_config()``.  Written from Keras 3's
+    update rules in whole-array NumPy, independently of gpunn.opmath.
+    Weight decay, when set, is applied first: ``p -= p * wd * lr``.
+    """
+    dt = params.dtype.type
+    c = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    g = grads.astype(params.dtype)
+    if c.get("weight_decay"):
+        params -= params * dt(c["weight_decay"]) * dt(lr)
+    lr = dt(lr)
+    if name == "sgd":
+        if c["momentum"] == 0:
+            params -= lr * g
+            return
+        v = slots["velocity"]
+        v[...] = -g * lr + v * dt(c["momentum"])
+        params += (-g * lr + v * dt(c["momentum"])) if c["nesterov"] else v
+    elif name in ("adam", "adamw"):
+        b1, b2 = dt(c["beta_1"]), dt(c["beta_2"])
+        alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        m, v = slots["m"], slots["v"]
+        m += (g - m) * (1 - b1)
+        v += (g * g - v) * (1 - b2)
+        if c["amsgrad"]:
+            np.maximum(slots["v_hat"], v, out=slots["v_hat"])
+            v = slots["v_hat"]
+        params -= m * alpha / (np.sqrt(v) + dt(c["epsilon"]))
+    elif name == "rmsprop":
+        rho = dt(c["rho"])
+        vel = slots["velocity"]
+        vel[...] = rho * vel + (1 - rho) * g * g
+        denominator = vel + dt(c["epsilon"])
+        if c["centered"]:
+            avg = slots["average_gradient"]
+            avg[...] = rho * avg + (1 - rho) * g
+            denominator = vel - avg * avg + dt(c["epsilon"])
+        increment = lr * g / np.sqrt(denominator)
+        if c["momentum"] > 0:
+            mom = slots["momentum"]
+            mom[...] = dt(c["momentum"]) * mom + increment
+            params -= mom
+        else:
+            params -= increment
+    elif name == "nadam":
+        b1, b2 = float(c["beta_1"]), float(c["beta_2"])
+        u = [b1 * (1 - 0.5 * 0.96**s) for s in range(1, t + 2)]
+        u_product = float(np.prod(u[:t]))
+        m, v = slots["m"], slots["v"]
+        m += (g - m) * dt(1 - b1)
+        v += (g * g - v) * dt(1 - b2)
+        m_hat = dt(u[t]) * m / dt(1 - u_product * u[t]) + dt(1 - u[t - 1]) * g / dt(1 - u_product)
+        v_hat = v / dt(1 - b2**t)
+        params -= m_hat * lr / (np.sqrt(v_hat) + dt(c["epsilon"]))
+    elif name == "adagrad":
+        acc = slots["accumulator"]
+        acc += g * g
+        params -= lr * g / np.sqrt(acc + dt(c["epsilon"]))
+    elif name == "adadelta":
+        rho, eps = dt(c["rho"]), dt(c["epsilon"])
+        ag, adv = slots["accumulated_grad"], slots["accumulated_delta_var"]
+        ag[...] = rho * ag + (1 - rho) * g * g
+        delta = -np.sqrt(adv + eps) * g / np.sqrt(ag + eps)
+        adv[...] = rho * adv + (1 - rho) * delta * delta
+        params += lr * delta
+    elif name == "adamax":
+        b1, b2 = dt(c["beta_1"]), dt(c["beta_2"])
+        m, u = slots["m"], slots["u"]
+        m += (g - m) * (1 - b1)
+        np.maximum(b2 * u, np.abs(g), out=u)
+        params -= lr * m / ((1 - b1**t) * (u + dt(c["epsilon"])))
+    elif name == "lion":
+        b1, b2 = dt(c["beta_1"]), dt(c["beta_2"])
+        m = slots["m"]
+        params -= lr * np.sign(m * b1 + g * (1 - b1))
+        m[...] = m * b2 + g * (1 - b2)
+    elif name == "ftrl":
+        power = dt(c["learning_rate_power"])
+        l1 = dt(c["l1_regularization_strength"])
+        l2 = dt(c["l2_regularization_strength"]) + dt(c["beta"]) / (2 * lr)
+        acc, linear = slots["accumulator"], slots["linear"]
+        g_shrunk = g + 2 * dt(c["l2_shrinkage_regularization_strength"]) * params
+        new_acc = acc + g * g
+        linear += g_shrunk - (new_acc ** (-power) - acc ** (-power)) / lr * params
+        quadratic = new_acc ** (-power) / lr + 2 * l2
+        params[...] = (np.clip(linear, -l1, l1) - linear) / quadratic
+        acc[...] = new_acc
+    else:
+        raise ValueError(f"unknown optimizer {name!r}")
