@@ -86,6 +86,15 @@ def test_files_written_before_the_split_still_load():
     np.testing.assert_array_equal(same.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+def test_loading_draws_no_random_numbers():
+    """load_model builds without running the initializers: the seeded stream is untouched."""
+    gpunn.set_seed(11)
+    expected = gpunn.random.generator().random(3)
+    gpunn.set_seed(11)
+    gpunn.load_model(DATA / "legacy_v1.gpunn")
+    np.testing.assert_array_equal(gpunn.random.generator().random(3), expected)
+
+
 def test_a_layer_belongs_to_one_model():
     shared = Dense(3, input_dim=2)
     first = gpunn.Sequential([shared], name="first")
