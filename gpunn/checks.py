@@ -135,23 +135,25 @@ def boolean(value, argument: str) -> bool:
     raise TypeError(f"{argument}: expected a bool, got {value!r}")
 
 
+def _range_text(minimum, allow_minimum, below) -> str:
+    """How a range reads in an error: "a positive number", "a number in [0, 1)", ..."""
+    if below is not None:
+        low = "" if minimum is None else f"{'[' if allow_minimum else '('}{minimum:g}, "
+        return f"a number in {low}{below:g})" if low else f"a number < {below:g}"
+    if minimum == 0:
+        return f"a {'non-negative' if allow_minimum else 'positive'} number"
+    return f"a number {'>=' if allow_minimum else '>'} {minimum:g}"
+
+
 def number(value, argument: str, minimum=None, allow_minimum=True, below=None) -> float:
     """A finite real number as a float, optionally ``>= minimum`` (``> minimum`` without
     ``allow_minimum``) and ``< below``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{argument}: expected a finite number, got {value!r}")
     value = float(value)
-    if minimum is not None and (value < minimum or (value == minimum and not allow_minimum)):
-        if below is not None:
-            low = f"{'[' if allow_minimum else '('}{minimum:g}"
-            raise ValueError(f"{argument}: expected a number in {low}, {below:g}), got {value!r}")
-        if minimum == 0:
-            kind = "non-negative" if allow_minimum else "positive"
-            raise ValueError(f"{argument}: expected a {kind} number, got {value!r}")
-        raise ValueError(f"{argument}: expected a number {'>=' if allow_minimum else '>'} {minimum}, got {value!r}")
-    if below is not None and value >= below:
-        low = "" if minimum is None else f"{'[' if allow_minimum else '('}{minimum:g}, "
-        raise ValueError(f"{argument}: expected a number in {low}{below:g}), got {value!r}")
+    too_low = minimum is not None and (value < minimum or (value == minimum and not allow_minimum))
+    if too_low or (below is not None and value >= below):
+        raise ValueError(f"{argument}: expected {_range_text(minimum, allow_minimum, below)}, got {value!r}")
     return value
 
 

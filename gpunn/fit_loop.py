@@ -31,8 +31,10 @@ from gpunn.callbacks import CallbackList, History, TerminateOnNaN
 from gpunn.progress import EpochProgress
 from gpunn.random import generator
 
-#: candidate states kept per replay while searching backwards for the last good one
+#: candidate states kept by the first replay while searching backwards for the last good one;
+#: each further replay keeps twice as many, up to _MAX_REPLAY_WINDOW device copies of the state
 _REPLAY_WINDOW = 4
+_MAX_REPLAY_WINDOW = 64
 #: rows per forward pass when checking a candidate state's predictions (fewer, larger launches)
 _CHECK_BATCH = 1024
 
@@ -109,9 +111,10 @@ class Divergence:
         non-finite or None), s None when no state qualifies."""
         trainer = self.trainer
         index = self.data.batch_index(start.order)
-        bad_update = None
+        bad_update, size = None, _REPLAY_WINDOW
         while last >= 0:
-            first = max(0, last - _REPLAY_WINDOW + 1)
+            first = max(0, last - size + 1)
+            size = min(2 * size, _MAX_REPLAY_WINDOW)
             start.snapshot.restore(trainer)
             acc = trainer.accumulators()
             self._replay(first, index, acc)

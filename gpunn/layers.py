@@ -191,12 +191,12 @@ class Dense(Layer):
     def backward(self, backend, x, dy, y, z, dx, activation=None):
         """Backward through :meth:`call`: gradients into ``kernel_grad``, ``bias_grad`` and ``dx``.
 
-        dy: (B, units), dL/dy on entry; its contents afterwards are
-        unspecified (a backend may reuse it as scratch).  x, y, z: the
-        forward's input, output and pre-activation.  dx: (B, in) receives
-        dL/dx, or None for the first layer.  Softmax's Jacobian is applied to
-        ``dy`` first (``dz = y * (dy - sum(dy * y))`` per row), then the rest
-        is a linear layer's backward.
+        dy: (B, units), dL/dy.  x, y, z: the forward's input, output and
+        pre-activation.  dx: (B, in) receives dL/dx, or None for the first
+        layer.  For softmax the Jacobian is applied to ``dy`` in place first
+        (``dz = y * (dy - sum(dy * y))`` per row) and the rest is a linear
+        layer's backward; otherwise ``dy`` is left unchanged (the backend's
+        ``linear_backward`` contract).
         """
         act = self.activation if activation is None else activation
         code = act.code

@@ -86,6 +86,15 @@ def test_files_written_before_the_split_still_load():
     np.testing.assert_array_equal(same.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+def test_loading_draws_no_random_numbers():
+    """load_model builds without running the initializers: the seeded stream is untouched."""
+    gpunn.set_seed(11)
+    expected = gpunn.random.generator().random(3)
+    gpunn.set_seed(11)
+    gpunn.load_model(DATA / "legacy_v1.gpunn")
+    np.testing.assert_array_equal(gpunn.random.generator().random(3), expected)
+
+
 def test_a_layer_belongs_to_one_model():
     shared = Dense(3, input_dim=2)
     first = gpunn.Sequential([shared], name="first")
@@ -128,20 +137,21 @@ def test_evaluate_inside_a_callback_does_not_change_training():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("backend", ["numpy", pytest.param("cuda", marks=pytest.mark.simulator)])
-def test_divergence_keeps_the_last_state_with_finite_predictions(backend):
-    """One weight w, rows (x=1, y=1) on which SGD maps w to 4 - 3w, then one row x=1e37.
+@pytest.mark.parametrize("backend, rows", [("numpy", 5), ("numpy", 12), pytest.param("cuda", 5, marks=pytest.mark.simulator)])
+def test_divergence_keeps_the_last_state_with_finite_predictions(backend, rows):
+    """One weight w, ``rows`` rows (x=1, y=1) on which SGD maps w to 4 - 3w, then one row x=1e37.
 
-    The first non-finite loss is that last row's (batch 6), but the state before it
-    (w = -39.5) already predicts -inf for it: the model must go back to w = 14.5 (state 3)."""
-    x = np.array([[1.0]] * 5 + [[1e37]])
-    y = np.array([[1.0]] * 5 + [[0.0]])
+    The first non-finite loss is that last row's, but the states from w = -39.5 (state 4) on
+    already predict +-inf for it: the model must go back to w = 14.5 (state 3) -- with 12
+    rows, further back than the first window of states the search replays."""
+    x = np.array([[1.0]] * rows + [[1e37]])
+    y = np.array([[1.0]] * rows + [[0.0]])
     model = gpunn.Sequential([Dense(1, use_bias=False, input_dim=1)], dtype="float32")
     model.compile(optimizer=gpunn.optimizers.SGD(learning_rate=2.0), loss="mse")
     with gpunn.use_backend(backend):  # the device path finds the failing batch after the epoch
         model.build()
     model.set_weights([np.array([[0.5]])])
-    with pytest.raises(gpunn.NonFiniteLossError, match=r"loss became infinite at epoch 1, batch 6;"):
+    with pytest.raises(gpunn.NonFiniteLossError, match=rf"loss became infinite at epoch 1, batch {rows + 1};"):
         model.fit(x, y, batch_size=1, epochs=1, shuffle=False, verbose=0)
     assert model.get_weights()[0][0, 0] == 14.5
     assert model.optimizer.iterations == 3

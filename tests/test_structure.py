@@ -182,6 +182,18 @@ def test_no_function_is_too_complex():
     assert sorted(KNOWN_COMPLEX - seen) == [], "no longer over the limit: remove from KNOWN_COMPLEX"
 
 
+def test_saving_uses_only_public_attributes():
+    """Model files are written and read through the model's public API (get_config,
+    get_compile_config, weight_shapes, build, set_weights, the optimizer's state)."""
+    tree = ast.parse((ROOT / "gpunn" / "saving.py").read_text(encoding="utf-8"))
+    private = [
+        f"line {node.lineno}: .{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and _private(node.attr)
+    ]
+    assert private == []
+
+
 def test_the_sequential_module_stays_small():
     lines = (ROOT / "gpunn" / "models.py").read_text(encoding="utf-8").count("\n")
     assert lines < 400
