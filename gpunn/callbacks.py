@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import string
 import warnings
 
 import numpy as np
@@ -157,7 +158,13 @@ class EarlyStopping(Callback):
 class ModelCheckpoint(Callback):
     """Save the model (atomically) every epoch, or only when ``monitor`` improves.
 
-    ``filepath`` may hold format fields such as ``{epoch:02d}`` or ``{val_loss:.3f}``.
+    ``filepath`` may hold format fields such as ``{epoch:02d}`` or
+    ``{val_loss:.3f}``.  The fields are checked when training starts, against
+    the keys the epoch logs can have (``epoch``, the loss and metrics, their
+    ``val_`` versions, ``learning_rate``): a misspelt key is a ValueError
+    listing the available ones, raised before any training.  An epoch whose
+    logs lack a named key (``val_loss`` without validation data on that
+    epoch) is not saved, with a warning.
     """
 
     def __init__(
@@ -176,6 +183,7 @@ class ModelCheckpoint(Callback):
         if save_freq != "epoch":
             raise ValueError(f"save_freq: only 'epoch' is supported, got {save_freq!r}")
         self.filepath = os.fspath(filepath)
+        self._fields = _template_fields(self.filepath)
         self.monitor = monitor
         self.verbose = verbose
         self.save_best_only = checks.boolean(save_best_only, "save_best_only")
@@ -183,9 +191,37 @@ class ModelCheckpoint(Callback):
         self.mode = _monitor_op(monitor, mode)
         self.best = math.inf if self.mode == "min" else -math.inf
 
+    def _available_keys(self):
+        names = list(self.model.metrics_names) if self.model is not None and self.model.compiled else ["loss"]
+        return ["epoch", *names, *("val_" + name for name in names), "learning_rate"]
+
+    def on_train_begin(self, logs=None):
+        available = self._available_keys()
+        unknown = [name for name in self._fields if name not in available]
+        if unknown:
+            raise ValueError(
+                f"filepath: the template {self.filepath!r} names {', '.join(map(repr, unknown))}, which "
+                f"{'is' if len(unknown) == 1 else 'are'} not in the logs of this training; the available keys are: "
+                f"{', '.join(available)}"
+            )
+        sample = {name: 1 if name == "epoch" else 0.5 for name in available}
+        try:
+            self.filepath.format(**sample)
+        except (ValueError, TypeError, IndexError) as exc:
+            raise ValueError(f"filepath: the template {self.filepath!r} cannot be formatted ({exc})") from None
+        if not self._fields:  # a fixed path: refuse a FIFO or device before training, not after the first epoch
+            from gpunn.saving import resolve_destination
+
+            resolve_destination(self.filepath)
+
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        path = self.filepath.format(epoch=epoch + 1, **logs)
+        values = {**logs, "epoch": epoch + 1}
+        missing = [name for name in self._fields if name not in values]
+        if missing:  # e.g. val_loss on an epoch without validation (validation_freq > 1)
+            warnings.warn(f"ModelCheckpoint: {', '.join(missing)} not in this epoch's logs; not saving", stacklevel=2)
+            return
+        path = self.filepath.format(**values)
         if self.save_best_only:
             current = logs.get(self.monitor)
             if current is None:
@@ -202,6 +238,24 @@ class ModelCheckpoint(Callback):
             self.model.save_weights(path)
         else:
             self.model.save(path)
+
+
+def _template_fields(template: str) -> list[str]:
+    """The key names a ``str.format`` path template uses; ValueError if it is malformed or positional."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"filepath: malformed template {template!r} ({exc}); write a literal brace as {{{{ or }}}}") from None
+    fields = []
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        name = field.split(".")[0].split("[")[0]
+        if not name or name.isdigit():
+            raise ValueError(f"filepath: template fields must be named, such as {{epoch:02d}} or {{val_loss:.3f}}; got {{{field}}}")
+        if name not in fields:
+            fields.append(name)
+    return fields
 
 
 class TerminateOnNaN(Callback):
@@ -268,7 +322,7 @@ class CSVLogger(Callback):
         super().__init__()
         self.filename = os.fspath(filename)
         self.sep = separator
-        self.append = append
+        self.append = checks.boolean(append, "append")
         self.keys = None
         self._file = None
 

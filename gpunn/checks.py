@@ -21,8 +21,11 @@ def describe(value) -> str:
     return f"{type(value).__name__} {value!r}"[:200]
 
 
-def as_float_array(value, argument: str, dtype) -> np.ndarray:
-    """A numeric NumPy array (cast to ``dtype``), or TypeError naming ``argument``."""
+def as_float_array(value, argument: str, dtype, row_offset: int = 0) -> np.ndarray:
+    """A numeric NumPy array (cast to ``dtype``), or TypeError naming ``argument``.
+
+    ``row_offset`` is added to the row named in messages (for a chunk of a larger array).
+    """
     if value is None:
         raise TypeError(f"{argument}: expected array-like numeric data, got None")
     if hasattr(value, "toarray") and hasattr(value, "nnz"):
@@ -46,7 +49,8 @@ def as_float_array(value, argument: str, dtype) -> np.ndarray:
         overflow = np.isinf(out) & np.isfinite(arr)
         if overflow.any():
             at = np.argwhere(overflow)[0]
-            where = ", ".join(f"{axis} {i}" for axis, i in zip(("row", "column", "index 2", "index 3"), at))
+            shown = (at[0] + row_offset, *at[1:]) if at.size else at
+            where = ", ".join(f"{axis} {i}" for axis, i in zip(("row", "column", "index 2", "index 3"), shown))
             raise ValueError(
                 f"{argument}: expected values representable in {np.dtype(dtype).name} "
                 f"(|x| <= {np.finfo(dtype).max:.3g}), got {float(arr[tuple(at)]):.6g} at {where}; rescale the data"
@@ -54,17 +58,57 @@ def as_float_array(value, argument: str, dtype) -> np.ndarray:
     return out
 
 
-def finite(arr: np.ndarray, argument: str) -> None:
+def finite(arr: np.ndarray, argument: str, row_offset: int = 0) -> None:
     if not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         kind = "NaN" if np.isnan(arr[tuple(bad)]) else "infinity"
-        where = f"row {bad[0]}" + (f", column {bad[1]}" if arr.ndim > 1 else "")
+        where = f"row {bad[0] + row_offset}" + (f", column {bad[1]}" if arr.ndim > 1 else "")
         raise ValueError(f"{argument}: expected finite values, found {kind} at {where}")
 
 
-def features(x, dtype, n_features=None, argument: str = "x") -> np.ndarray:
-    """2-D finite float features (M, K) with M >= 1 (and K == n_features when given)."""
-    arr = as_float_array(x, argument, dtype)
+#: predict validates and converts its input this many elements at a time (whole batches)
+CONVERT_CHUNK_ELEMENTS = 1 << 18
+
+
+def feature_rows(x, n_features=None, argument: str = "x") -> np.ndarray:
+    """``x`` as a 2-D numeric NumPy array (M >= 1, K == n_features when given), dtype not yet converted.
+
+    For callers that then convert it in chunks with :func:`features`; lists
+    and object arrays are converted here (they have no dtype to keep).
+    """
+    if isinstance(x, np.ndarray) and (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        arr = x
+    else:
+        arr = as_float_array(x, argument, np.float64)
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"{argument}: expected real numbers, got complex dtype {arr.dtype}")
+    _check_feature_shape(arr, n_features, argument)
+    return arr
+
+
+def feature_chunks(x, dtype, batch_size: int, argument: str = "x"):
+    """Yield (first row, :func:`features` of the next rows) over ``x`` from :func:`feature_rows`.
+
+    Each chunk is whole batches of about CONVERT_CHUNK_ELEMENTS values, so
+    converting a large float64 input needs no full-size copy or mask.
+    """
+    rows = batch_size * max(1, CONVERT_CHUNK_ELEMENTS // (batch_size * x.shape[1]))
+    for lo in range(0, x.shape[0], rows):
+        yield lo, features(x[lo : lo + rows], dtype, x.shape[1], argument, row_offset=lo)
+
+
+def features(x, dtype, n_features=None, argument: str = "x", row_offset: int = 0) -> np.ndarray:
+    """2-D finite float features (M, K) with M >= 1 (and K == n_features when given).
+
+    ``row_offset`` is added to the row named in messages (for a chunk of a larger array).
+    """
+    arr = as_float_array(x, argument, dtype, row_offset)
+    _check_feature_shape(arr, n_features, argument)
+    finite(arr, argument, row_offset)
+    return np.ascontiguousarray(arr)
+
+
+def _check_feature_shape(arr, n_features, argument):
     if arr.ndim != 2:
         raise ValueError(
             f"{argument}: expected a 2-D array (samples, features), got {arr.ndim}-D with shape {arr.shape}"
@@ -76,8 +120,6 @@ def features(x, dtype, n_features=None, argument: str = "x") -> np.ndarray:
         raise ValueError(f"{argument}: expected at least one feature column, got shape {arr.shape}")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{argument}: the model expects {n_features} features per sample, got {arr.shape[1]} (shape {arr.shape})")
-    finite(arr, argument)
-    return np.ascontiguousarray(arr)
 
 
 def sample_weights(sample_weight, n: int, dtype, argument: str = "sample_weight"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 
 import numpy as np
@@ -244,7 +245,8 @@ def check_settings(batch_size, epochs, verbose, callbacks, validation_split, shu
                   validation_batch_size, validation_freq) -> dict:  # fmt: skip
     """fit's loop arguments, checked, as the ``settings`` of :func:`fit`."""
     batch_size = checks.positive_int(batch_size, "batch_size", allow_none_default=32)
-    if not isinstance(validation_split, (int, float)) or isinstance(validation_split, bool) or not 0 <= validation_split < 1:
+    # numbers.Real: np.float32 is accepted like float (it is not a float subclass)
+    if not isinstance(validation_split, numbers.Real) or isinstance(validation_split, bool) or not 0 <= validation_split < 1:
         raise ValueError(f"validation_split: expected a fraction in [0, 1), got {validation_split!r}")
     if callbacks is not None and not isinstance(callbacks, (list, tuple)):
         raise TypeError(f"callbacks: expected a list of callbacks, got {type(callbacks).__name__}")

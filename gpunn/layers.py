@@ -166,7 +166,9 @@ class Dense(Layer):
                 raise ValueError(f"weights: layer {self.name!r} {attr} expects shape {shape}, got {value.shape}")
             if not np.issubdtype(value.dtype, np.number):
                 raise TypeError(f"weights: layer {self.name!r} {attr} must be numeric, got dtype {value.dtype}")
-            target[...] = self._backend.asarray(value.astype(target.dtype))
+            # as_float_array refuses finite values that would become inf in the model's dtype
+            value = checks.as_float_array(value, f"weights: layer {self.name!r} {attr}", target.dtype)
+            target[...] = self._backend.asarray(value)
 
     # -- computation ------------------------------------------------------------
     @staticmethod

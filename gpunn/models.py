@@ -304,9 +304,11 @@ class Sequential:
         if not self.layers:
             raise ValueError("predict: the model has no layers")
         started = time.perf_counter()
-        x = checks.features(x, self.dtype, self.input_dim, "x")
+        x = checks.feature_rows(x, self.input_dim, "x")  # shape and type checked, converted in chunks below
         self._ensure_built(x.shape[1])
-        result = self.backend.to_numpy(self._get_trainer().predict(self.backend.asarray(x), batch_size))
+        trainer, b, result = self._get_trainer(), self.backend, np.empty((x.shape[0], self.output_dim), self.dtype)
+        for lo, X in checks.feature_chunks(x, self.dtype, batch_size, "x"):
+            result[lo : lo + len(X)] = b.to_numpy(trainer.predict(b.asarray(X), batch_size))
         if verbose:
             summary_line(-(-x.shape[0] // batch_size), time.perf_counter() - started, {})
         return result

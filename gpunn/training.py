@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from gpunn import activations, codes
+from gpunn import activations, checks, codes
 from gpunn import metrics as metrics_mod
 
 #: the loss kind whose fused pass already counts each "natural" accuracy
@@ -410,7 +410,7 @@ class TrainStep:
 
 def format_result(logs, return_dict):
     """Keras's result of evaluate / *_on_batch: the logs dict, the loss alone, or [loss, *metrics]."""
-    if return_dict:
+    if checks.boolean(return_dict, "return_dict"):
         return logs
     values = list(logs.values())
     return values[0] if len(values) == 1 else values

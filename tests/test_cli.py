@@ -1,7 +1,6 @@
 """The ``gpunn`` command line, end to end on the NumPy backend (CPU, a few seconds)."""
 
 import csv
-import json
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import gpunn
-from gpunn.cli import PREPROCESS_SUFFIX, main
+from gpunn.cli import PREPROCESS_SUFFIX, load_preprocessing, main
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +110,8 @@ def test_csv_train_save_predict(tmp_path):
     assert result.exit_code == 0, result.output
     assert "binary" in result.output
     assert held_out_accuracy(result.output) >= 0.9
-    sidecar = json.loads((tmp_path / (model.name + PREPROCESS_SUFFIX)).read_text())
+    assert not (tmp_path / (model.name + PREPROCESS_SUFFIX)).exists()  # one file: the preprocessing is inside
+    sidecar = load_preprocessing(model)
     assert sidecar["task"] == "binary"
     assert sidecar["feature_names"] == ["f1", "f2", "f3"]
     assert sidecar["class_labels"] == ["healthy", "sick"]
@@ -194,7 +194,7 @@ def test_predict_reports_missing_feature_columns(tmp_path):
     assert invoke("train", "--data", path, "--target", "y", "--epochs", "1", "--verbose", "0", "--save", model).exit_code == 0
     _write(path, ["f1", "f3"], [[1, 2]])
     assert_usage_error(invoke("predict", model, path), "'f2'", "FILE.csv")
-    (tmp_path / ("m.gpunn" + PREPROCESS_SUFFIX)).unlink()
+    gpunn.load_model(model).save(model)  # a model file without preprocessing (and no sidecar)
     assert_usage_error(invoke("predict", model, path), "preprocess", "--save")
 
 

@@ -22,8 +22,6 @@ MAX_COMPLEXITY = 20
 #: over the limit (a stale entry fails), so the list only shrinks
 KNOWN_COMPLEX = {
     "gpunn/bench.py:render",  # bench: benchmarks out of the core package
-    "gpunn/cli.py:load_preprocessing",  # reliability: preprocessing inside the model file
-    "gpunn/saving.py:parse",  # reliability: header checks before reading the file
 }
 #: private reach-ins in code another branch is rewriting (bench moves to gpunn.use_backend);
 #: like KNOWN_COMPLEX, a stale entry fails
