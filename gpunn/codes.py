@@ -146,31 +146,26 @@ CLASSIFICATION_LOSSES = frozenset(k for k in LossKind if k.classification)
 EPSILON = 1e-7
 
 
-def activation(code, argument: str = "act") -> Act:
-    """``code`` as an :class:`Act` member, or ValueError naming ``argument``."""
+def _member(table, code, argument, what):
+    """``code`` as a member of enum ``table``, or ValueError naming ``argument`` (bools are not codes)."""
     try:
         if isinstance(code, bool):
             raise TypeError
-        return Act(code)
+        return table(code)
     except (ValueError, TypeError):
-        raise ValueError(f"{argument}: unknown activation code {code!r}; expected one of {[int(a) for a in Act]}") from None
+        raise ValueError(f"{argument}: unknown {what} code {code!r}; expected one of {[int(m) for m in table]}") from None
+
+
+def activation(code, argument: str = "act") -> Act:
+    """``code`` as an :class:`Act` member, or ValueError naming ``argument``."""
+    return _member(Act, code, argument, "activation")
 
 
 def loss_kind(code, argument: str = "kind") -> LossKind:
     """``code`` as a :class:`LossKind` member, or ValueError naming ``argument``."""
-    try:
-        if isinstance(code, bool):
-            raise TypeError
-        return LossKind(code)
-    except (ValueError, TypeError):
-        raise ValueError(f"{argument}: unknown loss code {code!r}; expected one of {[int(k) for k in LossKind]}") from None
+    return _member(LossKind, code, argument, "loss")
 
 
 def optimizer(code, argument: str = "opt") -> Opt:
     """``code`` as an :class:`Opt` member, or ValueError naming ``argument``."""
-    try:
-        if isinstance(code, bool):
-            raise TypeError
-        return Opt(code)
-    except (ValueError, TypeError):
-        raise ValueError(f"{argument}: unknown optimizer code {code!r}; expected one of {[int(o) for o in Opt]}") from None
+    return _member(Opt, code, argument, "optimizer")

@@ -107,3 +107,33 @@ def numeric_gradient(model, x, y, sample_weight=None, h=1e-6):
         params[i] = keep
         grad[i] = (up - down) / (2 * h)
     return grad
+
+
+# ------------------------------------------------------------------- backends
+def backend_params():
+    """pytest params "numpy" and "cuda" (the latter marked simulator, skipped where CUDA cannot run)."""
+    import pytest
+
+    from gpunn._cuda import cuda_status
+
+    status = cuda_status()
+    yield pytest.param("numpy", id="numpy")
+    yield pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[
+            pytest.mark.simulator,
+            pytest.mark.skipif(not status.usable, reason=f"the CUDA backend cannot run here: {status.reason}"),
+        ],
+    )
+
+
+def make_backend(name):
+    """A fresh Backend object by name (the CUDA one runs in the simulator without a GPU)."""
+    if name == "numpy":
+        from gpunn.backend.numpy_backend import NumpyBackend
+
+        return NumpyBackend()
+    from gpunn.backend.cuda_backend import CudaBackend
+
+    return CudaBackend()

@@ -11,34 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import backend_params, make_backend
 
-from gpunn._cuda import cuda_status
 from gpunn.backend import numpy_ops
 from gpunn.backend.numpy_backend import NumpyBackend
 from gpunn.codes import Act, LossKind
 
-_STATUS = cuda_status()
 
 
-def _backends():
-    yield pytest.param("numpy", id="numpy")
-    yield pytest.param(
-        "cuda",
-        id="cuda",
-        marks=[
-            pytest.mark.simulator,
-            pytest.mark.skipif(not _STATUS.usable, reason=f"the CUDA backend cannot run here: {_STATUS.reason}"),
-        ],
-    )
-
-
-@pytest.fixture(params=list(_backends()))
+@pytest.fixture(params=list(backend_params()))
 def backend(request):
-    if request.param == "numpy":
-        return NumpyBackend()
-    from gpunn.backend.cuda_backend import CudaBackend
-
-    return CudaBackend()
+    return make_backend(request.param)
 
 
 M, K, N = 5, 3, 4

@@ -12,16 +12,14 @@ import math
 
 import numpy as np
 import pytest
-from helpers import analytic_gradient, numeric_gradient, randomize_weights
+from helpers import analytic_gradient, backend_params, make_backend, numeric_gradient, randomize_weights
 
 import gpunn
 from gpunn import losses
-from gpunn._cuda import cuda_status
 from gpunn.backend import numpy_ops
 from gpunn.backend.numpy_backend import NumpyBackend
 from gpunn.codes import LossKind
 
-_STATUS = cuda_status()
 NEW_KINDS = [
     LossKind.HUBER, LossKind.LOG_COSH, LossKind.POISSON, LossKind.HINGE, LossKind.SQUARED_HINGE, LossKind.MAPE,
     LossKind.MSLE, LossKind.KL_DIVERGENCE, LossKind.CATEGORICAL_HINGE, LossKind.COSINE_SIMILARITY,
@@ -103,27 +101,10 @@ def _inputs(kind, rng, m, n, dtype):
     return pred.astype(dtype), target.astype(dtype)
 
 
-def _backends():
-    yield pytest.param("numpy", id="numpy")
-    yield pytest.param(
-        "cuda",
-        id="cuda",
-        marks=[
-            pytest.mark.simulator,
-            pytest.mark.skipif(not _STATUS.usable, reason=f"the CUDA backend cannot run here: {_STATUS.reason}"),
-        ],
-    )
-
-
-@pytest.mark.parametrize("backend_name", list(_backends()))
+@pytest.mark.parametrize("backend_name", list(backend_params()))
 @pytest.mark.parametrize("kind", NEW_KINDS, ids=lambda k: k.name.lower())
 def test_fused_pass_matches_reference(kind, backend_name):
-    if backend_name == "numpy":
-        backend = NumpyBackend()
-    else:
-        from gpunn.backend.cuda_backend import CudaBackend
-
-        backend = CudaBackend()
+    backend = make_backend(backend_name)
     rng = np.random.default_rng(int(kind))
     m, n = 7, 3  # ragged
     for dtype, tol in ((np.float32, dict(rtol=2e-5, atol=2e-6)), (np.float64, dict(rtol=1e-10, atol=1e-12))):

@@ -13,16 +13,14 @@ import math
 
 import numpy as np
 import pytest
-from helpers import regression_data
+from helpers import backend_params, make_backend, regression_data
 
 import gpunn
 from gpunn import optimizers
-from gpunn._cuda import cuda_status
 from gpunn.backend import numpy_ops
 from gpunn.backend.numpy_backend import NumpyBackend
 from gpunn.optimizers import schedules
 
-_STATUS = cuda_status()
 
 
 # ------------------------------------------------------------ single steps by hand
@@ -101,27 +99,10 @@ CONFIGS = [
 P, STEPS = 11, 4
 
 
-def _backends():
-    yield pytest.param("numpy", id="numpy")
-    yield pytest.param(
-        "cuda",
-        id="cuda",
-        marks=[
-            pytest.mark.simulator,
-            pytest.mark.skipif(not _STATUS.usable, reason=f"the CUDA backend cannot run here: {_STATUS.reason}"),
-        ],
-    )
-
-
-@pytest.mark.parametrize("backend_name", list(_backends()))
+@pytest.mark.parametrize("backend_name", list(backend_params()))
 @pytest.mark.parametrize("name, config", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_optimizer_class_matches_reference(name, config, backend_name):
-    if backend_name == "numpy":
-        backend = NumpyBackend()
-    else:
-        from gpunn.backend.cuda_backend import CudaBackend
-
-        backend = CudaBackend()
+    backend = make_backend(backend_name)
     rng = np.random.default_rng(hash(name) % 1000)
     optimizer = optimizers.get({"name": name, **config})
     optimizer.build(backend, P, np.float32)

@@ -190,15 +190,25 @@ class SGD(Optimizer):
         return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov}
 
 
-class Adam(Optimizer):
+class _Moments(Optimizer):
+    """Shared arguments of the optimizers with Adam's moment estimates (beta_1, beta_2, epsilon)."""
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.beta_1 = fraction(beta_1, "beta_1")
+        self.beta_2 = fraction(beta_2, "beta_2")
+        self.epsilon = positive_number(epsilon, "epsilon")
+
+    def get_config(self):
+        return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon}
+
+
+class Adam(_Moments):
     name = "adam"
     code = Opt.ADAM
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False, weight_decay=None, **kwargs):
-        super().__init__(learning_rate, weight_decay=weight_decay, **kwargs)
-        self.beta_1 = fraction(beta_1, "beta_1")
-        self.beta_2 = fraction(beta_2, "beta_2")
-        self.epsilon = positive_number(epsilon, "epsilon")
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, weight_decay=weight_decay, **kwargs)
         self.amsgrad = checks.boolean(amsgrad, "amsgrad")
 
     def active_slots(self):
@@ -209,13 +219,7 @@ class Adam(Optimizer):
         return lr_t, 1 - self.beta_1, 1 - self.beta_2, self.epsilon, 1.0 if self.amsgrad else 0.0
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "beta_1": self.beta_1,
-            "beta_2": self.beta_2,
-            "epsilon": self.epsilon,
-            "amsgrad": self.amsgrad,
-        }
+        return {**super().get_config(), "amsgrad": self.amsgrad}
 
 
 class AdamW(Adam):
@@ -263,17 +267,11 @@ class RMSprop(Optimizer):
         }
 
 
-class Nadam(Optimizer):
+class Nadam(_Moments):
     """Adam with Nesterov momentum and Keras's momentum schedule ``u_t = b1 (1 - 0.96^t / 2)``."""
 
     name = "nadam"
     code = Opt.NADAM
-
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1 = fraction(beta_1, "beta_1")
-        self.beta_2 = fraction(beta_2, "beta_2")
-        self.epsilon = positive_number(epsilon, "epsilon")
 
     def _u(self, t):
         return self.beta_1 * (1.0 - 0.5 * 0.96**t)
@@ -286,9 +284,6 @@ class Nadam(Optimizer):
         momentum_weight = u_next / (1 - u_product * u_next)
         gradient_weight = (1 - u_t) / (1 - u_product)
         return lr, 1 - self.beta_1, 1 - self.beta_2, self.epsilon, momentum_weight, gradient_weight, 1 - self.beta_2**t
-
-    def get_config(self):
-        return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon}
 
 
 class Adagrad(Optimizer):
@@ -324,23 +319,14 @@ class Adadelta(Optimizer):
         return {**super().get_config(), "rho": self.rho, "epsilon": self.epsilon}
 
 
-class Adamax(Optimizer):
+class Adamax(_Moments):
     """Adam with the infinity norm."""
 
     name = "adamax"
     code = Opt.ADAMAX
 
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1 = fraction(beta_1, "beta_1")
-        self.beta_2 = fraction(beta_2, "beta_2")
-        self.epsilon = positive_number(epsilon, "epsilon")
-
     def _scalars(self, lr, t):
         return lr, 1 - self.beta_1, self.beta_2, self.epsilon, 1 - self.beta_1**t
-
-    def get_config(self):
-        return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon}
 
 
 class Lion(Optimizer):

@@ -44,47 +44,19 @@ def _steps(value, argument):
     return checks.positive_int(value, argument)
 
 
-class ExponentialDecay(LearningRateSchedule):
-    """``initial_learning_rate * decay_rate ** (step / decay_steps)`` (the exponent floored with ``staircase``)."""
+class _StepDecay(LearningRateSchedule):
+    """Shared arguments of the decays of ``p = step / decay_steps`` (floored with ``staircase``)."""
 
-    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name="ExponentialDecay"):
-        self.initial_learning_rate = _rate(initial_learning_rate, "initial_learning_rate")
-        self.decay_steps = _steps(decay_steps, "decay_steps")
-        self.decay_rate = checks.positive_number(decay_rate, "decay_rate")
-        self.staircase = checks.boolean(staircase, "staircase")
-        self.name = name
-
-    def value(self, step):
-        p = step / self.decay_steps
-        if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate * self.decay_rate**p
-
-    def get_config(self):
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "decay_steps": self.decay_steps,
-            "decay_rate": self.decay_rate,
-            "staircase": self.staircase,
-            "name": self.name,
-        }
-
-
-class InverseTimeDecay(LearningRateSchedule):
-    """``initial_learning_rate / (1 + decay_rate * step / decay_steps)`` (floored with ``staircase``)."""
-
-    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name="InverseTimeDecay"):
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name=None):
         self.initial_learning_rate = _rate(initial_learning_rate, "initial_learning_rate")
         self.decay_steps = _steps(decay_steps, "decay_steps")
         self.decay_rate = checks.positive_number(decay_rate, "decay_rate", allow_zero=True)
         self.staircase = checks.boolean(staircase, "staircase")
-        self.name = name
+        self.name = name or type(self).__name__
 
-    def value(self, step):
+    def _progress(self, step):
         p = step / self.decay_steps
-        if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate / (1 + self.decay_rate * p)
+        return math.floor(p) if self.staircase else p
 
     def get_config(self):
         return {
@@ -94,6 +66,20 @@ class InverseTimeDecay(LearningRateSchedule):
             "staircase": self.staircase,
             "name": self.name,
         }
+
+
+class ExponentialDecay(_StepDecay):
+    """``initial_learning_rate * decay_rate ** (step / decay_steps)`` (the exponent floored with ``staircase``)."""
+
+    def value(self, step):
+        return self.initial_learning_rate * self.decay_rate ** self._progress(step)
+
+
+class InverseTimeDecay(_StepDecay):
+    """``initial_learning_rate / (1 + decay_rate * step / decay_steps)`` (floored with ``staircase``)."""
+
+    def value(self, step):
+        return self.initial_learning_rate / (1 + self.decay_rate * self._progress(step))
 
 
 class PolynomialDecay(LearningRateSchedule):
