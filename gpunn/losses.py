@@ -22,6 +22,8 @@ supplies ``call(y_true, y_pred)`` (the per-sample values, shape (M,)) and
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from gpunn import checks, codes
@@ -355,10 +357,11 @@ def get(identifier) -> Loss:
     if isinstance(identifier, dict):
         config = dict(identifier)
         cls = lookup("loss", "loss", config.pop("name", None), _CLASSES)
-        try:
-            return cls(**config)
-        except TypeError as exc:
-            raise ValueError(f"loss: invalid settings for {cls.name}: {config!r} ({exc})") from None
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(config) - accepted)
+        if unknown:
+            raise ValueError(f"loss: {cls.name} takes {sorted(accepted) or 'no settings'}, got unknown {unknown}")
+        return cls(**config)
     if identifier is None:
         raise ValueError(f"loss: expected a loss name or Loss instance, got None; valid names: {', '.join(names())}")
     return lookup("loss", "loss", identifier, _CLASSES)()
