@@ -647,6 +647,45 @@ def predict(ctx, model_path, csv_path, out, id_column, delimiter, backend, batch
     click.echo(f"Wrote {count} predictions to {out}", err=True)
 
 
+@main.command("export")
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "export_format", type=click.Choice(["onnx"], case_sensitive=False), default="onnx", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE", help="Write the exported model here (e.g. model.onnx).")
+@click.pass_context
+def export(ctx, model_path, export_format, out):
+    """Export a saved model to ONNX, for ONNX Runtime and other servers.
+
+    A model saved by `gpunn train --save MODEL` exports with its
+    preprocessing (MODEL.preprocess.json) inside the graph: it takes raw
+    feature rows and returns the predicted label and class probabilities,
+    or the prediction in the target's units, as `gpunn predict` does.
+    """
+    from gpunn.onnx_export import export_onnx
+
+    info = None
+    if os.path.exists(preprocess_path(model_path)):
+        try:
+            info = load_preprocessing(model_path)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param_hint="'MODEL'") from None
+    gpunn.set_backend("numpy")  # exporting reads the weights once: no GPU needed
+    try:
+        model = gpunn.load_model(model_path, compile=False)
+        export_onnx(model, out, preprocessing=info)
+    except (ValueError, NotImplementedError) as exc:
+        raise click.BadParameter(str(exc), ctx, param_hint="'MODEL'") from None
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"--out: could not write {out!r}: {exc}") from None
+    if info is None:
+        what = f"input 'features' (batch, {model.input_dim}) float32, output 'output' (batch, {model.output_dim})"
+    else:
+        outputs = "'prediction'" if info["task"] == "regression" else "'label', 'probabilities'"
+        what = f"input 'features' (batch, {model.input_dim}) float64 raw rows with preprocessing, outputs {outputs}"
+    click.echo(f"Wrote {export_format.lower()} model to {out}: {what}")
+
+
 def _dist_version(*names) -> str | None:
     from importlib import metadata
 

@@ -377,6 +377,18 @@ class Sequential:
         """Save architecture, weights, compile settings and optimizer state to one file (atomically)."""
         saving.save_model(self, filepath)
 
+    def export(self, filepath, format="onnx", **kwargs):
+        """Write the model for serving; ``format="onnx"`` (the only one) writes an ONNX graph.
+
+        Keyword arguments go to :func:`gpunn.onnx_export.export_onnx`
+        (``input_name``, ``output_name``, ``preprocessing``).
+        """
+        if format != "onnx":
+            raise ValueError(f"format: expected 'onnx' (the export format gpunn writes), got {format!r}")
+        from gpunn.onnx_export import export_onnx
+
+        export_onnx(self, filepath, **kwargs)
+
     def save_weights(self, filepath):
         saving.save_model(self, filepath, weights_only=True)
 

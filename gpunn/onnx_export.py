@@ -1,0 +1,347 @@
+"""Export a trained model to a standard ONNX graph, for ONNX Runtime and other servers.
+
+    model.export("model.onnx")                    # Keras 3's spelling, format="onnx"
+    gpunn export clf.gpunn --format onnx --out clf.onnx
+
+The graph is plain opset-18 ONNX: per Dense layer one ``Gemm`` (``MatMul``
+without a bias) followed by the activation's operators, with a dynamic batch
+dimension.  Every file is checked with ``onnx.checker.check_model(...,
+full_check=True)`` before it is written (atomically: a failed export leaves
+an existing file untouched).
+
+Graph inputs and outputs
+------------------------
+A model exported from Python takes ``features`` (batch, n_features) float32
+and returns ``output`` (batch, units) float32: exactly what ``predict``
+returns, softmax and sigmoid included.
+
+A model trained by ``gpunn train`` (with its ``MODEL.preprocess.json``)
+exports with the command line's preprocessing inside the graph, so it takes
+raw rows as the CSV holds them: ``features`` (batch, n_features) float64 in
+the order of the training file's columns (listed in the graph's
+``feature_names`` metadata).  The standardization ``(x - mean) / scale``
+runs in float64, as ``gpunn predict`` does, then the network in float32.
+Outputs, as ``gpunn predict`` writes them:
+
+- classification: ``label`` (batch,) string, the predicted class label, and
+  ``probabilities`` (batch, classes) float32 in ``class_labels`` order
+  (for a binary model the columns are ``1 - p`` and ``p``);
+- regression: ``prediction`` (batch,) float64, in the target's units.
+
+Precision: the graph computes in float32.  A float64 model is exported with
+its weights rounded to float32 (ONNX Runtime's CPU provider has no float64
+kernels for some of the operators used, e.g. ``Erf`` for GELU); a
+``UserWarning`` and the graph's doc string say so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+
+#: ONNX operator-set version of the exported graphs: 18 is read by ONNX Runtime >= 1.14
+OPSET = 18
+#: IR version matching OPSET, so older runtimes accept the file
+IR_VERSION = 8
+
+#: keys of a ``gpunn train`` preprocessing file that the exporter knows how to put in the graph
+_KNOWN_PREPROCESSING = frozenset(
+    {"format", "format_version", "source", "task", "target", "feature_names", "scaler", "class_labels", "target_scaler"}
+)
+
+FLOAT64_NOTE = (
+    "The model computes in float64; the ONNX graph computes in float32 (its weights are rounded to float32), "
+    "because ONNX Runtime's CPU provider lacks float64 kernels for some operators (e.g. Erf, used by GELU). "
+    "Its outputs differ from predict() by float32 rounding."
+)
+
+
+def _require_onnx():
+    try:
+        import onnx
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnx":
+            raise
+        raise ModuleNotFoundError(
+            "export(format='onnx') needs the onnx package: pip install 'gpunn[onnx]'", name="onnx"
+        ) from None
+    return onnx
+
+
+class _GraphBuilder:
+    """Collects nodes and constant initializers with unique names."""
+
+    def __init__(self, onnx):
+        self.onnx = onnx
+        self.helper = onnx.helper
+        self.nodes = []
+        self.initializers = []
+        self._count = 0
+
+    def fresh(self, stem: str) -> str:
+        self._count += 1
+        return f"{stem}_{self._count}"
+
+    def const(self, stem: str, value, dtype=np.float32) -> str:
+        name = self.fresh(stem)
+        array = np.asarray(value, dtype=dtype)
+        self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
+        return name
+
+    def string_const(self, stem: str, values) -> str:
+        name = self.fresh(stem)
+        tensor = self.helper.make_tensor(
+            name, self.onnx.TensorProto.STRING, [len(values)], [str(v).encode("utf-8") for v in values]
+        )
+        self.initializers.append(tensor)
+        return name
+
+    def op(self, op_type: str, inputs, output=None, **attributes) -> str:
+        output = output or self.fresh(op_type.lower())
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), [output], name=self.fresh(op_type), **attributes))
+        return output
+
+
+# ----------------------------------------------------------------- activations
+# Each maps the pre-activation tensor name to the activation's output name,
+# with the meaning gpunn (and Keras 3) gives the activation.
+
+
+def _gelu(g, x, act):
+    # exact GELU (Keras 3's default, approximate=False): 0.5 x (1 + erf(x / sqrt 2))
+    scaled = g.op("Mul", [x, g.const("inv_sqrt2", 1.0 / math.sqrt(2.0))])
+    cdf = g.op("Add", [g.op("Erf", [scaled]), g.const("one", 1.0)])
+    return g.op("Mul", [g.op("Mul", [x, cdf]), g.const("half", 0.5)])
+
+
+def _swish(g, x, act):
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+def _mish(g, x, act):
+    return g.op("Mul", [x, g.op("Tanh", [g.op("Softplus", [x])])])
+
+
+def _relu6(g, x, act):
+    return g.op("Clip", [x, g.const("zero", 0.0), g.const("six", 6.0)])
+
+
+def _hard_sigmoid(g, x, act):
+    # Keras 3: relu6(x + 3) / 6, i.e. clip(x / 6 + 1/2, 0, 1)
+    return g.op("HardSigmoid", [x], alpha=1.0 / 6.0, beta=0.5)
+
+
+def _elu(g, x, act):
+    # gpunn keeps ELU's alpha (Keras's default 1.0) on the Activation, as for leaky ReLU
+    return g.op("Elu", [x], alpha=float(act.alpha))
+
+
+#: SELU's constants (Klambauer et al. 2017), as Keras 3 and gpunn define them; ONNX's
+#: defaults are the float32 roundings, so they are written out explicitly
+SELU_ALPHA = 1.6732632423543772
+SELU_SCALE = 1.0507009873554805
+
+
+def _selu(g, x, act):
+    return g.op("Selu", [x], alpha=SELU_ALPHA, gamma=SELU_SCALE)
+
+
+def _leaky_relu(g, x, act):
+    return g.op("LeakyRelu", [x], alpha=float(act.alpha))
+
+
+def _single(op_type):
+    def apply(g, x, act):
+        return g.op(op_type, [x])
+
+    apply.__name__ = op_type.lower()
+    return apply
+
+
+#: activation name -> builder(graph, x, Activation) -> output name
+ACTIVATION_BUILDERS = {
+    "linear": lambda g, x, act: x,
+    "relu": _single("Relu"),
+    "leaky_relu": _leaky_relu,
+    "sigmoid": _single("Sigmoid"),
+    "tanh": _single("Tanh"),
+    "gelu": _gelu,
+    "softmax": lambda g, x, act: g.op("Softmax", [x], axis=-1),
+    "elu": _elu,
+    "selu": _selu,
+    "softplus": _single("Softplus"),
+    "softsign": _single("Softsign"),
+    "swish": _swish,
+    "silu": _swish,
+    "relu6": _relu6,
+    "hard_sigmoid": _hard_sigmoid,
+    "mish": _mish,
+    "exponential": _single("Exp"),
+}
+
+
+def supported_activations() -> list[str]:
+    """Names of the activations the exporter can write."""
+    return sorted(ACTIVATION_BUILDERS)
+
+
+def _check_mapped(act) -> None:
+    if act.name not in ACTIVATION_BUILDERS:
+        raise NotImplementedError(
+            f"export: no ONNX mapping for the activation {act.name!r} (supported: {', '.join(supported_activations())})"
+        )
+
+
+def _activation(g, x, act) -> str:
+    _check_mapped(act)
+    return ACTIVATION_BUILDERS[act.name](g, x, act)
+
+
+# ----------------------------------------------------------------- the graph
+def _network(g, model, x: str) -> str:
+    """Dense layers (Gemm/MatMul + activation) from tensor ``x``; returns the output name."""
+    for layer, weights in zip(model.layers, _layer_weights(model)):
+        kernel = g.const(f"{layer.name}_kernel", weights[0])
+        if layer.use_bias:
+            z = g.op("Gemm", [x, kernel, g.const(f"{layer.name}_bias", weights[1])])
+        else:
+            z = g.op("MatMul", [x, kernel])
+        x = _activation(g, z, layer.activation)
+    return x
+
+
+def _layer_weights(model):
+    weights = model.get_weights()
+    out, i = [], 0
+    for layer in model.layers:
+        k = 2 if layer.use_bias else 1
+        out.append(weights[i : i + k])
+        i += k
+    return out
+
+
+def _check_preprocessing(info, model) -> None:
+    unknown = sorted(set(info) - _KNOWN_PREPROCESSING)
+    if unknown:
+        raise ValueError(
+            f"preprocessing: the preprocessing file has steps this exporter cannot put in the graph: {unknown}; "
+            "upgrade gpunn"
+        )
+    n = len(info["feature_names"])
+    if n != model.input_dim:
+        raise ValueError(
+            f"preprocessing: names {n} features but the model takes {model.input_dim}; the two files do not belong together"
+        )
+    labels = info.get("class_labels")
+    if info["task"] != "regression" and labels is not None:
+        classes = 2 if info["task"] == "binary" else model.output_dim
+        if len(labels) != classes or (info["task"] == "binary" and model.output_dim != 1):
+            raise ValueError(
+                f"preprocessing: {len(labels)} class labels do not fit the model's {model.output_dim} output(s)"
+            )
+
+
+def _value_info(onnx, name, elem_type, shape):
+    return onnx.helper.make_tensor_value_info(name, elem_type, shape)
+
+
+def _build_graph(onnx, model, preprocessing, input_name, output_name):
+    """(graph, doc) for ``model`` (with the CLI's ``preprocessing`` when given)."""
+    TP = onnx.TensorProto
+    g = _GraphBuilder(onnx)
+    batch = "batch"
+    if preprocessing is None:
+        out = _network(g, model, input_name)
+        g.op("Identity", [out], output=output_name)
+        inputs = [_value_info(onnx, input_name, TP.FLOAT, [batch, model.input_dim])]
+        outputs = [_value_info(onnx, output_name, TP.FLOAT, [batch, model.output_dim])]
+        return g, inputs, outputs
+    scaler = preprocessing["scaler"]
+    centred = g.op("Sub", [input_name, g.const("feature_mean", scaler["mean"], np.float64)])
+    standardized = g.op("Div", [centred, g.const("feature_scale", scaler["scale"], np.float64)])
+    net = _network(g, model, g.op("Cast", [standardized], to=TP.FLOAT))
+    inputs = [_value_info(onnx, input_name, TP.DOUBLE, [batch, model.input_dim])]
+    task = preprocessing["task"]
+    if task == "regression":
+        ts = preprocessing["target_scaler"]
+        value = g.op("Cast", [net], to=TP.DOUBLE)
+        value = g.op("Mul", [value, g.const("target_scale", ts["scale"], np.float64)])
+        value = g.op("Add", [value, g.const("target_mean", ts["mean"], np.float64)])
+        g.op("Reshape", [value, g.const("flat", [-1], np.int64)], output="prediction")
+        return g, inputs, [_value_info(onnx, "prediction", TP.DOUBLE, [batch])]
+    if task == "binary":  # columns [1 - p, p], as `gpunn predict` writes them
+        negative = g.op("Sub", [g.const("one", 1.0), net])
+        g.op("Concat", [negative, net], output="probabilities", axis=1)
+    else:
+        g.op("Identity", [net], output="probabilities")
+    index = g.op("ArgMax", ["probabilities"], axis=1, keepdims=0)
+    g.op("Gather", [g.string_const("class_labels", preprocessing["class_labels"]), index], output="label", axis=0)
+    n_classes = len(preprocessing["class_labels"])
+    outputs = [
+        _value_info(onnx, "label", TP.STRING, [batch]),
+        _value_info(onnx, "probabilities", TP.FLOAT, [batch, n_classes]),
+    ]
+    return g, inputs, outputs
+
+
+def to_onnx(model, preprocessing=None, input_name="features", output_name="output"):
+    """The ``onnx.ModelProto`` for a built ``model``, checked with ``full_check=True``.
+
+    ``preprocessing`` is the dict that ``gpunn train --save`` writes beside
+    the model (``gpunn.cli.load_preprocessing`` reads it); with it the graph
+    takes raw feature rows (see the module docstring).
+    """
+    onnx = _require_onnx()
+    from gpunn import __version__
+
+    if not model.built:
+        raise ValueError("export: the model is not built yet (no weights); call build(), fit or predict first")
+    for argument, value in (("input_name", input_name), ("output_name", output_name)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{argument}: expected a non-empty string, got {value!r}")
+    for layer in model.layers:  # fail before any work on an activation without a mapping
+        _check_mapped(layer.activation)
+    if preprocessing is not None:
+        _check_preprocessing(preprocessing, model)
+    doc = f"gpunn {__version__} Sequential {model.name!r}: " + " -> ".join(
+        f"Dense({layer.units}, {layer.activation.name})" for layer in model.layers
+    )
+    if np.dtype(model.dtype) == np.float64:
+        warnings.warn(f"export: {FLOAT64_NOTE}", UserWarning, stacklevel=3)
+        doc += ". " + FLOAT64_NOTE
+    g, inputs, outputs = _build_graph(onnx, model, preprocessing, input_name, output_name)
+    graph = onnx.helper.make_graph(g.nodes, model.name or "gpunn", inputs, outputs, g.initializers, doc_string=doc)
+    proto = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", OPSET)],
+        ir_version=IR_VERSION,
+        producer_name="gpunn",
+        producer_version=__version__,
+        doc_string=doc,
+    )
+    metadata = {"gpunn_config": json.dumps(model.get_config(), sort_keys=True), "gpunn_dtype": str(model.dtype)}
+    names = getattr(model, "feature_names", None)
+    if preprocessing is not None:
+        names = preprocessing["feature_names"]
+        metadata["task"] = preprocessing["task"]
+        if preprocessing.get("class_labels") is not None:
+            metadata["class_labels"] = json.dumps(preprocessing["class_labels"])
+    if names is not None:
+        metadata["feature_names"] = json.dumps(list(names))
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def export_onnx(model, filepath, preprocessing=None, input_name="features", output_name="output") -> None:
+    """Write ``model`` as an ONNX file at ``filepath`` (atomically); see :func:`to_onnx`."""
+    from gpunn.saving import atomic_write
+
+    if not isinstance(filepath, (str, os.PathLike)):
+        raise TypeError(f"filepath: expected a path (str or os.PathLike), got {type(filepath).__name__}")
+    proto = to_onnx(model, preprocessing, input_name, output_name)
+    atomic_write(filepath, proto.SerializeToString())
