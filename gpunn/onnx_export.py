@@ -231,15 +231,18 @@ def _check_preprocessing(info, model) -> None:
             f"preprocessing: the preprocessing file has steps this exporter cannot put in the graph: {unknown}; "
             "upgrade gpunn"
         )
-    n = len(info["feature_names"])
-    if n != model.input_dim:
+    names = info.get("feature_names")
+    if names is not None and len(names) != model.input_dim:
         raise ValueError(
-            f"preprocessing: names {n} features but the model takes {model.input_dim}; the two files do not belong together"
+            f"preprocessing: names {len(names)} features but the model takes {model.input_dim}; "
+            "the two files do not belong together"
         )
-    labels = info.get("class_labels")
-    if info["task"] != "regression" and labels is not None:
-        classes = 2 if info["task"] == "binary" else model.output_dim
-        if len(labels) != classes or (info["task"] == "binary" and model.output_dim != 1):
+    if info.get("task") not in ("binary", "multiclass", "regression"):
+        raise ValueError(f"preprocessing: task: expected 'binary', 'multiclass' or 'regression', got {info.get('task')!r}")
+    if info["task"] != "regression":
+        labels = info.get("class_labels") or []
+        classes = 1 if info["task"] == "binary" else len(labels)
+        if len(labels) < 2 or (info["task"] == "binary" and len(labels) != 2) or model.output_dim != classes:
             raise ValueError(
                 f"preprocessing: {len(labels)} class labels do not fit the model's {model.output_dim} output(s)"
             )
@@ -249,43 +252,69 @@ def _value_info(onnx, name, elem_type, shape):
     return onnx.helper.make_tensor_value_info(name, elem_type, shape)
 
 
-def _build_graph(onnx, model, preprocessing, input_name, output_name):
-    """(graph, doc) for ``model`` (with the CLI's ``preprocessing`` when given)."""
-    TP = onnx.TensorProto
-    g = _GraphBuilder(onnx)
-    batch = "batch"
-    if preprocessing is None:
-        out = _network(g, model, input_name)
-        g.op("Identity", [out], output=output_name)
-        inputs = [_value_info(onnx, input_name, TP.FLOAT, [batch, model.input_dim])]
-        outputs = [_value_info(onnx, output_name, TP.FLOAT, [batch, model.output_dim])]
-        return g, inputs, outputs
-    scaler = preprocessing["scaler"]
-    centred = g.op("Sub", [input_name, g.const("feature_mean", scaler["mean"], np.float64)])
-    standardized = g.op("Div", [centred, g.const("feature_scale", scaler["scale"], np.float64)])
-    net = _network(g, model, g.op("Cast", [standardized], to=TP.FLOAT))
-    inputs = [_value_info(onnx, input_name, TP.DOUBLE, [batch, model.input_dim])]
-    task = preprocessing["task"]
-    if task == "regression":
-        ts = preprocessing["target_scaler"]
+def _labels_const(g, labels):
+    """A constant holding the class labels: int64 or float64 when they are numbers, else strings."""
+    TP = g.onnx.TensorProto
+    values = np.asarray(labels)
+    if values.dtype.kind in "iub":
+        return g.const("class_labels", values, np.int64), TP.INT64
+    if values.dtype.kind == "f":
+        return g.const("class_labels", values, np.float64), TP.DOUBLE
+    return g.string_const("class_labels", [str(v) for v in labels]), TP.STRING
+
+
+def _regression_outputs(g, model, net, target_scaler):
+    """``prediction``: the network's output in the target's units, (batch,) for one output."""
+    TP = g.onnx.TensorProto
+    value, elem = net, TP.FLOAT
+    if target_scaler is not None:  # undo the target standardization in float64, as `gpunn predict` does
         value = g.op("Cast", [net], to=TP.DOUBLE)
-        value = g.op("Mul", [value, g.const("target_scale", ts["scale"], np.float64)])
-        value = g.op("Add", [value, g.const("target_mean", ts["mean"], np.float64)])
+        value = g.op("Mul", [value, g.const("target_scale", target_scaler["scale"], np.float64)])
+        value = g.op("Add", [value, g.const("target_mean", target_scaler["mean"], np.float64)])
+        elem = TP.DOUBLE
+    if model.output_dim == 1:
         g.op("Reshape", [value, g.const("flat", [-1], np.int64)], output="prediction")
-        return g, inputs, [_value_info(onnx, "prediction", TP.DOUBLE, [batch])]
-    if task == "binary":  # columns [1 - p, p], as `gpunn predict` writes them
+        return [_value_info(g.onnx, "prediction", elem, ["batch"])]
+    g.op("Identity", [value], output="prediction")
+    return [_value_info(g.onnx, "prediction", elem, ["batch", model.output_dim])]
+
+
+def _classification_outputs(g, task, net, labels):
+    """``label`` (the most probable class) and ``probabilities`` (binary: columns 1 - p, p)."""
+    if task == "binary":
         negative = g.op("Sub", [g.const("one", 1.0), net])
         g.op("Concat", [negative, net], output="probabilities", axis=1)
     else:
         g.op("Identity", [net], output="probabilities")
     index = g.op("ArgMax", ["probabilities"], axis=1, keepdims=0)
-    g.op("Gather", [g.string_const("class_labels", preprocessing["class_labels"]), index], output="label", axis=0)
-    n_classes = len(preprocessing["class_labels"])
-    outputs = [
-        _value_info(onnx, "label", TP.STRING, [batch]),
-        _value_info(onnx, "probabilities", TP.FLOAT, [batch, n_classes]),
+    table, elem = _labels_const(g, labels)
+    g.op("Gather", [table, index], output="label", axis=0)
+    return [
+        _value_info(g.onnx, "label", elem, ["batch"]),
+        _value_info(g.onnx, "probabilities", g.onnx.TensorProto.FLOAT, ["batch", len(labels)]),
     ]
-    return g, inputs, outputs
+
+
+def _build_graph(onnx, model, preprocessing, input_name, output_name):
+    """(builder, inputs, outputs) for ``model``, with ``preprocessing``'s steps when given."""
+    TP = onnx.TensorProto
+    g = _GraphBuilder(onnx)
+    spec = preprocessing or {}
+    scaler = spec.get("scaler")
+    if scaler is not None:  # standardize raw rows in float64, as `gpunn predict` does
+        centred = g.op("Sub", [input_name, g.const("feature_mean", scaler["mean"], np.float64)])
+        standardized = g.op("Div", [centred, g.const("feature_scale", scaler["scale"], np.float64)])
+        net = _network(g, model, g.op("Cast", [standardized], to=TP.FLOAT))
+    else:
+        net = _network(g, model, input_name)
+    inputs = [_value_info(onnx, input_name, TP.DOUBLE if scaler is not None else TP.FLOAT, ["batch", model.input_dim])]
+    task = spec.get("task")
+    if task is None:
+        g.op("Identity", [net], output=output_name)
+        return g, inputs, [_value_info(onnx, output_name, TP.FLOAT, ["batch", model.output_dim])]
+    if task == "regression":
+        return g, inputs, _regression_outputs(g, model, net, spec.get("target_scaler"))
+    return g, inputs, _classification_outputs(g, task, net, spec["class_labels"])
 
 
 def to_onnx(model, preprocessing=None, input_name="features", output_name="output"):
@@ -326,10 +355,10 @@ def to_onnx(model, preprocessing=None, input_name="features", output_name="outpu
     metadata = {"gpunn_config": json.dumps(model.get_config(), sort_keys=True), "gpunn_dtype": str(model.dtype)}
     names = getattr(model, "feature_names", None)
     if preprocessing is not None:
-        names = preprocessing["feature_names"]
+        names = preprocessing.get("feature_names") or names
         metadata["task"] = preprocessing["task"]
         if preprocessing.get("class_labels") is not None:
-            metadata["class_labels"] = json.dumps(preprocessing["class_labels"])
+            metadata["class_labels"] = json.dumps(list(preprocessing["class_labels"]))
     if names is not None:
         metadata["feature_names"] = json.dumps(list(names))
     onnx.helper.set_model_props(proto, metadata)
