@@ -14,6 +14,8 @@ import numbers
 
 import numpy as np
 
+from gpunn import arrays
+
 
 def describe(value) -> str:
     if isinstance(value, np.ndarray):
@@ -30,6 +32,7 @@ def as_float_array(value, argument: str, dtype, row_offset: int = 0) -> np.ndarr
         raise TypeError(f"{argument}: expected array-like numeric data, got None")
     if hasattr(value, "toarray") and hasattr(value, "nnz"):
         raise TypeError(f"{argument}: sparse matrices are not supported; pass a dense array (e.g. {argument}.toarray())")
+    value = arrays.as_array(value, argument, target=True)  # Series, DataFrames, DLPack tensors
     try:
         arr = np.asarray(value)
     except Exception as exc:  # ragged lists and friends
@@ -70,12 +73,18 @@ def finite(arr: np.ndarray, argument: str, row_offset: int = 0) -> None:
 CONVERT_CHUNK_ELEMENTS = 1 << 18
 
 
-def feature_rows(x, n_features=None, argument: str = "x") -> np.ndarray:
+def feature_rows(x, n_features=None, argument: str = "x", feature_names=None, xp=np, dtype=None):
     """``x`` as a 2-D numeric NumPy array (M >= 1, K == n_features when given), dtype not yet converted.
 
     For callers that then convert it in chunks with :func:`features`; lists
-    and object arrays are converted here (they have no dtype to keep).
+    and object arrays are converted here (they have no dtype to keep).  Takes
+    what :func:`gpunn.arrays.as_array` takes (a DataFrame is matched to
+    ``feature_names``); GPU data, with ``xp`` the GPU's array module, stays
+    there and comes back fully checked and converted to ``dtype``.
     """
+    x = arrays.as_array(x, argument, feature_names, xp)
+    if xp is not np and isinstance(x, xp.ndarray):
+        return _device_features(x, dtype, n_features, argument, xp)
     if isinstance(x, np.ndarray) and (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         arr = x
     else:
@@ -97,11 +106,18 @@ def feature_chunks(x, dtype, batch_size: int, argument: str = "x"):
         yield lo, features(x[lo : lo + rows], dtype, x.shape[1], argument, row_offset=lo)
 
 
-def features(x, dtype, n_features=None, argument: str = "x", row_offset: int = 0) -> np.ndarray:
+def features(x, dtype, n_features=None, argument: str = "x", row_offset: int = 0, feature_names=None, xp=np):
     """2-D finite float features (M, K) with M >= 1 (and K == n_features when given).
 
     ``row_offset`` is added to the row named in messages (for a chunk of a larger array).
+    Takes what :func:`gpunn.arrays.as_array` takes: a DataFrame is matched to
+    ``feature_names`` by column name.  With ``xp`` a GPU array module (the
+    model's backend's), GPU data is checked and returned on the device
+    without a copy; everything else becomes a host NumPy array.
     """
+    x = arrays.as_array(x, argument, feature_names, xp)
+    if xp is not np and isinstance(x, xp.ndarray):
+        return _device_features(x, dtype, n_features, argument, xp)
     arr = as_float_array(x, argument, dtype, row_offset)
     _check_feature_shape(arr, n_features, argument)
     finite(arr, argument, row_offset)
@@ -120,6 +136,27 @@ def _check_feature_shape(arr, n_features, argument):
         raise ValueError(f"{argument}: expected at least one feature column, got shape {arr.shape}")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{argument}: the model expects {n_features} features per sample, got {arr.shape[1]} (shape {arr.shape})")
+
+
+def _device_features(x, dtype, n_features, argument, xp):
+    """The checks of :func:`features` made on the device; only a failure reads values back."""
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
+        raise TypeError(f"{argument}: expected real numeric data, got dtype {x.dtype}")
+    _check_feature_shape(x, n_features, argument)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing cast is reported below
+        arr = x.astype(dtype, copy=False)
+    bad = xp.flatnonzero(~xp.isfinite(arr).ravel())
+    if bad.size:
+        row, column = divmod(int(bad[0]), arr.shape[1])
+        original = float(x[row, column])
+        if np.isfinite(original):
+            raise ValueError(
+                f"{argument}: expected values representable in {np.dtype(dtype).name}, got {original:.6g} "
+                f"at row {row}, column {column}; rescale the data"
+            )
+        kind = "NaN" if np.isnan(original) else "infinity"
+        raise ValueError(f"{argument}: expected finite values, found {kind} at row {row}, column {column}")
+    return xp.ascontiguousarray(arr)
 
 
 def sample_weights(sample_weight, n: int, dtype, argument: str = "sample_weight"):

@@ -20,15 +20,17 @@ import numpy as np
 from gpunn import checks
 
 
-def standardize(objective, input_dim, dtype, x, y, sample_weight, class_weight=None, argument="x"):
-    """Validated host arrays ``(x (M, K), targets, weights (M,) or None)`` in ``dtype``.
+def standardize(objective, input_dim, dtype, x, y, sample_weight, class_weight=None, argument="x", feature_names=None, xp=np):
+    """Validated arrays ``(x (M, K), targets, weights (M,) or None)`` in ``dtype``, on the host
+    (``x`` stays on the device when it is already there and ``xp`` is the GPU's array module).
 
     objective: the compiled :class:`gpunn.training.Objective` (its loss
     checks the targets); input_dim: the model's input size, or None while
     unknown; argument: how errors name ``x`` (its targets are named ``y``,
-    or ``"<argument> targets"``).
+    or ``"<argument> targets"``); feature_names: the column names a DataFrame
+    ``x`` is matched to (see :mod:`gpunn.arrays`).
     """
-    x = checks.features(x, dtype, input_dim, argument)
+    x = checks.features(x, dtype, input_dim, argument, feature_names=feature_names, xp=xp)
     if y is None:
         raise ValueError(f"y: expected targets for the {x.shape[0]} samples of {argument}, got None")
     t = prepare_targets(objective, y, x.shape[0], dtype, "y" if argument == "x" else f"{argument} targets")
@@ -158,6 +160,23 @@ def place(backend, x, t, w):
     host (:class:`StreamedData`) when it would take more than half of the free device memory."""
     capacity = backend.free_device_bytes()
     nbytes = x.nbytes + t.nbytes + (0 if w is None else w.nbytes)
-    if capacity is not None and nbytes > capacity // 2:
+    if capacity is not None and nbytes > capacity // 2 and isinstance(x, np.ndarray):  # not if already there
         return StreamedData(backend, x, t, w)
     return DeviceData(backend, x, t, w)
+
+
+def predict(trainer, backend, x, dtype, batch_size, return_device_array=False):
+    """Outputs (M, units) for ``x`` from :func:`gpunn.checks.feature_rows`, in batches.
+
+    Host data is checked and converted in chunks (:func:`gpunn.checks.feature_chunks`)
+    and the outputs gathered in one host array; GPU data (already checked there)
+    is predicted on the device without a copy.  With ``return_device_array``
+    the result is the backend's own array, else a NumPy array.
+    """
+    if not isinstance(x, np.ndarray):
+        out = trainer.predict(x, batch_size)
+        return out if return_device_array else backend.to_numpy(out)
+    result = np.empty((x.shape[0], trainer.layers[-1].units), dtype)
+    for lo, X in checks.feature_chunks(x, dtype, batch_size, "x"):
+        result[lo : lo + len(X)] = backend.to_numpy(trainer.predict(backend.asarray(X), batch_size))
+    return backend.asarray(result) if return_device_array else result

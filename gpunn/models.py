@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from gpunn import backend as backends
-from gpunn import checks, config, data_adapter, device_memory, fit_loop, losses, optimizers, saving, training
+from gpunn import arrays, checks, config, data_adapter, device_memory, fit_loop, losses, optimizers, saving, training
 from gpunn import metrics as metrics_mod
 from gpunn.layers import Dense, Input
 from gpunn.layers import from_config as layer_from_config
@@ -58,6 +58,8 @@ class Sequential:
         self._trainer = None
         self._lock = threading.RLock()  # building and swapping the trainer
         self._training = fit_loop.OneAtATime()  # held by fit / train_on_batch
+        #: a DataFrame's column names, remembered by fit (see gpunn.arrays); None for arrays
+        self.feature_names = None
         if layers is not None:
             if not isinstance(layers, (list, tuple)):
                 raise TypeError(f"layers: expected a list of layers, got {type(layers).__name__}")
@@ -247,9 +249,19 @@ class Sequential:
     def _standardize(self, x, y, sample_weight, class_weight=None, argument="x"):
         """Validated host arrays (x, targets, weights or None); builds the model if needed."""
         self._require_compiled("fit" if argument == "x" else argument)
-        x, t, w = data_adapter.standardize(self._objective, self.input_dim, self.dtype, x, y, sample_weight, class_weight, argument)
+        x, t, w = data_adapter.standardize(self._objective, self.input_dim, self.dtype, x, y, sample_weight, class_weight,
+                                           argument, self.feature_names, self._array_module())  # fmt: skip
         self._ensure_built(x.shape[1])
         return x, t, w
+
+    def _array_module(self):
+        """The array module of the backend the model is (or will be) built on."""
+        return (self.backend or backends.current()).xp
+
+    def _remember_feature_names(self, names):
+        """Keep the column names of the first DataFrame trained on (once its data has passed the checks)."""
+        if self.feature_names is None:
+            self.feature_names = names
 
     # -------------------------------------------------------------------- fit
     @_guard_memory
@@ -261,8 +273,10 @@ class Sequential:
         settings = fit_loop.check_settings(batch_size, epochs, verbose, callbacks, validation_split, shuffle, initial_epoch,
                                  validation_batch_size, validation_freq)  # fmt: skip
         with self._training.hold("fit"):
-            arrays = self._standardize(x, y, sample_weight, class_weight)
-            data, val_data = data_adapter.fit_data(self.backend, self._standardize, arrays, validation_data, validation_split)
+            names = arrays.column_names(x)
+            standardized = self._standardize(x, y, sample_weight, class_weight)
+            self._remember_feature_names(names)
+            data, val_data = data_adapter.fit_data(self.backend, self._standardize, standardized, validation_data, validation_split)
             return fit_loop.fit(self, self._get_trainer(), data, val_data, settings)
 
     @_guard_memory
@@ -270,7 +284,9 @@ class Sequential:
         """One gradient step on the whole of ``x, y``; returns that batch's loss (and metrics)."""
         self._require_compiled("train_on_batch")
         with self._training.hold("train_on_batch"):
+            names = arrays.column_names(x)
             x, t, w = self._standardize(x, y, sample_weight, class_weight)
+            self._remember_feature_names(names)
             logs = self._get_trainer().train_on_batch(data_adapter.DeviceData(self.backend, x, t, w))
         return training.format_result(logs, return_dict)
 
@@ -297,18 +313,17 @@ class Sequential:
         return training.format_result(logs, return_dict)
 
     @_guard_memory
-    def predict(self, x, batch_size=None, verbose="auto"):
-        """Model outputs (M, outputs) as a NumPy array, computed in batches."""
+    def predict(self, x, batch_size=None, verbose="auto", return_device_array=False):
+        """Model outputs (M, outputs), computed in batches: a NumPy array, or with
+        ``return_device_array`` the backend's own array (a CuPy array on the GPU)."""
         batch_size = checks.positive_int(batch_size, "batch_size", allow_none_default=32)
         verbose = checks.verbose(verbose)
         if not self.layers:
             raise ValueError("predict: the model has no layers")
         started = time.perf_counter()
-        x = checks.feature_rows(x, self.input_dim, "x")  # shape and type checked, converted in chunks below
+        x = checks.feature_rows(x, self.input_dim, "x", self.feature_names, self._array_module(), self.dtype)
         self._ensure_built(x.shape[1])
-        trainer, b, result = self._get_trainer(), self.backend, np.empty((x.shape[0], self.output_dim), self.dtype)
-        for lo, X in checks.feature_chunks(x, self.dtype, batch_size, "x"):
-            result[lo : lo + len(X)] = b.to_numpy(trainer.predict(b.asarray(X), batch_size))
+        result = data_adapter.predict(self._get_trainer(), self.backend, x, self.dtype, batch_size, return_device_array)
         if verbose:
             summary_line(-(-x.shape[0] // batch_size), time.perf_counter() - started, {})
         return result

@@ -353,7 +353,7 @@ def to_onnx(model, preprocessing=None, input_name="features", output_name="outpu
         doc_string=doc,
     )
     metadata = {"gpunn_config": json.dumps(model.get_config(), sort_keys=True), "gpunn_dtype": str(model.dtype)}
-    names = getattr(model, "feature_names", None)
+    names = model.feature_names
     if preprocessing is not None:
         names = preprocessing.get("feature_names") or names
         metadata["task"] = preprocessing["task"]

@@ -76,6 +76,10 @@ def expected_failed_checks(estimator) -> dict:
     return dict(EXPECTED_FAILED_CHECKS) if isinstance(estimator, _GpunnEstimator) else {}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _backend_block(name):
     return contextlib.nullcontext() if name is None else gpunn.use_backend(name)
 
@@ -84,22 +88,18 @@ class _GpunnEstimator(BaseEstimator):
     """What the classifier and the regressor share: the network, fit loop and pickling."""
 
     def _check_params(self):
+        """The hidden layer sizes as a list, after checking every hyper-parameter."""
         sizes = self.hidden_layer_sizes
-        if isinstance(sizes, numbers.Integral) and not isinstance(sizes, bool):
+        if _is_int(sizes):
             sizes = (sizes,)
-        if not isinstance(sizes, (tuple, list)) or not all(
-            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in sizes
-        ):
+        if not isinstance(sizes, (tuple, list)) or not all(_is_int(s) and s > 0 for s in sizes):
             raise ValueError(f"hidden_layer_sizes: expected a tuple of positive integers such as (100,), got {self.hidden_layer_sizes!r}")
         activations.get(self.activation, "activation")
-        if self.batch_size != "auto" and (
-            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1
-        ):
+        if self.batch_size != "auto" and not (_is_int(self.batch_size) and self.batch_size >= 1):
             raise ValueError(f"batch_size: expected 'auto' or a positive integer, got {self.batch_size!r}")
         for name in ("epochs", "n_iter_no_change"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            if not (_is_int(getattr(self, name)) and getattr(self, name) >= 1):
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.validation_fraction, numbers.Real) or not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction: expected a fraction in (0, 1), got {self.validation_fraction!r}")
         if not isinstance(self.tol, numbers.Real) or self.tol < 0:
