@@ -80,8 +80,18 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+@contextlib.contextmanager
 def _backend_block(name):
-    return contextlib.nullcontext() if name is None else gpunn.use_backend(name)
+    """Select backend ``name`` (None: leave the active one) for a block, then restore the previous one."""
+    if name is None:
+        yield
+        return
+    previous = gpunn.get_backend()
+    gpunn.set_backend(name)
+    try:
+        yield
+    finally:
+        gpunn.set_backend(previous)
 
 
 class _GpunnEstimator(BaseEstimator):

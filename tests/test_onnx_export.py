@@ -215,3 +215,16 @@ def test_cli_export_of_a_python_saved_model_and_errors(tmp_path):
     result = runner.invoke(main, ["export", str(tmp_path / "plain.gpunn"), "--out", str(tmp_path / "x.onnx")])
     assert result.exit_code == 2 and "not a gpunn preprocessing file" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "x.onnx").exists()
+
+
+def test_dataframe_trained_model_records_its_column_order(tmp_path):
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame(np.random.default_rng(5).normal(size=(20, 3)), columns=["b", "a", "c"])
+    model = gpunn.Sequential([gpunn.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(frame, np.arange(20) % 2, epochs=1, verbose=0)
+    model.export(tmp_path / "frame.onnx")
+    props = {p.key: p.value for p in onnx.load(tmp_path / "frame.onnx").metadata_props}
+    assert json.loads(props["feature_names"]) == ["b", "a", "c"]
+    _, (out,) = run_onnx(tmp_path / "frame.onnx", {"features": frame.to_numpy(np.float32)})
+    assert np.abs(out - model.predict(frame[["c", "a", "b"]], verbose=0)).max() <= TOLERANCE

@@ -136,3 +136,24 @@ def test_early_stopping_class_weight_and_parameter_errors():
     ):
         with pytest.raises(ValueError, match=fragment):
             GpunnClassifier(**params).fit(X, y)
+
+
+def test_readme_grid_search_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "GridSearchCV" in b]
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["search"].score(namespace["X_test"], namespace["y_test"]) >= 0.93
+    capsys.readouterr()
+
+
+def test_backend_parameter_selects_and_restores(monkeypatch):
+    X, y = np.random.default_rng(3).normal(size=(30, 3)), np.arange(30) % 2
+    model = GpunnClassifier(hidden_layer_sizes=(4,), epochs=2, backend="numpy").fit(X, y)
+    assert model.model_.backend.name == "numpy" and gpunn.get_backend() == "numpy"
+    with pytest.raises(ValueError, match="backend"):
+        GpunnClassifier(backend="tpu").fit(X, y)
+    assert gpunn.get_backend() == "numpy"
