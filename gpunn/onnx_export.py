@@ -320,9 +320,17 @@ def _build_graph(onnx, model, preprocessing, input_name, output_name):
 def to_onnx(model, preprocessing=None, input_name="features", output_name="output"):
     """The ``onnx.ModelProto`` for a built ``model``, checked with ``full_check=True``.
 
-    ``preprocessing`` is the dict that ``gpunn train --save`` writes beside
-    the model (``gpunn.cli.load_preprocessing`` reads it); with it the graph
-    takes raw feature rows (see the module docstring).
+    ``preprocessing`` is None (input ``input_name``, output ``output_name``:
+    what ``predict`` returns) or a dict of the steps around the network, as
+    ``gpunn train --save`` writes it beside the model (read it with
+    ``gpunn.cli.load_preprocessing``):
+
+    - ``task``: ``"binary"`` / ``"multiclass"`` (outputs ``label`` and
+      ``probabilities``, with ``class_labels``) or ``"regression"`` (output
+      ``prediction``, mapped back by ``target_scaler`` {mean, scale} if given);
+    - ``scaler`` {mean, scale}: when given, the input is raw float64 rows,
+      standardized in the graph;
+    - ``feature_names``: recorded in the graph's metadata.
     """
     onnx = _require_onnx()
     from gpunn import __version__
@@ -332,6 +340,9 @@ def to_onnx(model, preprocessing=None, input_name="features", output_name="outpu
     for argument, value in (("input_name", input_name), ("output_name", output_name)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{argument}: expected a non-empty string, got {value!r}")
+    reserved = {"label", "probabilities", "prediction"} if preprocessing is not None else {output_name}
+    if input_name in reserved:
+        raise ValueError(f"input_name: {input_name!r} is also the name of an output; choose another name")
     for layer in model.layers:  # fail before any work on an activation without a mapping
         _check_mapped(layer.activation)
     if preprocessing is not None:

@@ -136,7 +136,13 @@ class _GpunnEstimator(BaseEstimator):
         validation_data = None
         if self.early_stopping:
             parts = [X, y] if sample_weight is None else [X, y, sample_weight]
-            split = train_test_split(*parts, test_size=self.validation_fraction, random_state=seed, stratify=stratify)
+            try:
+                split = train_test_split(*parts, test_size=self.validation_fraction, random_state=seed, stratify=stratify)
+            except ValueError as exc:
+                raise ValueError(
+                    f"validation_fraction: cannot hold out {self.validation_fraction} of {X.shape[0]} samples "
+                    f"for early stopping ({exc})"
+                ) from None
             X, y = split[0], split[2]
             sample_weight = None if sample_weight is None else split[4]
             validation_data = (split[1], split[3]) if len(split) == 4 else (split[1], split[3], split[5])

@@ -120,6 +120,23 @@ def test_float64_model_exports_as_float32_with_a_note(tmp_path):
     assert np.abs(out - model.predict(x, verbose=0)).max() <= TOLERANCE
 
 
+def test_layers_without_bias_and_a_custom_leaky_slope(tmp_path):
+    gpunn.set_seed(3)
+    model = gpunn.Sequential(
+        [
+            gpunn.Input(shape=(4,)),
+            gpunn.layers.Dense(6, activation=gpunn.activations.leaky_relu(0.05), use_bias=False),
+            gpunn.layers.Dense(2, activation={"name": "leaky_relu", "alpha": 0.7}),
+        ]
+    )
+    model.build()
+    model.export(tmp_path / "m.onnx")
+    assert [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node][:2] == ["MatMul", "LeakyRelu"]
+    x = np.random.default_rng(6).normal(size=(9, 4)).astype(np.float32)
+    _, (out,) = run_onnx(tmp_path / "m.onnx", {"features": x})
+    assert np.abs(out - model.predict(x, verbose=0)).max() <= TOLERANCE
+
+
 def test_export_metadata_names_and_errors(tmp_path):
     model = two_layer_model("relu")
     path = tmp_path / "m.onnx"
@@ -136,6 +153,8 @@ def test_export_metadata_names_and_errors(tmp_path):
     with pytest.raises(NotImplementedError, match="made_up"):
         model.export(path)
     assert path.read_bytes() == before  # a failed export leaves the previous file
+    with pytest.raises(ValueError, match="input_name: 'y' is also the name of an output"):
+        model.export(path, input_name="y", output_name="y")
     with pytest.raises(ValueError, match="not built"):
         gpunn.Sequential([gpunn.layers.Dense(2)]).export(tmp_path / "unbuilt.onnx")
 

@@ -157,3 +157,9 @@ def test_backend_parameter_selects_and_restores(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         GpunnClassifier(backend="tpu").fit(X, y)
     assert gpunn.get_backend() == "numpy"
+
+
+def test_too_few_samples_for_early_stopping_names_validation_fraction():
+    X, y = np.arange(10.0).reshape(5, 2), np.array([0, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match="validation_fraction: cannot hold out 0.1 of 5 samples"):
+        GpunnClassifier(early_stopping=True).fit(X, y)
