@@ -124,9 +124,12 @@ def _from_dlpack(value, argument: str, xp):
         return np.from_dlpack(value)
     if xp is not np and device_type == 2:  # GPU memory on the GPU backend: a view, no copy
         return xp.from_dlpack(value)
-    try:  # GPU memory on the CPU backend: one copy to the host, made by the producer
+    try:  # GPU memory wanted on the host: one copy, made by the producer
         return np.from_dlpack(value, device="cpu", copy=True)
     except Exception as exc:
+        for method in ("get", "cpu"):  # producers without DLPack 1.0 copies: CuPy's and PyTorch's own
+            if callable(getattr(value, method, None)):
+                return np.asarray(getattr(value, method)())
         where = DEVICE_TYPE_NAMES.get(device_type, f"DLPack device type {device_type}")
         raise TypeError(
             f"{argument}: a {type(value).__name__} in {where} memory cannot be copied to the host here ({exc}); "

@@ -163,3 +163,26 @@ def test_names_are_remembered_only_from_data_that_passed_the_checks():
     assert model.feature_names is None
     model.fit(frame.drop(columns="colour"), y, epochs=1, verbose=0)
     assert model.feature_names == ["age", "income", "smoker"]
+
+
+class DeviceOnly(DLPackOnly):
+    """GPU-resident data as a CPU backend sees it: NumPy cannot read it in place."""
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, **kwargs):
+        raise BufferError("cannot export CUDA memory to this consumer")
+
+
+class CupyLike(DeviceOnly):
+    def get(self):  # CuPy's explicit copy to the host
+        return self._array.copy()
+
+
+def test_gpu_data_on_the_cpu_backend_is_copied_or_refused_clearly():
+    data = np.random.default_rng(4).normal(size=(6, 3))
+    copied = check.features(CupyLike(data), np.float64)
+    assert np.array_equal(copied, data) and not np.shares_memory(copied, data)
+    with pytest.raises(TypeError, match=r"x: a DeviceOnly in CUDA memory cannot be copied to the host here .*tensor.cpu\(\)"):
+        check.features(DeviceOnly(data), np.float64)
