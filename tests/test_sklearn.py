@@ -163,3 +163,18 @@ def test_too_few_samples_for_early_stopping_names_validation_fraction():
     X, y = np.arange(10.0).reshape(5, 2), np.array([0, 1, 0, 1, 0])
     with pytest.raises(ValueError, match="validation_fraction: cannot hold out 0.1 of 5 samples"):
         GpunnClassifier(early_stopping=True).fit(X, y)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_regressor_exports_predictions_in_the_targets_units(tmp_path, outputs):
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(80, 3))
+    y = X @ rng.normal(size=(3, outputs)) * 300 + 1000
+    y = y[:, 0] if outputs == 1 else y
+    model = GpunnRegressor(hidden_layer_sizes=(8,), epochs=5, random_state=0).fit(X, y)
+    model.export(tmp_path / "r.onnx")
+    session = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    (prediction,) = session.run(["prediction"], {"features": X.astype(np.float32)})
+    expected = model.predict(X)
+    assert prediction.shape == expected.shape
+    assert np.abs(prediction - expected).max() <= 1e-5 * model.target_scale_.max()
