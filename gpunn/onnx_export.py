@@ -43,6 +43,8 @@ import warnings
 
 import numpy as np
 
+from gpunn import opmath
+
 #: ONNX operator-set version of the exported graphs: 18 is read by ONNX Runtime >= 1.14
 OPSET = 18
 #: IR version matching OPSET, so older runtimes accept the file
@@ -140,14 +142,9 @@ def _elu(g, x, act):
     return g.op("Elu", [x], alpha=float(act.alpha))
 
 
-#: SELU's constants (Klambauer et al. 2017), as Keras 3 and gpunn define them; ONNX's
-#: defaults are the float32 roundings, so they are written out explicitly
-SELU_ALPHA = 1.6732632423543772
-SELU_SCALE = 1.0507009873554805
-
-
 def _selu(g, x, act):
-    return g.op("Selu", [x], alpha=SELU_ALPHA, gamma=SELU_SCALE)
+    # gpunn's (Keras 3's) constants: ONNX's defaults are their float32 roundings
+    return g.op("Selu", [x], alpha=opmath.SELU_ALPHA, gamma=opmath.SELU_SCALE)
 
 
 def _leaky_relu(g, x, act):
