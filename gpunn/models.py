@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from gpunn import backend as backends
-from gpunn import arrays, checks, config, data_adapter, device_memory, fit_loop, losses, optimizers, saving, training
+from gpunn import arrays, checks, config, data_adapter, device_memory, fit_loop, losses, onnx_export, optimizers, saving, training
 from gpunn import metrics as metrics_mod
 from gpunn.layers import Dense, Input
 from gpunn.layers import from_config as layer_from_config
@@ -58,8 +58,7 @@ class Sequential:
         self._trainer = None
         self._lock = threading.RLock()  # building and swapping the trainer
         self._training = fit_loop.OneAtATime()  # held by fit / train_on_batch
-        #: a DataFrame's column names, remembered by fit (see gpunn.arrays); None for arrays
-        self.feature_names = None
+        self.feature_names = None  # the column names of the DataFrame fit was given (see gpunn.arrays)
         if layers is not None:
             if not isinstance(layers, (list, tuple)):
                 raise TypeError(f"layers: expected a list of layers, got {type(layers).__name__}")
@@ -250,18 +249,9 @@ class Sequential:
         """Validated host arrays (x, targets, weights or None); builds the model if needed."""
         self._require_compiled("fit" if argument == "x" else argument)
         x, t, w = data_adapter.standardize(self._objective, self.input_dim, self.dtype, x, y, sample_weight, class_weight,
-                                           argument, self.feature_names, self._array_module())  # fmt: skip
+                                           argument, self.feature_names, (self.backend or backends.current()).xp)  # fmt: skip
         self._ensure_built(x.shape[1])
         return x, t, w
-
-    def _array_module(self):
-        """The array module of the backend the model is (or will be) built on."""
-        return (self.backend or backends.current()).xp
-
-    def _remember_feature_names(self, names):
-        """Keep the column names of the first DataFrame trained on (once its data has passed the checks)."""
-        if self.feature_names is None:
-            self.feature_names = names
 
     # -------------------------------------------------------------------- fit
     @_guard_memory
@@ -275,7 +265,7 @@ class Sequential:
         with self._training.hold("fit"):
             names = arrays.column_names(x)
             standardized = self._standardize(x, y, sample_weight, class_weight)
-            self._remember_feature_names(names)
+            self.feature_names = self.feature_names or names  # once the data has passed the checks
             data, val_data = data_adapter.fit_data(self.backend, self._standardize, standardized, validation_data, validation_split)
             return fit_loop.fit(self, self._get_trainer(), data, val_data, settings)
 
@@ -284,9 +274,7 @@ class Sequential:
         """One gradient step on the whole of ``x, y``; returns that batch's loss (and metrics)."""
         self._require_compiled("train_on_batch")
         with self._training.hold("train_on_batch"):
-            names = arrays.column_names(x)
             x, t, w = self._standardize(x, y, sample_weight, class_weight)
-            self._remember_feature_names(names)
             logs = self._get_trainer().train_on_batch(data_adapter.DeviceData(self.backend, x, t, w))
         return training.format_result(logs, return_dict)
 
@@ -314,14 +302,13 @@ class Sequential:
 
     @_guard_memory
     def predict(self, x, batch_size=None, verbose="auto", return_device_array=False):
-        """Model outputs (M, outputs), computed in batches: a NumPy array, or with
-        ``return_device_array`` the backend's own array (a CuPy array on the GPU)."""
+        """Outputs (M, outputs) in batches: a NumPy array, or with ``return_device_array`` the backend's own array."""
         batch_size = checks.positive_int(batch_size, "batch_size", allow_none_default=32)
         verbose = checks.verbose(verbose)
         if not self.layers:
             raise ValueError("predict: the model has no layers")
         started = time.perf_counter()
-        x = checks.feature_rows(x, self.input_dim, "x", self.feature_names, self._array_module(), self.dtype)
+        x = checks.feature_rows(x, self.input_dim, "x", self.feature_names, (self.backend or backends.current()).xp, self.dtype)
         self._ensure_built(x.shape[1])
         result = data_adapter.predict(self._get_trainer(), self.backend, x, self.dtype, batch_size, return_device_array)
         if verbose:
@@ -393,16 +380,8 @@ class Sequential:
         saving.save_model(self, filepath)
 
     def export(self, filepath, format="onnx", **kwargs):
-        """Write the model for serving; ``format="onnx"`` (the only one) writes an ONNX graph.
-
-        Keyword arguments go to :func:`gpunn.onnx_export.export_onnx`
-        (``input_name``, ``output_name``, ``preprocessing``).
-        """
-        if format != "onnx":
-            raise ValueError(f"format: expected 'onnx' (the export format gpunn writes), got {format!r}")
-        from gpunn.onnx_export import export_onnx
-
-        export_onnx(self, filepath, **kwargs)
+        """Write the model for serving: ``format="onnx"`` writes an ONNX graph (see :func:`gpunn.onnx_export.export`)."""
+        onnx_export.export(self, filepath, format, **kwargs)
 
     def save_weights(self, filepath):
         saving.save_model(self, filepath, weights_only=True)

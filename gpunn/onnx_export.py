@@ -62,6 +62,15 @@ FLOAT64_NOTE = (
 )
 
 
+def _gpunn_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("gpunn")
+    except metadata.PackageNotFoundError:  # a source checkout that is not installed
+        return "unknown"
+
+
 def _require_onnx():
     try:
         import onnx
@@ -330,7 +339,7 @@ def to_onnx(model, preprocessing=None, input_name="features", output_name="outpu
     - ``feature_names``: recorded in the graph's metadata.
     """
     onnx = _require_onnx()
-    from gpunn import __version__
+    __version__ = _gpunn_version()
 
     if not model.built:
         raise ValueError("export: the model is not built yet (no weights); call build(), fit or predict first")
@@ -372,6 +381,13 @@ def to_onnx(model, preprocessing=None, input_name="features", output_name="outpu
     onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def export(model, filepath, format="onnx", **kwargs) -> None:
+    """``model.export(filepath, format)``: ``"onnx"`` (the only format) is :func:`export_onnx`."""
+    if format != "onnx":
+        raise ValueError(f"format: expected 'onnx' (the export format gpunn writes), got {format!r}")
+    export_onnx(model, filepath, **kwargs)
 
 
 def export_onnx(model, filepath, preprocessing=None, input_name="features", output_name="output") -> None:

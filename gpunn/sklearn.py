@@ -80,18 +80,9 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-@contextlib.contextmanager
 def _backend_block(name):
-    """Select backend ``name`` (None: leave the active one) for a block, then restore the previous one."""
-    if name is None:
-        yield
-        return
-    previous = gpunn.get_backend()
-    gpunn.set_backend(name)
-    try:
-        yield
-    finally:
-        gpunn.set_backend(previous)
+    """Select backend ``name`` for a block (None: leave the active one), then restore the previous one."""
+    return contextlib.nullcontext() if name is None else gpunn.use_backend(name)
 
 
 class _GpunnEstimator(BaseEstimator):
