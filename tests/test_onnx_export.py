@@ -250,3 +250,14 @@ def test_dataframe_trained_model_records_its_column_order(tmp_path):
     assert json.loads(props["feature_names"]) == ["b", "a", "c"]
     _, (out,) = run_onnx(tmp_path / "frame.onnx", {"features": frame.to_numpy(np.float32)})
     assert np.abs(out - model.predict(frame[["c", "a", "b"]], verbose=0)).max() <= TOLERANCE
+
+
+def test_without_onnx_installed_the_error_names_the_extra(tmp_path, monkeypatch):
+    model = two_layer_model("relu")
+    model.save(tmp_path / "m.gpunn")
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # as if onnx were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'gpunn\[onnx\]'"):
+        model.export(tmp_path / "m.onnx")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "m.gpunn"), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and "gpunn[onnx]" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m.onnx").exists()
