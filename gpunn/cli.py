@@ -656,21 +656,19 @@ def export(ctx, model_path, export_format, out):
     """Export a saved model to ONNX, for ONNX Runtime and other servers.
 
     A model saved by `gpunn train --save MODEL` exports with its
-    preprocessing (MODEL.preprocess.json) inside the graph: it takes raw
-    feature rows and returns the predicted label and class probabilities,
-    or the prediction in the target's units, as `gpunn predict` does.
+    preprocessing inside the graph: it takes raw feature rows and returns
+    the predicted label and class probabilities, or the prediction in the
+    target's units, as `gpunn predict` does.
     """
+    from gpunn import saving
     from gpunn.onnx_export import export_onnx
 
-    info = None
-    if os.path.exists(preprocess_path(model_path)):
-        try:
-            info = load_preprocessing(model_path)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx, param_hint="'MODEL'") from None
+    _check_destination(ctx, out, "--out", [("model file (MODEL)", model_path)])
     gpunn.set_backend("numpy")  # exporting reads the weights once: no GPU needed
     try:
-        model = gpunn.load_model(model_path, compile=False)
+        model, user_metadata = saving.load_model_with_metadata(model_path, gpunn.Sequential, compile=False)
+        trained_by_cli = "preprocessing" in (user_metadata or {}) or os.path.exists(preprocess_path(model_path))
+        info = load_preprocessing(model_path, user_metadata or {}) if trained_by_cli else None
         export_onnx(model, out, preprocessing=info)
     except (ValueError, NotImplementedError) as exc:
         raise click.BadParameter(str(exc), ctx, param_hint="'MODEL'") from None

@@ -55,8 +55,10 @@ from gpunn import activations, optimizers
 from gpunn.callbacks import EarlyStopping
 from gpunn.random import seeded
 
-#: largest batch ``predict`` runs at once
-PREDICT_BATCH_SIZE = 4096
+#: rows per matrix product in ``predict``: inputs are padded to a multiple of it, so every
+#: sample is computed in a product of exactly this many rows and its prediction does not
+#: depend on what it is predicted with (BLAS sums in a different order for other sizes)
+PREDICT_BLOCK_ROWS = 256
 
 
 #: scikit-learn checks that minibatch training cannot pass, with the reason; give it to
@@ -170,7 +172,11 @@ class _GpunnEstimator(BaseEstimator):
     def _network_output(self, X):
         check_is_fitted(self, "model_")
         X = validate_data(self, X, reset=False, dtype=(np.float32, np.float64))
-        return self.model_.predict(X, batch_size=min(PREDICT_BATCH_SIZE, X.shape[0]), verbose=0)
+        n = X.shape[0]
+        padded = -(-n // PREDICT_BLOCK_ROWS) * PREDICT_BLOCK_ROWS
+        if padded != n:
+            X = np.concatenate([X, np.zeros((padded - n, X.shape[1]), X.dtype)])
+        return self.model_.predict(X, batch_size=PREDICT_BLOCK_ROWS, verbose=0)[:n]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

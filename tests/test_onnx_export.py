@@ -15,7 +15,7 @@ from scipy import special
 import gpunn
 from gpunn import onnx_export
 from gpunn.activations import Activation
-from gpunn.cli import main
+from gpunn.cli import load_preprocessing, main
 
 TOLERANCE = 1e-5
 
@@ -204,7 +204,7 @@ def test_cli_trained_model_exports_with_its_preprocessing(tmp_path, task):
     assert json.loads(props["feature_names"]) == ["age", "income", "ratio"]
     header, rows = read_csv(preds)
     model = gpunn.load_model(model_path, compile=False)
-    info = json.loads((tmp_path / "m.gpunn.preprocess.json").read_text())
+    info = load_preprocessing(model_path)  # what `gpunn predict` applies, stored in the model file
     standardized = (X - info["scaler"]["mean"]) / info["scaler"]["scale"]
     network = model.predict(standardized, verbose=0).astype(np.float64)
     if task == "regression":
@@ -235,7 +235,7 @@ def test_cli_export_of_a_python_saved_model_and_errors(tmp_path):
     assert result.exit_code == 2 and "tflite" in result.output
     (tmp_path / "plain.gpunn.preprocess.json").write_text(json.dumps({"format": "other"}))
     result = runner.invoke(main, ["export", str(tmp_path / "plain.gpunn"), "--out", str(tmp_path / "x.onnx")])
-    assert result.exit_code == 2 and "not a gpunn preprocessing file" in result.output
+    assert result.exit_code == 2 and "not a gpunn preprocessing description" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "x.onnx").exists()
 
 

@@ -178,3 +178,11 @@ def test_regressor_exports_predictions_in_the_targets_units(tmp_path, outputs):
     expected = model.predict(X)
     assert prediction.shape == expected.shape
     assert np.abs(prediction - expected).max() <= 1e-5 * model.target_scale_.max()
+
+
+def test_a_samples_prediction_does_not_depend_on_its_batch():
+    X = 3 * np.random.default_rng(5).uniform(size=(300, 3))
+    for model in (GpunnRegressor(hidden_layer_sizes=(16,), epochs=2), GpunnClassifier(hidden_layer_sizes=(16,), epochs=2)):
+        model.fit(X, (X[:, 0] > 1.5).astype(int))
+        one_by_one = np.concatenate([model.predict(X[i : i + 1]) for i in range(len(X))])
+        assert np.array_equal(model.predict(X), one_by_one)
