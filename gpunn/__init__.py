@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging as _logging
 
-from gpunn import activations, callbacks, initializers, layers, losses, metrics, optimizers, regularizers
+from gpunn import activations, callbacks, distributed, initializers, layers, losses, metrics, optimizers, regularizers
 from gpunn.backend import get_backend, set_backend, use_backend
 from gpunn.config import floatx, set_floatx
 from gpunn.layers import Input
@@ -37,6 +37,7 @@ __all__ = [
     "Sequential",
     "activations",
     "callbacks",
+    "distributed",
     "floatx",
     "get_backend",
     "initializers",

@@ -142,3 +142,26 @@ def launch_stream():
 @functools.lru_cache(maxsize=8)
 def _external_stream(ptr):
     return cuda.external_stream(ptr)
+
+
+def use_device(local_rank: int) -> int:
+    """Make GPU ``local_rank % device count`` current for this process (one GPU per rank); returns its id."""
+    cupy = get_cupy()
+    device = local_rank % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(device).use()
+    return device
+
+
+def nccl_module():
+    """``cupy.cuda.nccl`` when NCCL is available (the nvidia-nccl wheel), else None."""
+    get_cupy()
+    try:
+        from cupy.cuda import nccl
+    except Exception:
+        return None
+    return nccl if getattr(nccl, "available", True) else None
+
+
+def current_stream_ptr() -> int:
+    """Raw pointer of CuPy's current stream, the one gpunn's kernels are queued on."""
+    return get_cupy().cuda.get_current_stream().ptr

@@ -27,10 +27,9 @@ import threading
 
 import numpy as np
 
-from gpunn import checks
+from gpunn import checks, distributed
 from gpunn.callbacks import CallbackList, History, TerminateOnNaN
 from gpunn.progress import EpochProgress
-from gpunn.random import generator
 
 #: candidate states kept by the first replay while searching backwards for the last good one;
 #: each further replay keeps twice as many, up to _MAX_REPLAY_WINDOW device copies of the state
@@ -85,22 +84,28 @@ class _Snapshot:
 class _EpochStart:
     """Where an epoch began: its snapshot, sample order and number of steps."""
 
-    def __init__(self, trainer, order, batch_size):
+    def __init__(self, trainer, order, steps):
         self.snapshot = _Snapshot(trainer)
         self.order = order
-        self.steps = math.ceil(order.shape[0] / batch_size)
+        self.steps = steps
 
 
 class Divergence:
-    """The snapshots that let ``fit`` roll back to the last good state (see the module doc)."""
+    """The snapshots that let ``fit`` roll back to the last good state (see the module doc).
 
-    def __init__(self, trainer, data, batch_size, enabled):
-        self.trainer, self.data, self.batch_size, self.enabled = trainer, data, batch_size, enabled
+    plan: the epoch's :class:`gpunn.distributed.BatchPlan` (which rows each
+    step trains on); replicas: the processes of a distributed fit, which
+    replay the same steps together and agree on each candidate state.
+    """
+
+    def __init__(self, trainer, data, plan, batch_size, enabled, replicas):
+        self.trainer, self.data, self.plan, self.enabled = trainer, data, plan, enabled
+        self.batch_size, self.replicas = batch_size, replicas
         self.current = self.previous = None
 
     def epoch_begin(self, order):
         if self.enabled:
-            self.previous, self.current = self.current, _EpochStart(self.trainer, order, self.batch_size)
+            self.previous, self.current = self.current, _EpochStart(self.trainer, order, self.plan.steps)
 
     def _replay(self, steps, index, acc):
         for step in range(steps):
@@ -129,17 +134,18 @@ class Divergence:
                     self._replay_one(s, index, acc)
             for s, snap in reversed(window):
                 snap.restore(trainer)
-                if trainer.predictions_finite(self.data, max(self.batch_size, _CHECK_BATCH)):
+                if self.replicas.all_true(trainer.predictions_finite(self.data, max(self.batch_size, _CHECK_BATCH))):
                     return s, bad_update
             last = first - 1
         return None, bad_update
 
     def _replay_one(self, step, index, acc):
-        lo, hi = step * self.batch_size, min(index.shape[0], (step + 1) * self.batch_size)
+        lo, hi = self.plan.local(step)
         ws = self.trainer.take_workspace(hi - lo)
         try:
-            self.data.gather(self.trainer.backend, index[lo:hi], ws)
-            self.trainer.train_step(ws, acc, self.data.weighted)
+            if hi > lo:
+                self.data.gather(self.trainer.backend, index[lo:hi], ws)
+            self.trainer.train_step(ws, acc, self.data.weighted, global_rows=self.plan.global_rows(step))
         finally:
             self.trainer.give_workspace(ws)
 
@@ -169,26 +175,29 @@ class Divergence:
         )
 
 
-def run_epoch(trainer, model, data, order, batch_size, cbs, progress, divergence, epoch):
-    """One pass over ``data`` in ``order``; returns (logs, batches done)."""
+def run_epoch(trainer, model, data, order, plan, cbs, progress, divergence, epoch, replicas):
+    """One pass over ``data`` in ``order`` following ``plan`` (the rows of each step); returns
+    (logs, batches done).  In a distributed fit every read of the logs is global."""
     b = trainer.backend
-    n = order.shape[0]
-    steps = math.ceil(n / batch_size)
+    steps = plan.steps
     divergence.epoch_begin(order)
     index = data.batch_index(order)
-    acc = trainer.accumulators()
+    acc = trainer.accumulators(combine=replicas.combine if replicas.size > 1 else None)
     # running loss after each batch: finds the first non-finite batch without a per-batch sync
-    record = b.zeros((steps,), trainer.dtype) if divergence.enabled and b.name != "numpy" else None
+    # (nor, in a distributed fit, a per-batch collective)
+    deferred = divergence.enabled and (b.name != "numpy" or replicas.size > 1)
+    record = b.zeros((steps,), trainer.dtype) if deferred else None
     held = {}
     seen = done = 0
     try:
         for step in range(steps):
-            start, stop = step * batch_size, min(n, (step + 1) * batch_size)
+            start, stop = plan.local(step)
             ws = held.get(stop - start) or held.setdefault(stop - start, trainer.take_workspace(stop - start))
             cbs.on_train_batch_begin(step)
-            data.gather(b, index[start:stop], ws)
-            trainer.train_step(ws, acc, data.weighted)
-            seen, done = stop, step + 1
+            if stop > start:
+                data.gather(b, index[start:stop], ws)
+            trainer.train_step(ws, acc, data.weighted, global_rows=plan.global_rows(step))
+            seen, done = seen + stop - start, step + 1
             if record is not None:
                 record[step] = acc.sums[0]
             elif divergence.enabled and not math.isfinite(acc.sums[0]):
@@ -196,7 +205,8 @@ def run_epoch(trainer, model, data, order, batch_size, cbs, progress, divergence
             if cbs.wants_batch_logs:
                 cbs.on_train_batch_end(step, acc.read(seen))
             elif progress.due():
-                progress.update(done, acc.read(seen))
+                # the bar's running figures are this process's own (a global read is a collective)
+                progress.update(done, acc.read(seen, local=True))
             if model.stop_training:
                 break
     finally:
@@ -204,7 +214,7 @@ def run_epoch(trainer, model, data, order, batch_size, cbs, progress, divergence
             trainer.give_workspace(ws)
     logs = acc.read(seen)
     if record is not None and not math.isfinite(logs["loss"]):
-        host_record = b.to_numpy(record[:done])
+        host_record = replicas.combine(b.to_numpy(record[:done]))
         bad = int(np.flatnonzero(~np.isfinite(host_record))[0])
         divergence.recover(epoch, bad, float(host_record[bad]))
     if divergence.enabled and not trainer.params_finite():
@@ -214,16 +224,41 @@ def run_epoch(trainer, model, data, order, batch_size, cbs, progress, divergence
 
 
 def fit(model, trainer, data, val_data, settings) -> History:
-    """The epoch loop of ``Sequential.fit`` with validated ``settings`` (a dict of fit's arguments)."""
+    """The epoch loop of ``Sequential.fit`` with validated ``settings`` (a dict of fit's arguments).
+
+    After ``gpunn.distributed.init()`` with several processes the same loop
+    trains data-parallel (see :mod:`gpunn.distributed`): each process trains
+    on its rows of every batch and ``trainer.gradient_reduction`` all-reduces
+    the gradient; an exception on one process aborts the job.
+    """
+    replicas = distributed.replicas()
+    trainer.gradient_reduction = replicas.gradient_reduction
+    try:
+        return _fit(model, trainer, data, val_data, settings, replicas)
+    except (NonFiniteLossError, distributed.ReplicaMismatchError):
+        raise  # raised on every process alike
+    except BaseException as exc:
+        replicas.fail(exc)
+        raise
+    finally:
+        trainer.gradient_reduction = None
+
+
+def _fit(model, trainer, data, val_data, settings, replicas) -> History:
     batch_size, epochs = settings["batch_size"], settings["epochs"]
-    steps = math.ceil(data.rows / batch_size)
+    replicas.start(trainer, data.rows, settings)
+    plan = replicas.plan(data.rows, batch_size)
     history = model.history = History()
     user_callbacks = list(settings["callbacks"] or [])
     # History last, as in Keras: it records what other callbacks add to the logs (e.g. learning_rate)
-    cbs = CallbackList(user_callbacks + [history], model, {"epochs": epochs, "steps": steps, "verbose": settings["verbose"]})
+    verbose = settings["verbose"] if replicas.is_main else 0
+    params = {"epochs": epochs, "steps": plan.steps, "verbose": verbose}
+    cbs = CallbackList(replicas.select_callbacks(user_callbacks) + [history], model, params)
+    # a batch-logs read is a collective: every process reads when any of its callbacks would
+    cbs.wants_batch_logs = any(cb.wants_batch_logs for cb in user_callbacks)
     raise_on_nonfinite = not any(isinstance(cb, TerminateOnNaN) for cb in user_callbacks)
-    divergence = Divergence(trainer, data, batch_size, raise_on_nonfinite)
-    progress = EpochProgress(settings["verbose"], epochs, steps)
+    divergence = Divergence(trainer, data, plan, batch_size, raise_on_nonfinite, replicas)
+    progress = EpochProgress(verbose, epochs, plan.steps)
     model.stop_training = False
     cbs.on_train_begin()
     for epoch in range(settings["initial_epoch"], epochs):
@@ -231,12 +266,13 @@ def fit(model, trainer, data, val_data, settings) -> History:
             break
         cbs.on_epoch_begin(epoch)
         progress.epoch_begin(epoch)
-        order = generator().permutation(data.rows) if settings["shuffle"] else np.arange(data.rows)
-        logs, done = run_epoch(trainer, model, data, order, batch_size, cbs, progress, divergence, epoch)
+        order = replicas.order(data.rows, settings["shuffle"])
+        logs, done = run_epoch(trainer, model, data, order, plan, cbs, progress, divergence, epoch, replicas)
         if val_data is not None and (epoch + 1 - settings["initial_epoch"]) % settings["validation_freq"] == 0:
             logs.update(trainer.evaluate(val_data, settings["validation_batch_size"], prefix="val_"))
         cbs.on_epoch_end(epoch, logs)
         progress.epoch_end(epoch, done, logs)
+        model.stop_training = replicas.any_true(model.stop_training)
     cbs.on_train_end()
     return history
 

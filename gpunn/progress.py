@@ -10,7 +10,7 @@ import numpy as np
 
 from tqdm.auto import tqdm
 
-from gpunn import checks
+from gpunn import checks, distributed
 
 #: seconds between progress refreshes (each one reads the metrics back from the device)
 REFRESH_SECONDS = 0.25
@@ -73,7 +73,10 @@ class EpochProgress:
 
 
 def summary_line(steps: int, elapsed: float, logs: dict, file=None) -> None:
-    """Keras's one-line report of evaluate/predict: ``steps/steps - time - ms/step - logs``."""
+    """Keras's one-line report of evaluate/predict: ``steps/steps - time - ms/step - logs``
+    (printed by the main process of a distributed run only)."""
+    if not distributed.is_main():
+        return
     parts = [f"{steps}/{steps}", f"{elapsed:.2f}s", f"{elapsed / max(steps, 1) * 1e3:.2f}ms/step"]
     if logs:
         parts.append(format_logs(logs))

@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 import safetensors.numpy
 
-from gpunn import checks
+from gpunn import checks, distributed
 
 MODEL_SUFFIX = ".gpunn"
 FORMAT = "gpunn-model"
@@ -297,6 +297,8 @@ def save_model(model, filepath, weights_only: bool = False, user_metadata=None) 
     """
     if not isinstance(filepath, (str, os.PathLike)):
         raise TypeError(f"filepath: expected a path (str or os.PathLike), got {type(filepath).__name__}")
+    if not distributed.is_main():
+        return  # in a distributed run rank 0 alone writes files (its weights are every rank's)
     head, data = _model_file_parts(model, weights_only, user_metadata)
     with atomic_destination(filepath) as tmp:
         with open(tmp, "wb") as f:

@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from gpunn import activations, checks, codes
+from gpunn import activations, checks, codes, distributed
 from gpunn import metrics as metrics_mod
 
 #: the loss kind whose fused pass already counts each "natural" accuracy
@@ -151,21 +151,36 @@ class WorkspacePool:
 
 class Accumulators:
     """Device-side running sums for one call: ``sums`` = (weighted loss sum, accuracy count
-    from the fused loss pass) and one 2-element state per computed metric."""
+    from the fused loss pass) and one 2-element state per computed metric.
 
-    def __init__(self, backend, dtype, objective):
+    combine: None, or a function summing a host float64 vector across the
+    processes of a distributed run (:mod:`gpunn.distributed`); :meth:`read`
+    then reports the logs over every process's rows.
+    """
+
+    def __init__(self, backend, dtype, objective, combine=None):
         self.backend = backend
         self.objective = objective
+        self.combine = combine
         self.sums = backend.zeros((2,), dtype)
         count = 0 if objective is None else len(objective.computed_metrics)
         self.states = [backend.zeros((2,), np.float64) for _ in range(count)]
 
-    def read(self, seen: int, prefix: str = "") -> dict:
-        """Host-side logs: mean loss over ``seen`` samples and each metric (one small transfer each)."""
+    def read(self, seen: int, prefix: str = "", local: bool = False) -> dict:
+        """Host-side logs: mean loss over ``seen`` samples and each metric (one small transfer each).
+
+        With ``combine`` (and not ``local``) the sums, states and ``seen`` are
+        first summed over every process (one collective: call it on all).
+        """
         b = self.backend
         host_sums = b.to_numpy(self.sums)
+        host_states = [b.to_numpy(s) for s in self.states]
+        if self.combine is not None and not local:
+            total = self.combine(np.concatenate([[seen], host_sums, *host_states]).astype(np.float64))
+            seen, host_sums = total[0], total[1:3]
+            host_states = [total[3 + 2 * i : 5 + 2 * i] for i in range(len(host_states))]
         logs = {prefix + "loss": float(host_sums[0]) / max(seen, 1)}
-        host_states = iter([b.to_numpy(s) for s in self.states])
+        host_states = iter(host_states)
         for name, metric, _ in self.objective.metrics:
             if metric is None:
                 logs[prefix + name] = float(host_sums[1]) / seen if seen else 0.0
@@ -193,6 +208,9 @@ class Trainer:
         self._pool = WorkspacePool(self._make_workspace)
         #: False once the model has replaced this trainer (recompiled or rebuilt)
         self.active = True
+        #: None, or ``reduce(backend, grads, local_rows, global_rows)`` run between backward and
+        #: the update: a distributed fit's all-reduce of the flat gradient (gpunn.distributed)
+        self.gradient_reduction = None
 
     # -- buffers ---------------------------------------------------------------
     def _make_workspace(self, batch, training):
@@ -213,8 +231,8 @@ class Trainer:
         """A training workspace owned by the caller (not pooled)."""
         return self._make_workspace(batch, True)
 
-    def accumulators(self, backend=None) -> Accumulators:
-        return Accumulators(backend or self.backend, self.dtype, self.objective)
+    def accumulators(self, backend=None, combine=None) -> Accumulators:
+        return Accumulators(backend or self.backend, self.dtype, self.objective, combine)
 
     # -- one step --------------------------------------------------------------
     def forward(self, backend, x, ws, acts):
@@ -248,9 +266,24 @@ class Trainer:
         for (metric, weighted_metric), state in zip(computed, acc.states):
             metric.update(backend.xp, pred, ws.t, w if weighted_metric else None, state)
 
-    def train_step(self, ws, acc, weighted, backend=None):
-        """Forward, loss, backward and one optimizer update on the batch held in ``ws``."""
+    def train_step(self, ws, acc, weighted, backend=None, global_rows=None):
+        """Forward, loss, backward and one optimizer update on the batch held in ``ws``.
+
+        global_rows: the rows of the whole batch when ``ws`` holds this
+        process's slice of it (a distributed fit); ``gradient_reduction``
+        then combines the slices' gradients before the update.  A slice may
+        be empty (its gradient is zero).
+        """
         b = backend or self.backend
+        if ws.batch:
+            self._gradients(b, ws, acc, weighted)
+        else:
+            self.grads[...] = 0
+        if self.gradient_reduction is not None:
+            self.gradient_reduction(b, self.grads, ws.batch, ws.batch if global_rows is None else global_rows)
+        self.optimizer.apply(self.params, self.grads, self.segments, backend=b)
+
+    def _gradients(self, b, ws, acc, weighted):
         acts = self.objective.train_activations
         out = self.forward(b, ws.x, ws, acts)
         self.objective.loss_grad(b, out, ws.t, ws.w if weighted else None, ws.g[-1], acc.sums)
@@ -260,7 +293,6 @@ class Trainer:
             dx = ws.g[i - 1] if i > 0 else None
             self.layers[i].backward(b, x, ws.g[i], ws.y[i], ws.z[i], dx, acts[i])
         self._regularization(b, acc.sums, ws.batch, gradients=True)
-        self.optimizer.apply(self.params, self.grads, self.segments, backend=b)
 
     def test_step(self, ws, acc, weighted):
         b = self.backend
@@ -271,9 +303,10 @@ class Trainer:
 
     # -- whole passes ----------------------------------------------------------
     def evaluate(self, data, batch_size, prefix=""):
-        """Logs of the loss and metrics over all of ``data`` (a data_adapter source)."""
+        """Logs of the loss and metrics over all of ``data`` (a data_adapter source); in a
+        distributed run on sharded data, over every process's ``data``."""
         n = data.rows
-        acc = self.accumulators()
+        acc = self.accumulators(combine=distributed.replicas().combine_evaluation)
         index = data.batch_index(np.arange(n))
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
