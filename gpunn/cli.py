@@ -448,11 +448,19 @@ def train(
 
     With no options: Dense(64, relu) -> Dense(1, sigmoid) with Adam and binary
     cross-entropy on the Wisconsin breast-cancer data, 20% held out.
+
+    Launched by `mpiexec -n N gpunn train ...` it trains data-parallel on N
+    processes (gpunn.distributed): --batch-size is the global batch; rank 0
+    alone prints and saves.
     """
     _check_destination(ctx, save_path, "--save", [("training data (--data)", data)])
     problem = _load_problem(ctx, dataset, data, target, task, delimiter, ignore_label_case)
     _check_model_size(ctx, problem, hidden, batch_size)
     resolved = _select_backend(ctx, backend)
+    if gpunn.distributed.launched_by_mpi():
+        gpunn.distributed.init()
+        if not gpunn.distributed.is_main():  # one report, from rank 0 (errors still reach stderr)
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
     gpunn.set_seed(seed)
     train_rows, test_rows = _split(ctx, problem, test_size, seed)
     scaler = _fit_scaler(ctx, problem, train_rows)
