@@ -171,16 +171,16 @@ def _local_rank(MPI, comm):
 
 def _bind_gpu(MPI, comm, local_rank):
     """On a real GPU with the cuda backend: use GPU ``local_rank`` and build NCCL (else None)."""
-    from gpunn import _cuda
     from gpunn import backend as backends
+    from gpunn._cuda import cuda_status, current_stream_ptr, nccl_module, use_device
 
-    if backends.get_backend() != "cuda" or _cuda.cuda_status().simulator:
+    if backends.get_backend() != "cuda" or cuda_status().simulator:
         return None
-    _cuda.use_device(local_rank)
-    nccl = _cuda.nccl_module()
+    use_device(local_rank)
+    nccl = nccl_module()
     if nccl is None:
         return None
-    return NcclAllReduce.create(nccl, comm, _cuda.current_stream_ptr)
+    return NcclAllReduce.create(nccl, comm, current_stream_ptr)
 
 
 def init(comm=None):
@@ -233,6 +233,11 @@ def size() -> int:
 def local_rank() -> int:
     """This process's rank among the processes on its host (0 before :func:`init`)."""
     return 0 if _world is None else _world.local_rank
+
+
+def nccl_enabled() -> bool:
+    """Whether gradients are all-reduced by NCCL on the GPU (else by MPI through the host)."""
+    return _world is not None and _world.device_allreduce is not None
 
 
 def is_main() -> bool:

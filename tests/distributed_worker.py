@@ -162,7 +162,7 @@ def main(out, names):
     for name in names.split(","):
         model, history, extra = SCENARIOS[name](out)
         arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
-        meta = {"history": history.history, "size": gpunn.distributed.size(), **extra}
+        meta = {"history": history.history, "size": gpunn.distributed.size(), "nccl": gpunn.distributed.nccl_enabled(), **extra}
         np.savez(os.path.join(out, f"{name}.rank{r}.npz"), meta=json.dumps(meta), **arrays)
 
 

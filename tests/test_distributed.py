@@ -114,6 +114,27 @@ def test_cuda_backend_under_the_simulator(tmp_path):
     assert_same_model(load_ranks(tmp_path, "small_mixed"), model.get_weights(), history.history)
 
 
+def _gpu_count():
+    from gpunn import _cuda
+
+    if _cuda.simulator_enabled() or _cuda.cuda is None or not _cuda.cuda.is_available():
+        return 0
+    return len(_cuda.cuda.gpus)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_count() < 2, reason="needs 2 CUDA GPUs (numba.cuda.is_available() is false or fewer than 2 devices)")
+def test_two_gpus_all_reduce_with_nccl(tmp_path):
+    done, seconds = run_job(tmp_path, "small_mixed,sgd_momentum", GPUNN_BACKEND="cuda", NUMBA_ENABLE_CUDASIM="0")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("small_mixed", "sgd_momentum"):
+        ranks = load_ranks(tmp_path, name)
+        assert all(meta["nccl"] for _, meta in ranks), "the gradient did not go through NCCL"
+        with gpunn.use_backend("cuda"):
+            model, history, _ = worker.SCENARIOS[name]()
+        assert_same_model(ranks, model.get_weights(), history.history)
+
+
 @pytest.mark.parametrize("what", ["fail", "fail_outside_fit"])
 def test_an_exception_on_one_rank_ends_the_job(tmp_path, what):
     done, seconds = run_job(tmp_path, what, timeout=FAILURE_TIMEOUT)
