@@ -117,6 +117,18 @@ def sharded_reference():
     return model, model.evaluate(x, y, verbose=0, return_dict=True)
 
 
+def diverges(out=None):
+    """SGD with a huge learning rate on a regression: the loss turns non-finite in the first
+    epoch; every rank must raise NonFiniteLossError and roll back to the same state."""
+    x, y, _ = _data(seed=6)
+    model = _model(gpunn.optimizers.SGD(learning_rate=1e4), "mse", activation="linear", metrics=())
+    try:
+        model.fit(x, y * 1e3, batch_size=10, epochs=3, verbose=0)
+    except gpunn.NonFiniteLossError as exc:
+        return model, gpunn.callbacks.History(), {"error": str(exc)}
+    raise AssertionError("fit did not diverge")
+
+
 def small_mixed(out=None):
     """For the CUDA simulator (slow): Adam, sample weights, L2, validation_split=0.25 of 16
     rows, global batch 11 over the 12 training rows (11, then 1: rank 0's slice is empty)."""
@@ -128,7 +140,7 @@ def small_mixed(out=None):
 
 SCENARIOS = {
     f.__name__: f
-    for f in (sgd_momentum, adam_validation_split, rmsprop_weights_l2, class_weights_tiny_batch, sharded, small_mixed)
+    for f in (sgd_momentum, adam_validation_split, rmsprop_weights_l2, class_weights_tiny_batch, sharded, diverges, small_mixed)
 }
 
 

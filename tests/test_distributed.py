@@ -28,7 +28,7 @@ JOB_TIMEOUT = 600
 #: an exception on one rank must end the job within this (never a hang in a collective)
 FAILURE_TIMEOUT = 90
 
-NUMPY_SCENARIOS = ["sgd_momentum", "adam_validation_split", "rmsprop_weights_l2", "class_weights_tiny_batch", "sharded"]
+NUMPY_SCENARIOS = ["sgd_momentum", "adam_validation_split", "rmsprop_weights_l2", "class_weights_tiny_batch", "sharded", "diverges"]
 
 def run_job(out, what, timeout=JOB_TIMEOUT, **env):
     """``mpiexec -n 2 python distributed_worker.py out what``; returns (CompletedProcess, seconds)."""
@@ -75,6 +75,7 @@ def numpy_job(tmp_path_factory):
     return out
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # the diverging scenario, on purpose
 @pytest.mark.parametrize("name", NUMPY_SCENARIOS)
 def test_two_ranks_train_the_single_process_model(numpy_job, name):
     ranks = load_ranks(numpy_job, name)
@@ -86,6 +87,8 @@ def test_two_ranks_train_the_single_process_model(numpy_job, name):
         return
     model, history, extra = worker.SCENARIOS[name]()
     assert_same_model(ranks, model.get_weights(), history.history)
+    if "error" in extra:  # the non-finite check reads the reduced loss: every rank stops alike
+        assert [meta["error"] for _, meta in ranks] == [extra["error"]] * 2
     if "evaluate" in extra:
         for _, meta in ranks:
             assert meta["evaluate"] == pytest.approx(extra["evaluate"], rel=1e-5)
