@@ -199,10 +199,10 @@ def init(comm=None):
     comm = MPI.COMM_WORLD if comm is None else comm
     local_rank = _local_rank(MPI, comm)
     world = World(comm, local_rank)
-    _world = world
-    world.device_allreduce = _bind_gpu(MPI, comm, local_rank)
-    if world.size > 1:
+    if world.size > 1:  # first: a failure binding the GPU on one rank must not hang the others
         _install_excepthook(world)
+    world.device_allreduce = _bind_gpu(MPI, comm, local_rank)
+    _world = world
     return world.rank, world.size
 
 
