@@ -161,12 +161,30 @@ class World:
         self.comm.Abort(1)
 
 
-def _local_rank(MPI, comm):
+def _local_rank_and_size(MPI, comm):
+    """(rank among the processes on this host, number of them)."""
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
-        return node.Get_rank()
+        return node.Get_rank(), node.Get_size()
     finally:
         node.Free()
+
+
+#: variables by which a user (or launcher) already chose the threads per process
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _share_cores(local_size):
+    """Give each of the ``local_size`` processes on this host its share of the cores for BLAS /
+    OpenMP (every process would otherwise start one thread per core and oversubscribe them),
+    unless a thread-count variable says otherwise.  Returns the threads per process, or None."""
+    if local_size < 2 or any(name in os.environ for name in THREAD_VARIABLES):
+        return None
+    from threadpoolctl import threadpool_limits
+
+    threads = max(1, (os.cpu_count() or 1) // local_size)
+    threadpool_limits(threads)
+    return threads
 
 
 def _bind_gpu(MPI, comm, local_rank):
@@ -189,15 +207,19 @@ def init(comm=None):
     comm: an mpi4py communicator to use instead of ``MPI.COMM_WORLD``.
     Call it once, before building models: on the ``cuda`` backend it binds
     this process to the GPU of its local rank on the host and builds an
-    NCCL communicator.  After it, an uncaught exception on any rank aborts
-    the whole job (see the module doc).  Calling it again returns the same.
+    NCCL communicator.  The processes on one host share its cores: each
+    limits its BLAS / OpenMP threads to ``cores // processes on the host``
+    unless ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` or ``MKL_NUM_THREADS``
+    is set.  After it, an uncaught exception on any rank aborts the whole
+    job (see the module doc).  Calling it again returns the same.
     """
     global _world
     if _world is not None:
         return _world.rank, _world.size
     MPI = _mpi()
     comm = MPI.COMM_WORLD if comm is None else comm
-    local_rank = _local_rank(MPI, comm)
+    local_rank, local_size = _local_rank_and_size(MPI, comm)
+    _share_cores(local_size)
     world = World(comm, local_rank)
     if world.size > 1:  # first: a failure binding the GPU on one rank must not hang the others
         _install_excepthook(world)

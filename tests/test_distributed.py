@@ -300,3 +300,17 @@ def test_before_init_one_process_is_main():
     assert not distributed.initialized()
     assert (distributed.rank(), distributed.size(), distributed.local_rank(), distributed.is_main()) == (0, 1, 0, True)
     assert isinstance(distributed.replicas(), distributed.Local)
+
+
+def test_processes_on_one_host_share_its_cores(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    for name in distributed.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    with threadpool_limits(None):  # restores this process's limits afterwards
+        assert distributed._share_cores(1) is None
+        assert distributed._share_cores(3) == 2
+        assert {pool["num_threads"] for pool in threadpool_info()} == {2}
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        assert distributed._share_cores(3) is None
