@@ -324,7 +324,7 @@ class Local:
     def select_callbacks(self, callbacks):
         return list(callbacks)
 
-    def start(self, trainer, data_rows, settings):
+    def start(self, trainer, data, settings):
         return None
 
     def plan(self, rows, batch_size):
@@ -365,13 +365,15 @@ class Replicas(Local):
         return [cb for cb in callbacks if not _main_process_only(cb)]
 
     # -- start of fit ------------------------------------------------------------
-    def start(self, trainer, data_rows, settings):
-        """Check the ranks agree, then give every rank rank 0's weights and optimizer state."""
-        self._agree(trainer, data_rows, settings)
+    def start(self, trainer, data, settings):
+        """Check the ranks agree, then give every rank rank 0's weights and optimizer state.
+
+        data: the training data (``rows``, and arrays ``x``, ``t``, ``w`` or None)."""
+        self._agree(trainer, data, settings)
         self._broadcast_state(trainer)
 
-    def _agree(self, trainer, data_rows, settings):
-        optimizer = trainer.optimizer
+    def _agree(self, trainer, data, settings):
+        optimizer, data_rows = trainer.optimizer, data.rows
         mine = {
             "parameters": int(trainer.params.shape[0]),
             "dtype": str(trainer.dtype),
@@ -385,11 +387,12 @@ class Replicas(Local):
         }
         if not self.sharded_data:
             mine["training rows"] = data_rows
+            mine["training data (sums of x, y, weights)"] = _fingerprint(data)
         everyone = self.world.comm.allgather((mine, data_rows))
         for key, value in mine.items():
             seen = [theirs[key] for theirs, _ in everyone]
             if any(v != seen[0] for v in seen):
-                hint = " (with different data on each rank, fit inside `with gpunn.distributed.sharded():`)" if key == "training rows" else ""
+                hint = " (with different data on each rank, fit inside `with gpunn.distributed.sharded():`)" if "training" in key else ""
                 raise ReplicaMismatchError(f"fit: the ranks disagree on {key}: {seen} (rank order){hint}")
         self._shard_rows = [rows for _, rows in everyone]
         if self.sharded_data and min(self._shard_rows) == 0:
@@ -472,6 +475,12 @@ class _SlicedPlan(BatchPlan):
 
     def local(self, step):
         return self._starts[step], self._stops[step]
+
+
+def _fingerprint(data):
+    """Float64 sums of the training arrays: equal on ranks holding the same data (one pass each)."""
+    arrays = (data.x, data.t, data.w)
+    return [None if a is None else float(a.sum(dtype=np.float64)) for a in arrays]
 
 
 def _main_process_only(callback) -> bool:

@@ -246,7 +246,7 @@ def fit(model, trainer, data, val_data, settings) -> History:
 
 def _fit(model, trainer, data, val_data, settings, replicas) -> History:
     batch_size, epochs = settings["batch_size"], settings["epochs"]
-    replicas.start(trainer, data.rows, settings)
+    replicas.start(trainer, data, settings)
     plan = replicas.plan(data.rows, batch_size)
     history = model.history = History()
     user_callbacks = list(settings["callbacks"] or [])

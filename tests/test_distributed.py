@@ -19,7 +19,7 @@ import pytest
 
 import distributed_worker as worker
 import gpunn
-from gpunn import distributed
+from gpunn import data_adapter, distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
@@ -230,15 +230,25 @@ def test_ranks_that_disagree_get_the_same_clear_error_on_every_rank():
     trainer = _compiled_trainer()
     settings = {"batch_size": 8, "epochs": 2, "initial_epoch": 0, "shuffle": True}
 
+    x = np.arange(120, dtype=np.float32).reshape(40, 3)
+    data = data_adapter.DeviceData(trainer.backend, x, x[:, :2], None)
+
     def more_rows(item):
         return {**item[0], "training rows": 99}, 99
 
     replicas = distributed.Replicas(world(0, 2, {1: more_rows}), sharded_data=False)
     with pytest.raises(distributed.ReplicaMismatchError, match=r"training rows: \[40, 99\].*sharded"):
-        replicas.start(trainer, 40, settings)  # the check comes before any broadcast
+        replicas.start(trainer, data, settings)  # the check comes before any broadcast
+
+    def other_values(item):
+        return {**item[0], "training data (sums of x, y, weights)": [1.0, 2.0, None]}, 40
+
+    replicas = distributed.Replicas(world(0, 2, {1: other_values}), sharded_data=False)
+    with pytest.raises(distributed.ReplicaMismatchError, match=r"training data .*\[\[7140.0, 4720.0, None\], \[1.0, 2.0, None\]\].*sharded"):
+        replicas.start(trainer, data, settings)
     sharded = distributed.Replicas(world(0, 2, {1: lambda item: ({**item[0], "epochs": 3}, 0)}), sharded_data=True)
     with pytest.raises(distributed.ReplicaMismatchError, match=r"epochs: \[2, 3\]"):
-        sharded.start(trainer, 40, settings)
+        sharded.start(trainer, data, settings)
 
 
 class Recorder:
