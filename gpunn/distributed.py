@@ -405,8 +405,10 @@ class Replicas(Local):
             host = np.ascontiguousarray(b.to_numpy(buf))
             self.world.broadcast(host)
             buf[...] = b.asarray(host)
-        scalars = self.world.comm.bcast((optimizer.iterations, optimizer.learning_rate), root=0)
-        optimizer.iterations, optimizer.learning_rate = scalars
+        iterations, rate = self.world.comm.bcast((optimizer.iterations, optimizer.learning_rate), root=0)
+        optimizer.iterations = iterations
+        if getattr(optimizer, "learning_rate_schedule", None) is None:  # a schedule follows the step count
+            optimizer.learning_rate = rate
 
     # -- batches ------------------------------------------------------------------
     def plan(self, rows, batch_size):

@@ -154,7 +154,7 @@ def test_command_line_trains_on_two_ranks_and_rank_0_reports(tmp_path):
     done, seconds = run_job(tmp_path, None, program=program)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("Held-out accuracy") == 1 and done.stdout.count("Epoch 2/2") == 1
-    assert sorted(os.listdir(tmp_path)) == ["cancer.gpunn", "cancer.gpunn.preprocess.json"]
+    assert sorted(os.listdir(tmp_path)) == ["cancer.gpunn"]  # the preprocessing lives inside the model file
     assert gpunn.load_model(model_path).count_params() == 30 * 64 + 64 + 64 + 1
 
 
@@ -182,7 +182,13 @@ class FakeComm:
 
     def bcast(self, item, root=0):
         self.bcasts.append(item)
-        return item if self.rank == root else "uid-from-rank-0"
+        if self.rank == root:
+            return item
+        return self.from_root.pop(0) if getattr(self, "from_root", None) else "uid-from-rank-0"
+
+    def Bcast(self, buffer, root=0):  # noqa: N802 (MPI's name): rank 0's buffers, here all 0.5
+        if self.rank != root:
+            buffer[...] = 0.5
 
 
 def world(rank, size, others=None):
@@ -324,3 +330,21 @@ def test_processes_on_one_host_share_its_cores(monkeypatch):
         assert {pool["num_threads"] for pool in threadpool_info()} == {2}
         monkeypatch.setenv("OMP_NUM_THREADS", "4")
         assert distributed._share_cores(3) is None
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_a_rank_starts_from_rank_0s_weights_optimizer_state_and_step(schedule):
+    rate = gpunn.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5) if schedule else 0.1
+    model = gpunn.Sequential([gpunn.Input(shape=(3,)), gpunn.layers.Dense(2)])
+    model.compile(gpunn.optimizers.Adam(learning_rate=rate), "mse")
+    model.build()
+    trainer = model._get_trainer()
+    x = np.ones((4, 3), np.float32)
+    data = data_adapter.DeviceData(trainer.backend, x, x[:, :2], None)
+    replicas = distributed.Replicas(world(1, 2), sharded_data=False)
+    replicas.world.comm.from_root = [(7, 0.05)]
+    replicas.start(trainer, data, {"batch_size": 2, "epochs": 1, "initial_epoch": 0, "shuffle": True})
+    assert all((w == 0.5).all() for w in model.get_weights())
+    assert all((slot == 0.5).all() for slot in model.optimizer.slots.values())
+    assert model.optimizer.iterations == 7
+    assert model.optimizer.learning_rate == pytest.approx(0.1 * 0.5 ** 0.7 if schedule else 0.05)
