@@ -321,7 +321,7 @@ class Local:
     is_main = True
     combine_evaluation = None
 
-    def select_callbacks(self, callbacks):
+    def select_callbacks(self, callbacks, file_writers=()):
         return list(callbacks)
 
     def start(self, trainer, data, settings):
@@ -358,11 +358,12 @@ class Replicas(Local):
         self.combine_evaluation = self.combine if sharded_data else None
         self._shard_rows = None
 
-    def select_callbacks(self, callbacks):
-        """Every callback on rank 0; elsewhere all but the file writers."""
+    def select_callbacks(self, callbacks, file_writers=()):
+        """Every callback on rank 0; elsewhere all but instances of ``file_writers`` (classes)
+        and callbacks with ``main_process_only = True``."""
         if self.is_main:
             return list(callbacks)
-        return [cb for cb in callbacks if not _main_process_only(cb)]
+        return [cb for cb in callbacks if not (isinstance(cb, file_writers) or getattr(cb, "main_process_only", False))]
 
     # -- start of fit ------------------------------------------------------------
     def start(self, trainer, data, settings):
@@ -483,12 +484,6 @@ def _fingerprint(data):
     """Float64 sums of the training arrays: equal on ranks holding the same data (one pass each)."""
     arrays = (data.x, data.t, data.w)
     return [None if a is None else float(a.sum(dtype=np.float64)) for a in arrays]
-
-
-def _main_process_only(callback) -> bool:
-    from gpunn.callbacks import CSVLogger, ModelCheckpoint
-
-    return isinstance(callback, (ModelCheckpoint, CSVLogger)) or bool(getattr(callback, "main_process_only", False))
 
 
 def replicas():

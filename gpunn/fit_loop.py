@@ -28,9 +28,11 @@ import threading
 import numpy as np
 
 from gpunn import checks, distributed
-from gpunn.callbacks import CallbackList, History, TerminateOnNaN
+from gpunn.callbacks import CallbackList, CSVLogger, History, ModelCheckpoint, TerminateOnNaN
 from gpunn.progress import EpochProgress
 
+#: callbacks that only write files: in a distributed fit they run on rank 0 alone
+_FILE_WRITERS = (ModelCheckpoint, CSVLogger)
 #: candidate states kept by the first replay while searching backwards for the last good one;
 #: each further replay keeps twice as many, up to _MAX_REPLAY_WINDOW device copies of the state
 _REPLAY_WINDOW = 4
@@ -253,7 +255,7 @@ def _fit(model, trainer, data, val_data, settings, replicas) -> History:
     # History last, as in Keras: it records what other callbacks add to the logs (e.g. learning_rate)
     verbose = settings["verbose"] if replicas.is_main else 0
     params = {"epochs": epochs, "steps": plan.steps, "verbose": verbose}
-    cbs = CallbackList(replicas.select_callbacks(user_callbacks) + [history], model, params)
+    cbs = CallbackList(replicas.select_callbacks(user_callbacks, _FILE_WRITERS) + [history], model, params)
     # a batch-logs read is a collective: every process reads when any of its callbacks would
     cbs.wants_batch_logs = any(cb.wants_batch_logs for cb in user_callbacks)
     raise_on_nonfinite = not any(isinstance(cb, TerminateOnNaN) for cb in user_callbacks)
