@@ -13,7 +13,9 @@ on the NumPy backend and reports
 - the bare ``MPI_Allreduce`` of a buffer of the same size (fastest of 50).
 
 The cores are split between the ranks (BLAS threads = cores // ranks), so
-the comparison is "same machine, one process vs two".  Root needs
+the comparison is "same machine, one process vs two"; the jobs run with
+``--bind-to none`` (Open MPI would bind each rank of ``-n 1``/``-n 2`` to one
+core, starving a 1-rank job's second BLAS thread).  Root needs
 ``OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1`` (set here for
 the jobs); ``--oversubscribe`` lets 2 ranks run on fewer cores.
 """
@@ -117,7 +119,7 @@ def run_job(ranks, batch_sizes):
     if mpiexec is None:
         sys.exit("mpiexec not found: pip install 'gpunn[mpi]'")
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONWARNINGS="ignore")
-    command = [mpiexec, "-n", str(ranks), "--oversubscribe", sys.executable, os.path.abspath(__file__), "--worker", "--batch", ",".join(map(str, batch_sizes))]
+    command = [mpiexec, "-n", str(ranks), "--oversubscribe", "--bind-to", "none", sys.executable, os.path.abspath(__file__), "--worker", "--batch", ",".join(map(str, batch_sizes))]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         sys.exit(f"the {ranks}-rank job failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")

@@ -176,13 +176,17 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 
 def _share_cores(local_size):
     """Give each of the ``local_size`` processes on this host its share of the cores for BLAS /
-    OpenMP (every process would otherwise start one thread per core and oversubscribe them),
-    unless a thread-count variable says otherwise.  Returns the threads per process, or None."""
+    OpenMP (every process would otherwise start one thread per core and oversubscribe them):
+    ``min(cores this process may run on, cores // local_size)``, unless a thread-count
+    variable says otherwise.  Returns the threads per process, or None."""
     if local_size < 2 or any(name in os.environ for name in THREAD_VARIABLES):
         return None
     from threadpoolctl import threadpool_limits
 
-    threads = max(1, (os.cpu_count() or 1) // local_size)
+    # a launcher that binds each process to some cores (Open MPI binds to a core for -n <= 2) has
+    # already split them: never run more threads than the cores this process may use
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, min(allowed, (os.cpu_count() or 1) // local_size))
     threadpool_limits(threads)
     return threads
 

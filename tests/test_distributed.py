@@ -324,10 +324,14 @@ def test_processes_on_one_host_share_its_cores(monkeypatch):
     for name in distributed.THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     with threadpool_limits(None):  # restores this process's limits afterwards
         assert distributed._share_cores(1) is None
         assert distributed._share_cores(3) == 2
         assert {pool["num_threads"] for pool in threadpool_info()} == {2}
+        # bound by the launcher to one core: one thread, whatever the host's size
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+        assert distributed._share_cores(2) == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "4")
         assert distributed._share_cores(3) is None
 
