@@ -33,7 +33,7 @@ def backend(request):
 @pytest.fixture(scope="session")
 def mnist_like():
     """8,192 synthetic MNIST-shaped samples (784 features in [0, 1], 10 classes)."""
-    from gpunn.bench import synthetic_data
+    from gpunn.bench.contenders import synthetic_data
 
     return synthetic_data(8192)
 

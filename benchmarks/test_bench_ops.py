@@ -71,7 +71,7 @@ def test_softmax_cross_entropy(benchmark, backend, m):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_optimizer_update(benchmark, backend, optimizer):
-    from gpunn.bench import REFERENCE_DIMS, layer_shapes
+    from gpunn.bench.contenders import REFERENCE_DIMS, layer_shapes
 
     size = sum(k * n + n for k, n in layer_shapes(REFERENCE_DIMS))
     p = random_array(backend, (size,), seed=7)
