@@ -362,67 +362,48 @@ def test_gpu_check_without_a_gpu_exits_with_a_clear_message():
     assert "no usable GPU" in proc.stdout + proc.stderr
 
 
-# -- benchmarks/gpu_check.py: its CPU-computable parts ------------------------
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "benchmarks", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# -- benchmarks/gpu_check.py and gpunn.bench.gpu: the parts a CPU can run ------------------
 
 
 def test_gpu_check_peak_formula():
-    gc = _gpu_check()
+    from gpunn.bench import gpu
+
     # H200: sm_90, 132 SMs x 128 FP32 cores x 2 x 1.98 GHz = 66.9 TFLOP/s
-    assert gc.cores_per_sm(9, 0) == 128
-    assert gc.fp32_peak_gflops(132, 9, 0, 1_980_000) == pytest.approx(66908.16)
-    assert gc.cores_per_sm(8, 0) == 64 and gc.cores_per_sm(8, 6) == 128
-    assert gc.fp32_peak_gflops(132, 9, 0, None) is None
+    assert gpu.cores_per_sm(9, 0) == 128
+    assert gpu.fp32_peak_gflops(132, 9, 0, 1_980_000) == pytest.approx(66908.16)
+    assert gpu.cores_per_sm(8, 0) == 64 and gpu.cores_per_sm(8, 6) == 128
+    assert gpu.fp32_peak_gflops(132, 9, 0, None) is None
 
 
-@pytest.mark.parametrize("act", [0, 1, 2, 3, 4, 5])
-def test_gpu_check_references_match_numpy_ops(act):
-    from gpunn.backend import numpy_ops
-
-    gc = _gpu_check()
-    rng = np.random.default_rng(act)
-    z = rng.standard_normal((50, 7)) * 3
-    y = numpy_ops.apply_activation(z.copy(), act, 0.2, np.empty_like(z))
-    np.testing.assert_allclose(gc.ref_act(np, z, act, 0.2), y, rtol=1e-12, atol=1e-15)
-    g = rng.standard_normal(z.shape)
-    expected = numpy_ops.multiply_activation_grad(g.copy(), y, z, act, 0.2)
-    np.testing.assert_allclose(g * gc.ref_dact(np, y, z, act, 0.2), expected, rtol=1e-12, atol=1e-15)
-
-
-def test_gpu_check_violation_flags_wrong_and_missing_values():
-    gc = _gpu_check()
-    ref = np.ones(10)
-    tol = np.full(10, 1e-6)
-    assert gc.violation(np, ref + 5e-7, ref, tol)[0] <= 1
-    bad = ref.copy()
-    bad[3] += 1e-3
-    assert gc.violation(np, bad, ref, tol)[0] > 1
-    bad[3] = np.nan  # an element the kernel never wrote (buffers start as NaN)
-    assert gc.violation(np, bad, ref, tol)[0] == np.inf
+def test_gpu_check_rejects_unknown_sections():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--only", "speed"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "unknown section(s) speed" in proc.stderr
 
 
 @pytest.mark.simulator
-def test_gpu_check_paths_on_the_simulator(capsys):
-    """The checks and timings of gpu_check run (tiny shapes) and pass on the simulator."""
+def test_gpu_timings_run_on_the_simulator():
+    """The GPU timing paths run (tiny shapes) on the simulator: ops against CuPy's stand-in, a device epoch."""
     if not cuda_status().simulator:
         pytest.skip("runs on Numba's CUDA simulator only")
-    from gpunn import codes
+    from gpunn.bench import gpu
 
-    gc = _gpu_check()
-    env, rep = gc.Env(True), gc.Report(1e9)
-    rep.device = gc.describe_device(env)
-    gc.check_linear(env, rep, np.float32, codes.ACT_GELU, [(37, 19, 11)])
-    gc.check_activation(env, rep, np.float32, codes.ACT_TANH, (7, 5))
-    gc.check_loss(env, rep, np.float32, codes.LOSS_SOFTMAX_SPARSE_CCE, 45)
-    gc.check_optimizer(env, rep, np.float32, "adam", (0.01,), 1003)
-    assert rep.checks and all(ok for _, ok, _ in rep.checks), [c for c in rep.checks if not c[1]]
-    gc.run_ops(env, rep, True, None)
-    assert len(rep.ops) == 3
-    assert gc.summary(rep) == 0
-    assert "gpu_check summary" in capsys.readouterr().out
+    device = gpu.Device()
+    dev = gpu.describe_device(device)
+    once = timing.Policy(windows=1, quorum=1, margin=1.0, retry_windows=1, retries=0)
+    ops, targets, notes = gpu.time_ops(device, True, None, policy=once)
+    assert [r["op"] for r in ops] == ["fwd relu 64x16->16", "fwd linear 32x8->8 (GEMM)", "bwd relu 64x16->16"]
+    assert all(r["fused_ms"] > 0 and r["ref_ms"] > 0 for r in ops) and len(targets) == 2 and not notes
+    x, y = C.synthetic_data(8, (20, 16, 16, 3))
+    trainer = C.GpunnTrainer("cuda", (20, 16, 16, 3), "sgd", 0.1)
+    before = trainer.weights()
+    epoch, steps = gpu.device_epoch(trainer, x, y, 8)
+    epoch()
+    assert steps == 1 and trainer.model.backend.name == "cuda"
+    assert all(not np.array_equal(a, b) for a, b in zip(before, trainer.weights()))
+    train = ("20-16-16-3", [{"opt": "sgd", "batch": 8, "steps": 2, "gpunn_step_ms": 1.0, "fit_epoch_ms": 2.0, "gpunn_acc": 0.5, "reliable": False}])
+    lines = "\n".join(gpu.summary_lines(dev, "passed", ops, train, targets, notes, machine.cpu_label(), once))
+    assert "gpu_check summary" in lines and "Numba CUDA simulator" in lines and machine.cpu_name() in lines
+    assert "UNRELIABLE" in lines and "fwd relu 64x16->16" in lines

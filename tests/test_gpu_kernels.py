@@ -1,0 +1,357 @@
+"""Every gpunn.kernels kernel on a real GPU, on large ragged shapes, against gpunn.backend.numpy_ops.
+
+These are the correctness checks ``benchmarks/gpu_check.py`` runs (``pytest
+-m gpu``).  Each check runs in two places:
+
+* ``gpu`` (marked ``gpu``): a real CUDA device, shapes large enough to spread
+  over many blocks, none a multiple of a tile (65,537 rows spill one row into
+  a new tile); skipped, naming why, where there is no usable GPU;
+* ``sim`` (marked ``simulator``): Numba's CUDA simulator on tiny ragged
+  shapes and a few representative cases (it runs one Python thread per CUDA
+  thread), so the same code is exercised on machines without a GPU.
+
+The reference is ``numpy_ops`` in float64 on the same inputs; every output
+buffer starts as NaN, so an element a kernel never writes fails.  The error
+bound of a matrix product is relative to the magnitude of its terms
+(``|x| @ |w|``), carried through the activation by its derivative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gpunn import codes
+from gpunn._cuda import cuda_status
+from gpunn.backend import numpy_ops
+
+_STATUS = cuda_status()
+_REAL_GPU = _STATUS.usable and not _STATUS.simulator
+
+GPU = pytest.param("gpu", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _REAL_GPU, reason=f"needs a real CUDA GPU, and there is none here: {_STATUS.reason}"),
+], id="gpu")  # fmt: skip
+SIM = pytest.param("sim", marks=[
+    pytest.mark.simulator,
+    pytest.mark.skipif(not _STATUS.simulator, reason="runs in Numba's CUDA simulator only (a real GPU runs the large cases)"),
+], id="sim")  # fmt: skip
+
+if _STATUS.usable:
+    from gpunn import kernels
+    from gpunn._cuda import cuda
+
+#: Problem sizes per place: linear (M, K, N) shapes, activation shape, loss rows, optimizer parameters.
+SIZES = {
+    "gpu": {
+        "linear": [(65537, 257, 129), (4099, 785, 255), (1023, 33, 10), (130, 1000, 1)],
+        "act": (4099, 1025),
+        "loss_rows": 65537,
+        "params": 1_000_003,
+    },
+    "sim": {"linear": [(37, 19, 11)], "act": (7, 5), "loss_rows": 45, "params": 1003},
+}
+
+ACTS = [codes.ACT_LINEAR, codes.ACT_RELU, codes.ACT_LEAKY_RELU, codes.ACT_SIGMOID, codes.ACT_TANH, codes.ACT_GELU]
+LOSSES = [
+    codes.LOSS_SIGMOID_BCE, codes.LOSS_SOFTMAX_CCE, codes.LOSS_SOFTMAX_SPARSE_CCE, codes.LOSS_BCE,
+    codes.LOSS_CCE, codes.LOSS_SPARSE_CCE, codes.LOSS_MSE, codes.LOSS_MAE,
+]  # fmt: skip
+ALPHA = 0.2  # leaky ReLU's slope (ignored by the others)
+
+
+def _cases(values, in_simulator=()):
+    """(place, value) parameters: every value on the GPU, those in ``in_simulator`` in the simulator too."""
+    out = []
+    for v in values:
+        out.append(pytest.param(GPU.values[0], v, marks=GPU.marks, id=f"gpu-{_id(v)}"))
+        if v in in_simulator:
+            out.append(pytest.param(SIM.values[0], v, marks=SIM.marks, id=f"sim-{_id(v)}"))
+    return out
+
+
+def _id(v):
+    if isinstance(v, tuple):
+        return "-".join(_id(x) for x in v)
+    if isinstance(v, type):
+        return np.dtype(v).name
+    return getattr(v, "name", str(v))
+
+
+# --------------------------------------------------------------------------
+# Data and comparison
+# --------------------------------------------------------------------------
+
+
+def rand(rng, shape, dtype, scale=1.0):
+    """Standard normal data (never exactly zero: a zero could hide an unapplied factor)."""
+    a = rng.standard_normal(shape) * scale
+    a[a == 0] = 0.5 * scale
+    return a.astype(dtype)
+
+
+def poisoned(shape, dtype):
+    return cuda.to_device(np.full(shape, np.nan, dtype=dtype))
+
+
+def tolerances(dtype):
+    """Relative error of a product term, of an elementwise op, and an absolute floor."""
+    if np.dtype(dtype) == np.float32:
+        return {"gemm": 1e-4, "elem": 1e-5, "abs": 1e-6}
+    return {"gemm": 1e-12, "elem": 1e-11, "abs": 1e-13}
+
+
+def assert_within(got, ref, bound, what):
+    """|got - ref| <= bound everywhere, and every element written (finite)."""
+    got = np.asarray(got, dtype=np.float64)
+    unwritten = ~np.isfinite(got) & np.isfinite(ref)
+    assert not unwritten.any(), f"{what}: {int(unwritten.sum())} unwritten or non-finite elements, first at {np.argwhere(unwritten)[:3].tolist()}"
+    excess = np.abs(got - ref) / bound
+    worst = np.unravel_index(np.argmax(excess), excess.shape) if excess.size else ()
+    assert excess.size == 0 or excess[worst] <= 1, (
+        f"{what}: error {abs(got[worst] - ref[worst]):.3e} at {tuple(int(i) for i in worst)} is {excess[worst]:.2f}x "
+        f"the bound {bound[worst]:.3e} (got {got[worst]!r}, expected {ref[worst]!r})"
+    )
+
+
+def act_slope(y64, z64, act):
+    """|act'| at each element, from the reference's own derivative."""
+    return np.abs(numpy_ops.multiply_activation_grad(np.ones_like(y64), y64, z64, act, ALPHA))
+
+
+# --------------------------------------------------------------------------
+# The fused linear layer
+# --------------------------------------------------------------------------
+
+
+def check_linear_forward(place, act, dtype, bias=True):
+    tol = tolerances(dtype)
+    needs_z = act in codes.ACT_NEEDS_PREACTIVATION
+    for m, k, n in SIZES[place]["linear"]:
+        rng = np.random.default_rng(m + k + n)
+        x, w, b = rand(rng, (m, k), dtype), rand(rng, (k, n), dtype, 1 / math.sqrt(k)), rand(rng, (n,), dtype, 0.5)
+        y, z = poisoned((m, n), dtype), poisoned((m, n), dtype) if needs_z else None
+        kernels.linear_forward(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b) if bias else None, act, ALPHA, y, z)
+        x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64) if bias else None
+        y_ref, z_ref = np.empty((m, n)), np.empty((m, n))
+        numpy_ops.linear_forward(x64, w64, b64, act, ALPHA, y_ref, z_ref)
+        magnitude = np.abs(x64) @ np.abs(w64) + (np.abs(b64) if bias else 0)
+        z_bound = tol["gemm"] * magnitude + tol["abs"]
+        shape = f"{np.dtype(dtype).name} {_id(act)} bias={bias} M={m} K={k} N={n}"
+        # the error of z reaches y through the activation's slope (sigmoid's nearby slope can be larger)
+        slope = np.maximum(act_slope(y_ref, z_ref, act), act_slope(*_shifted(z_ref, z_bound, act), act))
+        assert_within(y.copy_to_host(), y_ref, slope * z_bound + tol["elem"] * np.abs(y_ref) + tol["abs"], f"linear_forward y {shape}")
+        if needs_z:
+            assert_within(z.copy_to_host(), z_ref, z_bound, f"linear_forward z {shape}")
+
+
+def _shifted(z, dz, act):
+    """(y, z) of the reference at z + dz: the slope at the far end of z's error interval."""
+    z2 = z + dz
+    return numpy_ops.apply_activation(z2, act, ALPHA, np.empty_like(z2)), z2
+
+
+def check_linear_backward(place, act, dtype, bias=True):
+    tol = tolerances(dtype)
+    needs_z = act in codes.ACT_NEEDS_PREACTIVATION
+    for m, k, n in SIZES[place]["linear"]:
+        rng = np.random.default_rng(m + 2 * k + n)
+        x, w = rand(rng, (m, k), dtype), rand(rng, (k, n), dtype, 1 / math.sqrt(k))
+        z_in = rand(rng, (m, n), dtype)
+        y_in = numpy_ops.apply_activation(z_in.astype(np.float64), act, ALPHA, np.empty((m, n))).astype(dtype)
+        dy = rand(rng, (m, n), dtype)
+        d_x, d_w, d_y, d_yin = (cuda.to_device(a) for a in (x, w, dy, y_in))
+        d_z = cuda.to_device(z_in) if needs_z else None
+        dx, dw, db = poisoned((m, k), dtype), poisoned((k, n), dtype), poisoned((n,), dtype) if bias else None
+        kernels.linear_backward_data(d_y, d_w, d_yin, d_z, act, ALPHA, dx)
+        kernels.linear_backward_weight(d_x, d_y, d_yin, d_z, act, ALPHA, dw, db)
+        f64 = {name: a.astype(np.float64) for name, a in dict(x=x, w=w, dy=dy, y=y_in, z=z_in).items()}
+        z64 = f64["z"] if needs_z else None
+        dx_ref, dw_ref, db_ref = np.empty((m, k)), np.empty((k, n)), np.empty(n) if bias else None
+        numpy_ops.linear_backward_data(f64["dy"].copy(), f64["w"], f64["y"], z64, act, ALPHA, dx_ref)
+        numpy_ops.linear_backward_weight(f64["x"], f64["dy"].copy(), f64["y"], z64, act, ALPHA, dw_ref, db_ref)
+        g = np.abs(numpy_ops.multiply_activation_grad(f64["dy"].copy(), f64["y"], z64, act, ALPHA))
+        shape = f"{np.dtype(dtype).name} {_id(act)} bias={bias} M={m} K={k} N={n}"
+        assert_within(dx.copy_to_host(), dx_ref, tol["gemm"] * (g @ np.abs(f64["w"]).T) + tol["abs"], f"linear_backward_data {shape}")
+        batch = max(1.0, math.sqrt(m / 1024))  # the weight gradient sums over the batch
+        dw_bound = batch * tol["gemm"] * (np.abs(f64["x"]).T @ g) + tol["abs"]
+        assert_within(dw.copy_to_host(), dw_ref, dw_bound, f"linear_backward_weight dw {shape}")
+        if bias:
+            assert_within(db.copy_to_host(), db_ref, batch * tol["gemm"] * g.sum(axis=0) + tol["abs"], f"linear_backward_weight db {shape}")
+        np.testing.assert_array_equal(d_y.copy_to_host(), dy, err_msg=f"the backward kernels must leave dy unchanged ({shape})")
+
+
+@pytest.mark.parametrize("place, act", _cases(ACTS, in_simulator=(codes.ACT_GELU,)))
+def test_linear_forward_float32(place, act):
+    check_linear_forward(place, act, np.float32)
+
+
+@pytest.mark.parametrize("place, act", _cases(ACTS, in_simulator=(codes.ACT_SIGMOID,)))
+def test_linear_backward_float32(place, act):
+    check_linear_backward(place, act, np.float32)
+
+
+@pytest.mark.parametrize("place, act", _cases([codes.ACT_RELU, codes.ACT_GELU], in_simulator=(codes.ACT_RELU,)))
+def test_linear_float64(place, act):
+    check_linear_forward(place, act, np.float64)
+    check_linear_backward(place, act, np.float64)
+
+
+@pytest.mark.parametrize("place", [GPU])
+def test_linear_without_bias(place):
+    check_linear_forward(place, codes.ACT_RELU, np.float32, bias=False)
+    check_linear_backward(place, codes.ACT_RELU, np.float32, bias=False)
+
+
+# --------------------------------------------------------------------------
+# The activation kernel
+# --------------------------------------------------------------------------
+
+
+def check_activation(place, act, dtype, shape):
+    tol = tolerances(dtype)
+    z = rand(np.random.default_rng(6), shape, dtype, 3.0)
+    ref = numpy_ops.apply_activation(z.astype(np.float64), act, ALPHA, np.empty(shape))
+    bound = tol["elem"] * np.abs(ref) + tol["abs"]
+    y = poisoned(shape, dtype)
+    kernels.apply_activation(cuda.to_device(z), act, ALPHA, y)
+    assert_within(y.copy_to_host(), ref, bound, f"apply_activation {np.dtype(dtype).name} {_id(act)} {shape}")
+    zz = cuda.to_device(z)
+    kernels.apply_activation(zz, act, ALPHA, zz)
+    assert_within(zz.copy_to_host(), ref, bound, f"apply_activation in place {np.dtype(dtype).name} {_id(act)} {shape}")
+
+
+@pytest.mark.parametrize("place, act", _cases(ACTS, in_simulator=(codes.ACT_TANH,)))
+def test_activation_float32_2d_and_1d(place, act):
+    shape = SIZES[place]["act"]
+    check_activation(place, act, np.float32, shape)
+    check_activation(place, act, np.float32, (shape[1],))
+
+
+@pytest.mark.parametrize("place", [GPU, SIM])
+def test_activation_float64(place):
+    check_activation(place, codes.ACT_GELU, np.float64, SIZES[place]["act"])
+
+
+# --------------------------------------------------------------------------
+# The fused loss
+# --------------------------------------------------------------------------
+
+
+def loss_inputs(kind, m, dtype):
+    """(pred, target) of ``m`` rows as the loss kind expects them."""
+    rng = np.random.default_rng(7)
+    n = 3 if kind in (codes.LOSS_SIGMOID_BCE, codes.LOSS_BCE, codes.LOSS_MSE, codes.LOSS_MAE) else 10
+    logits = rand(rng, (m, n), dtype, 3.0)
+    labels = rng.integers(0, n, m)
+    binary = (rng.random((m, n)) > 0.5).astype(dtype)
+    probs = (rng.random((m, n)) + 0.01).astype(dtype)
+    table = {
+        codes.LOSS_SIGMOID_BCE: (logits, binary),
+        codes.LOSS_SOFTMAX_CCE: (logits, np.eye(n, dtype=dtype)[labels]),
+        codes.LOSS_SOFTMAX_SPARSE_CCE: (logits, labels.astype(dtype)),
+        codes.LOSS_BCE: ((1 / (1 + np.exp(-logits.astype(np.float64)))).astype(dtype), binary),
+        codes.LOSS_CCE: (probs, np.eye(n, dtype=dtype)[labels]),
+        codes.LOSS_SPARSE_CCE: (probs, labels.astype(dtype)),
+    }
+    return table.get(kind, (logits, rand(rng, (m, n), dtype)))
+
+
+def check_loss(place, kind, dtype, weighted=True, with_grad=True):
+    tol = tolerances(dtype)
+    m = SIZES[place]["loss_rows"]
+    pred, target = loss_inputs(kind, m, dtype)
+    weight = (np.random.default_rng(12).random(m) + 0.5).astype(dtype) if weighted else None
+    grad = poisoned(pred.shape, dtype) if with_grad else None
+    sums = cuda.to_device(np.array([1.5, 2.5], dtype=dtype))  # the kernel adds to what is there
+    kernels.loss_grad(kind, cuda.to_device(pred), cuda.to_device(target), cuda.to_device(weight) if weighted else None, grad, sums)
+    f64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
+    ref_grad = np.empty(pred.shape) if with_grad else None
+    ref_sums = np.array([1.5, 2.5])
+    numpy_ops.loss_grad(kind, f64(pred), f64(target), f64(weight), ref_grad, ref_sums)
+    what = f"loss_grad {np.dtype(dtype).name} {_id(kind)} weighted={weighted} M={m}"
+    if with_grad:
+        bound = tol["elem"] * np.abs(ref_grad) + 10 * tol["abs"] * np.abs(ref_grad).max()
+        assert_within(grad.copy_to_host(), ref_grad, bound, f"{what} grad")
+    limit = 1e-4 if np.dtype(dtype) == np.float32 else 1e-10
+    assert_within(sums.copy_to_host(), ref_sums, limit * np.maximum(np.abs(ref_sums), 1), f"{what} sums")
+
+
+@pytest.mark.parametrize("place, kind", _cases(LOSSES, in_simulator=(codes.LOSS_SOFTMAX_SPARSE_CCE, codes.LOSS_MAE)))
+def test_loss_float32(place, kind):
+    check_loss(place, kind, np.float32)
+
+
+@pytest.mark.parametrize("place", [GPU, SIM])
+def test_loss_unweighted_without_grad_and_float64(place):
+    check_loss(place, codes.LOSS_SOFTMAX_SPARSE_CCE, np.float32, weighted=False)
+    check_loss(place, codes.LOSS_SOFTMAX_SPARSE_CCE, np.float32, with_grad=False)
+    check_loss(place, codes.LOSS_SOFTMAX_SPARSE_CCE, np.float64)
+
+
+# --------------------------------------------------------------------------
+# The optimizers
+# --------------------------------------------------------------------------
+
+OPTIMIZER_CASES = [
+    ("sgd", dict(momentum=0.0, nesterov=False)),
+    ("sgd", dict(momentum=0.9, nesterov=False)),
+    ("sgd", dict(momentum=0.9, nesterov=True)),
+    ("adam", dict(weight_decay=0.0)),
+    ("adam", dict(weight_decay=0.01)),
+    ("rmsprop", dict(centered=False, momentum=0.0)),
+    ("rmsprop", dict(centered=True, momentum=0.0)),
+    ("rmsprop", dict(centered=False, momentum=0.9)),
+    ("rmsprop", dict(centered=True, momentum=0.9)),
+]
+
+
+def check_optimizer(place, name, hyper, dtype):
+    """One update of ``name`` on the device and in numpy_ops from the same state; every buffer compared."""
+    tol = tolerances(dtype)
+    size = SIZES[place]["params"]
+    rng = np.random.default_rng(13)
+    state = {"params": rand(rng, (size,), dtype), "grads": rand(rng, (size,), dtype, 0.1)}
+    if name == "sgd":
+        state["velocity"] = rand(rng, (size,), dtype, 0.01) if hyper["momentum"] else None
+        args = lambda s: (s["params"], s["grads"], s["velocity"], 0.01, hyper["momentum"], hyper["nesterov"])  # noqa: E731
+    elif name == "adam":
+        state["m"] = rand(rng, (size,), dtype, 0.01)
+        state["v"] = (rng.random(size) * 0.01 + 0.001).astype(dtype)
+        args = lambda s: (s["params"], s["grads"], s["m"], s["v"], 1e-3, 0.9, 0.999, 1e-7, 7, hyper["weight_decay"])  # noqa: E731
+    else:
+        state["velocity"] = (rng.random(size) * 0.01 + 0.001).astype(dtype)
+        state["average_grad"] = rand(rng, (size,), dtype, 0.001) if hyper["centered"] else None
+        state["momentum_buf"] = rand(rng, (size,), dtype, 0.01) if hyper["momentum"] else None
+        args = lambda s: (s["params"], s["grads"], s["velocity"], s["average_grad"], s["momentum_buf"], 1e-3, 0.9, hyper["momentum"], 1e-7)  # noqa: E731
+    device = {k: None if a is None else cuda.to_device(a) for k, a in state.items()}
+    reference = {k: None if a is None else a.astype(np.float64) for k, a in state.items()}
+    getattr(kernels, f"{name}_update")(*args(device))
+    getattr(numpy_ops, f"{name}_update")(*args(reference))
+    eps = np.finfo(dtype).eps
+    for key, ref in reference.items():
+        if ref is None or key == "grads":
+            continue
+        # compare the change each buffer went through, so that a small error in a small update is not
+        # hidden by the buffer's magnitude; the result's own rounding is the floor
+        before = state[key].astype(np.float64)
+        change = ref - before
+        bound = tol["elem"] * np.abs(change) + 2 * eps * np.abs(ref) + tol["abs"] * 1e-3
+        got = device[key].copy_to_host().astype(np.float64)
+        assert_within(got - before, change, bound, f"{name}_update {key} {np.dtype(dtype).name} {hyper} P={size}")
+
+
+@pytest.mark.parametrize(
+    "place, case",
+    _cases([(n, tuple(h.items())) for n, h in OPTIMIZER_CASES], in_simulator=(("adam", (("weight_decay", 0.01),)),)),
+)
+def test_optimizer_float32(place, case):
+    name, hyper = case
+    check_optimizer(place, name, dict(hyper), np.float32)
+
+
+@pytest.mark.parametrize("place", [GPU, SIM])
+def test_optimizer_float64(place):
+    check_optimizer(place, "adam", {"weight_decay": 0.0}, np.float64)
