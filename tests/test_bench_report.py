@@ -305,6 +305,14 @@ def test_reliable_figures_carry_no_mark():
     assert text.split("## Machine")[0].count("All 3 timed figures are reliable") == 1
 
 
+def test_window_length_follows_the_contender_in_whole_batches():
+    settings = report.Settings.for_mode(quick=True)  # 0.2 s windows, at most 16384 samples
+    assert report.window_samples(1e-4, 32, settings) == 2000 // 32 * 32  # 0.2 s at 10k samples/s
+    assert report.window_samples(1e-3, 32, settings) == 8 * 32  # slow: still 8 steps
+    assert report.window_samples(1e-7, 256, settings) == 16384  # fast: capped
+    assert report.window_samples(1e-7, 32768, settings) == 32768  # one batch above the cap: one batch
+
+
 def test_load_counts_only_other_processes():
     # 4 CPUs x 100 ticks of wall time = 400 ticks: 250 busy, of which this process used 1 s = 100 ticks
     before, after = (1000, 10, 5000), (1250, 30, 5400)

@@ -359,7 +359,7 @@ def reliability_banner(res: Results) -> list[str]:
     doubtful = res.unreliable()
     load = f" Machine load during the run: {res.run_load.text()}." if res.run_load else ""
     if doubtful:
-        shown = "; ".join(doubtful[:8]) + ("; ..." if len(doubtful) > 8 else "")
+        shown = "; ".join(doubtful[:8]) + (f" and {len(doubtful) - 8} more" if len(doubtful) > 8 else "")
         return [
             f"> **Warning: {len(doubtful)} of {res.figures()} figures are unreliable** (marked {UNRELIABLE}): their "
             f"{p.quorum} fastest timing windows still disagreed by more than {p.margin:.0%} after up to {p.retries} "
