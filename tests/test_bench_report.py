@@ -151,7 +151,7 @@ def test_report_says_at_the_top_how_far_its_figures_can_be_trusted(report_md):
     if unreliable:
         assert re.search(r"Warning: \d+ of \d+ figures are unreliable", top)
     else:
-        assert "reliable" in top and "Warning" not in top
+        assert "timed figures are reliable" in top and "figures are unreliable" not in top
 
 
 def test_bench_leaves_the_backend_choice_alone(report_md):
@@ -300,9 +300,19 @@ def test_unreliable_figures_are_marked_and_announced_at_the_top():
 
 
 def test_reliable_figures_carry_no_mark():
-    text = report.render(_fake_results([1.0, 1.01, 1.02, 1.5, 1.6]), FILES)
+    res = _fake_results([1.0, 1.01, 1.02, 1.5, 1.6])
+    res.run_load = machine.Load(0.05, 0.0, 0.3)
+    text = report.render(res, FILES)
     assert "Warning" not in text and report.UNRELIABLE not in text
     assert text.split("## Machine")[0].count("All 3 timed figures are reliable") == 1
+
+
+def test_a_steadily_busy_machine_is_announced_even_when_windows_agree():
+    res = _fake_results([1.0, 1.01, 1.02, 1.5, 1.6])  # other processes took 50% of the CPUs
+    top = report.render(res, FILES).split("## Machine")[0]
+    assert "All 3 timed figures are reliable" in top and "Warning: the machine was busy" in top
+    assert report.busy(machine.Load(0.2, 0.1, None)) and not report.busy(machine.Load(0.2, 0.0, 50.0))
+    assert report.busy(machine.Load(None, None, 1e6)) and not report.busy(None)
 
 
 def test_window_length_follows_the_contender_in_whole_batches():

@@ -372,10 +372,33 @@ def reliability_banner(res: Results) -> list[str]:
             f"{p.quorum} fastest timing windows still disagreed by more than {p.margin:.0%} after up to {p.retries} "
             f"retries. Unreliable: {shown}.{load} Rerun on a quiet machine before quoting them.",
         ]
-    return [
+    lines = [
         f"All {res.figures()} timed figures are reliable: the {p.quorum} fastest windows of each agree within "
         f"{p.margin:.0%}.{load}"
     ]
+    if busy(res.run_load):
+        lines += [
+            "",
+            f"> **Warning: the machine was busy** ({res.run_load.text()}). Windows can agree under a steady load, so "
+            "the ratios hold but absolute throughputs may understate this machine; rerun on a quiet machine before "
+            "quoting absolute numbers.",
+        ]
+    return lines
+
+
+#: Other processes' share of the CPUs above which a run is called busy.
+BUSY_SHARE = 0.25
+
+
+def busy(load: Load | None) -> bool:
+    """Did other processes take a noticeable share of the machine (CPU time, or a load average above the cores)?"""
+    if load is None:
+        return False
+    from gpunn.bench.machine import usable_cores
+
+    by_cpu = load.others is not None and load.others + (load.steal or 0.0) > BUSY_SHARE
+    by_loadavg = load.others is None and load.loadavg is not None and load.loadavg > usable_cores()
+    return by_cpu or by_loadavg
 
 
 def _unreliable_note(res, timings):
