@@ -74,6 +74,7 @@ def main() -> int:
     flops = bench.train_flops_per_sample(dims)
     t_start = time.perf_counter()
     policy = timing.Policy(args.windows, min(3, args.windows), args.margin, 3, args.retries)
+    meter = machine.LoadMeter().start()
 
     torch.set_num_threads(args.threads)
     with threadpool_limits(limits=args.threads):
@@ -133,13 +134,16 @@ def main() -> int:
             ceiling, ceiling_timing = end_ceiling, end_timing
 
     print()
+    load = meter.stop()
+    if report.busy(load):
+        print(f"WARNING: the machine was busy ({load.text()}): absolute throughputs may understate this machine.")
     doubtful = sum(not r[-1] for r in rows) + (not ceiling_timing.reliable)
     if doubtful:
         print(
             f"WARNING: {doubtful} of {len(rows) + 1} figures are UNRELIABLE (their {policy.quorum} fastest windows disagree by "
             f"more than {policy.margin:.0%} after {policy.retries} retries); rerun on a quiet machine before quoting them."
         )
-    print(f"CPU: {machine.cpu_label()}")
+    print(f"CPU: {machine.cpu_label()}; load during the run: {load.text()}")
     print(f"float32 matmul ceiling (best of the run): {ceiling:.1f} GFLOP/s; {flops / 1e6:.3f} MFLOP per training sample")
     print(f"{'batch':>6} {'opt':>5} {'samples':>8} {'gpunn/s':>10} {'torch/s':>10} {'gpunn/torch':>12} {'GFLOP/s':>8} {'ceiling':>8}  target")
     for batch, opt, n, rg, rt, ratio, gf, ok in rows:
