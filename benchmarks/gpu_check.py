@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     log(f"device: {dev['name']}; sections: {', '.join(sorted(args.sections))}; budget {args.budget:.0f} s")
     passed, correctness = True, "not run"
     if "correctness" in args.sections:
-        passed, correctness = run_correctness(args.selftest, max(60.0, 0.6 * args.budget))
+        passed, correctness = run_correctness(args.selftest, max(120.0, 0.6 * args.budget))
         log(f"correctness: {correctness}")
     ops, train, targets, notes = [], None, [], []
     # in the simulator timings mean nothing: one pass through every path is enough
