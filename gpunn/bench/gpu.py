@@ -69,13 +69,12 @@ class Device:
     """Where the timings run: CuPy arrays on a real GPU, NumPy under the simulator (host times)."""
 
     def __init__(self):
-        from gpunn import _cuda
+        from gpunn._cuda import array_module, cuda, launch_stream, require_cuda
 
-        status = _cuda.require_cuda()
-        self.simulator = status.simulator
-        self.cuda = _cuda.cuda
-        self.xp = _cuda.array_module()
-        self.stream = _cuda.launch_stream()
+        self.simulator = require_cuda().simulator
+        self.cuda = cuda
+        self.xp = array_module()
+        self.stream = launch_stream()
         self._busy = None
 
     def dev(self, a):
