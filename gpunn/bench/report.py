@@ -159,9 +159,6 @@ class Results:
     def figures(self) -> int:
         return len(self.timings) + (self.ceiling_timing is not None) + len(self.split_spread)
 
-    def device_of(self, contender) -> str:
-        return self.gpu if contender.device == "gpu" else self.cpu
-
 
 def window_samples(seconds_per_sample: float, batch: int, settings: Settings) -> int:
     """Samples in one timed window: about ``window_s`` seconds, whole batches, 8 batches to ``samples``."""
@@ -195,7 +192,7 @@ def measure_throughput(present, settings, log):
             sizes[(c.name, batch)] = n
             runners[c.name] = _window(t, x_all[:n], y_all[:n], batch)
         meter = LoadMeter().start()
-        got = timing.measure(runners, policy, lambda k, names: log(f"  batch {batch}: retry {k} for {', '.join(names)}"))
+        got = timing.measure(runners, policy, lambda k, names, batch=batch: log(f"  batch {batch}: retry {k} for {', '.join(names)}"))
         loads[batch] = meter.stop()
         for name, t in got.items():
             timings[(name, batch)] = t
