@@ -323,6 +323,20 @@ def test_window_length_follows_the_contender_in_whole_batches():
     assert report.window_samples(1e-7, 32768, settings) == 32768  # one batch above the cap: one batch
 
 
+def test_cpu_time_counts_only_the_cpus_this_process_may_use():
+    stat = (
+        "cpu  60 0 30 300 10 0 0 5 0 0\n"
+        "cpu0 10 0 5 100 0 0 0 1 0 0\n"
+        "cpu1 20 0 10 100 5 0 0 2 0 0\n"
+        "cpu2 30 0 15 100 5 0 0 2 0 0\n"
+        "intr 12345\n"
+    )
+    assert machine.cpu_jiffies(stat, {0, 2}) == (60, 3, 60 + 200 + 5 + 3)
+    assert machine.cpu_jiffies(stat, None) == (90, 5, 90 + 300 + 10 + 5)
+    assert machine.cpu_jiffies("cpu  1 2 3 4 5 6 7 8\n", {0}) == (1 + 2 + 3 + 6 + 7, 8, 1 + 2 + 3 + 6 + 7 + 4 + 5 + 8)
+    assert machine.cpu_jiffies("intr 1\n", None) is None
+
+
 def test_load_counts_only_other_processes():
     # 4 CPUs x 100 ticks of wall time = 400 ticks: 250 busy, of which this process used 1 s = 100 ticks
     before, after = (1000, 10, 5000), (1250, 30, 5400)

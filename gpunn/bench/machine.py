@@ -120,29 +120,54 @@ def machine_rows(mode: str) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------
 
 
+def _affinity():
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def _proc_stat_cpu():
-    """(busy, steal, total) jiffies summed over all CPUs, from /proc/stat; None if unreadable."""
+    """(busy, steal, total) jiffies of the CPUs this process may run on (``cpu_jiffies``), or None."""
     try:
         with open("/proc/stat", encoding="ascii") as fh:
-            fields = fh.readline().split()
+            return cpu_jiffies(fh.read(), _affinity())
     except OSError:
         return None
-    if not fields or fields[0] != "cpu":
+
+
+def cpu_jiffies(proc_stat: str, cpus=None):
+    """(busy, steal, total) jiffies summed over ``cpus`` from the text of /proc/stat.
+
+    Only the ``cpuN`` lines of the CPUs in ``cpus`` count (a container's
+    cpuset sees the host's other CPUs too; None: all of them); the summary
+    ``cpu`` line where there are no per-CPU lines.  None when there is no cpu line.
+    """
+    lines = [line.split() for line in proc_stat.splitlines() if line.startswith("cpu")]
+    rows = [f for f in lines if f[0][3:].isdigit() and (cpus is None or int(f[0][3:]) in cpus)]
+    if not rows:
+        rows = [f for f in lines if f[0] == "cpu"]
+    if not rows:
         return None
-    values = [int(v) for v in fields[1:]]
-    values += [0] * (8 - len(values))
-    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
-    # guest time is already counted in user/nice; steal is time the hypervisor gave to others
-    busy = user + nice + system + irq + softirq
-    return busy, steal, busy + idle + iowait + steal
+    busy = steal = total = 0
+    for fields in rows:
+        values = [int(v) for v in fields[1:9]]
+        values += [0] * (8 - len(values))
+        user, nice, system, idle, iowait, irq, softirq, stolen = values
+        # guest time is already counted in user/nice; steal is time the hypervisor gave to others
+        cpu_busy = user + nice + system + irq + softirq
+        busy += cpu_busy
+        steal += stolen
+        total += cpu_busy + idle + iowait + stolen
+    return busy, steal, total
 
 
 @dataclass(frozen=True)
 class Load:
     """What other processes took of the machine over an interval.
 
-    ``others``: share of all CPUs' time spent busy in processes other than
-    this one (0..1); ``steal``: share stolen by the hypervisor; both None
+    ``others``: share of the usable CPUs' time spent busy in processes other
+    than this one (0..1); ``steal``: share stolen by the hypervisor; both None
     where /proc/stat is unreadable.  ``loadavg``: the 1-minute load average
     at the end (None where the OS lacks it).
     """
