@@ -12,7 +12,8 @@ import importlib.util
 import pytest
 
 from conftest import BACKENDS
-from gpunn import bench
+from gpunn.bench import contenders as bench
+from gpunn.bench import machine
 
 BATCHES = [32, 128, 1024, 4096]
 
@@ -43,6 +44,6 @@ def test_gpunn_epoch(benchmark, mnist_like, backend_name, batch, optimizer):
 @pytest.mark.parametrize("batch", BATCHES)
 def test_torch_cpu_epoch(benchmark, mnist_like, batch, optimizer):
     lr = 0.01 if optimizer == "sgd" else 1e-3
-    with bench.torch_threads(bench.blas_threads()):
+    with bench.torch_threads(machine.blas_threads()):
         trainer = bench.TorchTrainer("cpu", bench.REFERENCE_DIMS, optimizer, lr)
         _epoch(benchmark, trainer, mnist_like, batch)

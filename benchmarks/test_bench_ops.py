@@ -71,16 +71,13 @@ def test_softmax_cross_entropy(benchmark, backend, m):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_optimizer_update(benchmark, backend, optimizer):
-    from gpunn.bench import REFERENCE_DIMS, layer_shapes
+    from gpunn import optimizers
+    from gpunn.bench.contenders import REFERENCE_DIMS, layer_shapes
 
     size = sum(k * n + n for k, n in layer_shapes(REFERENCE_DIMS))
     p = random_array(backend, (size,), seed=7)
     g = random_array(backend, (size,), scale=1e-3, seed=8)
-    m1 = backend.zeros((size,), p.dtype)
-    v = backend.zeros((size,), p.dtype)
+    opt = optimizers.get(optimizer)
+    opt.build(backend, size, p.dtype)
     benchmark.group = "optimizer (reference MLP parameters)"
-    if optimizer == "sgd":
-        fn = lambda: backend.sgd_update(p, g, None, 0.01, 0.0, False)  # noqa: E731
-    else:
-        fn = lambda: backend.adam_update(p, g, m1, v, 1e-3, 0.9, 0.999, 1e-7, 10, 0.0)  # noqa: E731
-    benchmark(synced(backend, fn))
+    benchmark(synced(backend, lambda: backend.optimizer_update(opt.code, p, g, opt.state, opt.step_scalars())))

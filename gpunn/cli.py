@@ -754,7 +754,7 @@ def datasets_command():
 @click.option("--out", type=click.Path(file_okay=False), metavar="DIR", help="Directory for the report [default: the benchmark's own].")
 @click.pass_context
 def bench(ctx, quick, out):
-    """Benchmark gpunn's backends (see benchmarks/README.md)."""
+    """Benchmark gpunn's backends (needs the 'bench' extra; see benchmarks/README.md)."""
     import importlib
 
     try:
@@ -762,9 +762,15 @@ def bench(ctx, quick, out):
     except ModuleNotFoundError as exc:
         if exc.name != "gpunn.bench":
             raise
-        raise click.ClickException(
-            "the benchmark suite (gpunn.bench) is not part of this installation of gpunn"
-        ) from None
+        bench_mod = None
+    missing = ["gpunn.bench"] if bench_mod is None else bench_mod.missing_requirements()
+    if missing:
+        click.echo(
+            f"Error: gpunn bench needs the optional 'bench' extra, which is not installed (missing: {', '.join(missing)}).\n"
+            "Install it with: pip install 'gpunn[bench]'  (from a source checkout: pip install '.[bench]')",
+            err=True,
+        )
+        ctx.exit(2)
     result = bench_mod.main(quick=quick, out=out)
     if isinstance(result, int) and not isinstance(result, bool) and result:
         ctx.exit(result)

@@ -244,6 +244,7 @@ def test_bench_calls_gpunn_bench_main(monkeypatch, tmp_path):
     calls = []
     fake = types.ModuleType("gpunn.bench")
     fake.main = lambda quick, out: calls.append((quick, out))
+    fake.missing_requirements = lambda: []
     monkeypatch.setitem(sys.modules, "gpunn.bench", fake)
     result = invoke("bench", "--quick", "--out", tmp_path)
     assert result.exit_code == 0, result.output
@@ -253,8 +254,9 @@ def test_bench_calls_gpunn_bench_main(monkeypatch, tmp_path):
 def test_bench_without_the_module_is_a_clean_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "gpunn.bench", None)  # import of gpunn.bench fails
     result = CliRunner().invoke(main, ["bench"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "gpunn.bench" in result.output and "Traceback" not in result.output
+    assert "pip install 'gpunn[bench]'" in result.output
 
 
 def test_python_dash_m_gpunn():
