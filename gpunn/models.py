@@ -208,8 +208,8 @@ class Sequential:
         return {
             "optimizer": self.optimizer.get_config(),
             "loss": self.loss.get_config(),
-            "metrics": [getattr(m, "name", m) for m in self._metric_specs],
-            "weighted_metrics": [getattr(m, "name", m) for m in self._weighted_metric_specs],
+            "metrics": [metrics_mod.serialize(m) for m in self._metric_specs],
+            "weighted_metrics": [metrics_mod.serialize(m) for m in self._weighted_metric_specs],
         }
 
     def compile_from_config(self, config):

@@ -378,8 +378,13 @@ def _check_schema(meta, path, weight_tensors=None):
     for key, kind in (("loss", dict), ("optimizer", dict), ("metrics", list), ("slots", list)):
         if not isinstance(spec.get(key), kind):
             raise _fail(path, f"invalid compile settings: {key!r} should be a {kind.__name__}, got {spec.get(key)!r}"[:300])
-    if not all(isinstance(m, str) for m in spec["metrics"]) or not all(isinstance(k, str) for k in spec["slots"]):
-        raise _fail(path, "invalid compile settings: metric and slot names should be strings")
+    weighted = spec.get("weighted_metrics") or []
+    if not isinstance(weighted, list):
+        raise _fail(path, f"invalid compile settings: 'weighted_metrics' should be a list, got {weighted!r}"[:300])
+    if not all(isinstance(m, (str, dict)) for m in spec["metrics"] + weighted):
+        raise _fail(path, "invalid compile settings: metrics should be metric names or metric configs")
+    if not all(isinstance(k, str) for k in spec["slots"]):
+        raise _fail(path, "invalid compile settings: optimizer slot names should be strings")
     iterations = spec.get("iterations")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= _MAX_ITERATIONS:
         shown = repr(iterations)

@@ -81,8 +81,11 @@ class Objective:
             for spec in specs:
                 metric = metrics_mod.get(spec, self.loss, self.output_dim, self.sparse_targets)
                 name = metric.name
-                if name in names:  # the same metric asked for weighted and unweighted
+                if name in names and weighted:  # the same metric asked for weighted and unweighted
                     name = "weighted_" + name
+                base, suffix = name, 1
+                while name in names:  # two metrics of one name (e.g. two AUCs): auc, auc_1, ...
+                    name, suffix = f"{base}_{suffix}", suffix + 1
                 names.add(name)
                 from_loss = (
                     not weighted
@@ -151,7 +154,7 @@ class WorkspacePool:
 
 class Accumulators:
     """Device-side running sums for one call: ``sums`` = (weighted loss sum, accuracy count
-    from the fused loss pass) and one 2-element state per computed metric.
+    from the fused loss pass) and one state array per computed metric (``Metric.state_shape``).
 
     combine: None, or a function summing a host float64 vector across the
     processes of a distributed run (:mod:`gpunn.distributed`); :meth:`read`
@@ -163,8 +166,8 @@ class Accumulators:
         self.objective = objective
         self.combine = combine
         self.sums = backend.zeros((2,), dtype)
-        count = 0 if objective is None else len(objective.computed_metrics)
-        self.states = [backend.zeros((2,), np.float64) for _ in range(count)]
+        computed = [] if objective is None else objective.computed_metrics
+        self.states = [backend.zeros(metric.state_shape(objective.output_dim), np.float64) for metric, _ in computed]
 
     def read(self, seen: int, prefix: str = "", local: bool = False) -> dict:
         """Host-side logs: mean loss over ``seen`` samples and each metric (one small transfer each).
@@ -176,9 +179,11 @@ class Accumulators:
         host_sums = b.to_numpy(self.sums)
         host_states = [b.to_numpy(s) for s in self.states]
         if self.combine is not None and not local:
-            total = self.combine(np.concatenate([[seen], host_sums, *host_states]).astype(np.float64))
+            # every metric state is a sum over rows, so summing over processes gives the global state
+            total = self.combine(np.concatenate([[seen], host_sums, *[h.ravel() for h in host_states]]).astype(np.float64))
             seen, host_sums = total[0], total[1:3]
-            host_states = [total[3 + 2 * i : 5 + 2 * i] for i in range(len(host_states))]
+            bounds = np.cumsum([3] + [h.size for h in host_states])
+            host_states = [total[lo:hi].reshape(h.shape) for lo, hi, h in zip(bounds[:-1], bounds[1:], host_states)]
         logs = {prefix + "loss": float(host_sums[0]) / max(seen, 1)}
         host_states = iter(host_states)
         for name, metric, _ in self.objective.metrics:
