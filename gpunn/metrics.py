@@ -392,20 +392,15 @@ def _thresholds(values, argument="thresholds") -> list:
 
 
 def _confusion_outcomes(xp, pred, target, thresholds, top_k, class_id):
-    """(predicted positive, actually positive), (M, N', K) for K thresholds; integer labels next to
-    several outputs compare the argmax's one-hot row (the threshold does not apply)."""
-    if target.ndim == 1 and pred.shape[1] > 1:
-        classes = xp.arange(pred.shape[1], dtype=pred.dtype)
-        actual = target[:, None] == classes[None, :]
-        predicted = (pred.argmax(axis=1)[:, None] == classes[None, :])[:, :, None]
-    else:
-        actual = _dense_targets(xp, pred, target) > 0.5
-        scores = pred
-        if top_k is not None:
-            # entries outside each row's top k never count as predicted positives
-            in_top = (pred[:, :, None] < pred[:, None, :]).sum(axis=2) < top_k
-            scores = xp.where(in_top, pred, -xp.inf)
-        predicted = scores[:, :, None] > xp.asarray(thresholds, dtype=pred.dtype)[None, None, :]
+    """(predicted positive (M, N', K) for K thresholds, actually positive (M, N', 1)); integer
+    labels next to several outputs are one-hot encoded, as Keras's one-hot targets."""
+    actual = _dense_targets(xp, pred, target) > 0.5
+    scores = pred
+    if top_k is not None:
+        # entries outside each row's top k never count as predicted positives
+        in_top = (pred[:, :, None] < pred[:, None, :]).sum(axis=2) < top_k
+        scores = xp.where(in_top, pred, -xp.inf)
+    predicted = scores[:, :, None] > xp.asarray(thresholds, dtype=pred.dtype)[None, None, :]
     if class_id is not None:
         actual, predicted = actual[:, class_id : class_id + 1], predicted[:, class_id : class_id + 1]
     return predicted, actual[:, :, None]
