@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import inspect
+import json
 import math
+import numbers
 import os
 import string
 import warnings
 
 import numpy as np
 
-from gpunn import checks
+from gpunn import checks, saving
+from gpunn import random as grandom
+from gpunn.progress import EpochProgress
 
 
 class Callback:
@@ -349,8 +355,24 @@ class CSVLogger(Callback):
             self._file = None
 
 
+def _schedule_arity(schedule) -> int:
+    """2 when ``schedule`` takes (epoch, lr), 1 when it takes only (epoch,), 0 when its signature is unknown."""
+    try:
+        signature = inspect.signature(schedule)
+    except (TypeError, ValueError):
+        return 0
+    for arity, args in ((2, (0, 0.1)), (1, (0,))):
+        try:
+            signature.bind(*args)
+            return arity
+        except TypeError:
+            continue
+    raise TypeError(f"schedule: expected a callable schedule(epoch, lr) or schedule(epoch), got {schedule!r} with signature {signature}")
+
+
 class LearningRateScheduler(Callback):
-    """Set the learning rate at each epoch start from ``schedule(epoch, lr)``."""
+    """Set the learning rate at each epoch start from ``schedule(epoch, lr)``, or ``schedule(epoch)``
+    for a one-argument schedule (Keras's fallback); epochs count from 0."""
 
     def __init__(self, schedule, verbose=0):
         super().__init__()
@@ -358,16 +380,140 @@ class LearningRateScheduler(Callback):
             raise TypeError(f"schedule: expected a callable (epoch, lr) -> lr, got {schedule!r}")
         self.schedule = schedule
         self.verbose = verbose
+        self._arity = _schedule_arity(schedule)
+
+    def _rate(self, epoch, current):
+        if self._arity == 2:
+            return self.schedule(epoch, current)
+        if self._arity == 1:
+            return self.schedule(epoch)
+        try:  # a builtin or C callable without a signature: Keras's order of attempts
+            return self.schedule(epoch, current)
+        except TypeError:
+            return self.schedule(epoch)
 
     def on_epoch_begin(self, epoch, logs=None):
-        lr = float(self.schedule(epoch, self.model.optimizer.learning_rate))
-        self.model.optimizer.learning_rate = lr
+        lr = self._rate(epoch, float(self.model.optimizer.learning_rate))
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+            raise ValueError(f"schedule: the output of the schedule function should be a float, got {lr!r} at epoch {epoch}")
+        self.model.optimizer.learning_rate = float(lr)
         if self.verbose > 0:
-            print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {lr}.")
+            print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {float(lr)}.")
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["learning_rate"] = self.model.optimizer.learning_rate
+
+
+class ProgbarLogger(Callback):
+    """The progress display of ``fit`` (Keras 3's ProgbarLogger): a bar per epoch at verbose=1
+    on a terminal, one line per epoch otherwise, nothing at verbose=0.
+
+    ``fit`` shows this display by itself; passing a ProgbarLogger in ``callbacks``
+    makes it the display (never a second one).  It reads the running metrics back
+    from the device only when the display refreshes.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.progress = None
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.progress = EpochProgress(params.get("verbose", 1), params.get("epochs", 1), params.get("steps", 0))
+
+
+class BackupAndRestore(Callback):
+    """Resume a ``fit`` that was interrupted (an exception, a killed process) from the end of its
+    last completed epoch: weights, optimizer state (slots, iteration count, learning rate) and
+    gpunn's random generator (the next epochs shuffle as they would have).
+
+    At each epoch end the state goes to ``backup_dir``: a model file written atomically, then
+    an atomically replaced ``training_metadata.json`` naming it and the epoch, so a crash at
+    any moment leaves the previous backup usable.  ``fit`` with this callback restores the
+    backup found there and continues from the next epoch.  When ``fit`` completes, the backup
+    is deleted (unless ``delete_checkpoint=False``).  Only ``save_freq="epoch"`` is supported.
+    """
+
+    METADATA = "training_metadata.json"
+
+    def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
+        super().__init__()
+        if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
+            raise TypeError(f"backup_dir: expected a directory path, got {backup_dir!r}")
+        if save_freq != "epoch":
+            raise ValueError(f"save_freq: only 'epoch' is supported (the backup is taken at each epoch end), got {save_freq!r}")
+        self.backup_dir = os.fspath(backup_dir)
+        self.save_freq = save_freq
+        self.delete_checkpoint = checks.boolean(delete_checkpoint, "delete_checkpoint")
+        #: the epoch ``fit`` continues from after a restore (None: no backup was found)
+        self.resume_epoch = None
+
+    @property
+    def _metadata_path(self):
+        return os.path.join(self.backup_dir, self.METADATA)
+
+    def _read_metadata(self):
+        with open(self._metadata_path, encoding="utf-8") as f:
+            metadata = json.load(f)
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or not isinstance(metadata.get("model_file"), str):
+            raise ValueError(f"backup_dir: {self._metadata_path} is not a gpunn BackupAndRestore record")
+        if os.path.basename(metadata["model_file"]) != metadata["model_file"]:
+            raise ValueError(f"backup_dir: {self._metadata_path} names a file outside the backup directory")
+        return metadata
+
+    def on_train_begin(self, logs=None):
+        self.resume_epoch = None
+        if not os.path.exists(self._metadata_path):
+            return
+        metadata = self._read_metadata()
+        path = os.path.join(self.backup_dir, metadata["model_file"])
+        with open(path, "rb") as f:
+            meta, tensors = saving.parse(f.read(), path)
+        model, optimizer = self.model, self.model.optimizer
+        model.set_weights([tensors[name] for name in sorted(k for k in tensors if k.startswith("weight."))])
+        spec = meta.get("compile") or {}
+        if sorted(spec.get("slots", [])) != sorted(optimizer.slots):
+            raise ValueError(
+                f"backup_dir: the backup in {path} holds optimizer state {sorted(spec.get('slots', []))}, "
+                f"this model's optimizer has {sorted(optimizer.slots)}; compile the model as when the backup was made"
+            )
+        for name in spec.get("slots", []):
+            optimizer.slots[name][...] = model.backend.asarray(tensors[f"optimizer.{name}"])
+        optimizer.iterations = spec["iterations"]
+        if metadata.get("learning_rate") is not None:
+            optimizer.learning_rate = metadata["learning_rate"]
+        if metadata.get("random_state") is not None:
+            grandom.generator().bit_generator.state = metadata["random_state"]
+        self.resume_epoch = metadata["epoch"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        name = f"backup-epoch-{epoch + 1}.gpunn"
+        self.model.save(os.path.join(self.backup_dir, name))
+        rate = self.model.optimizer.learning_rate
+        metadata = {
+            "epoch": epoch + 1,
+            "model_file": name,
+            "learning_rate": float(rate) if isinstance(rate, numbers.Real) else None,
+            "random_state": grandom.generator().bit_generator.state,
+        }
+        saving.atomic_write(self._metadata_path, json.dumps(metadata).encode("utf-8"))
+        for old in self._backup_files():
+            if old != name:
+                os.unlink(os.path.join(self.backup_dir, old))
+
+    def _backup_files(self):
+        return [f for f in os.listdir(self.backup_dir) if f.startswith("backup-epoch-") and f.endswith(".gpunn")]
+
+    def on_train_end(self, logs=None):
+        if not self.delete_checkpoint or not os.path.isdir(self.backup_dir):
+            return
+        for name in [self.METADATA, *self._backup_files()]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.backup_dir, name))
+        with contextlib.suppress(OSError):  # only when empty: the directory may hold the user's files
+            os.rmdir(self.backup_dir)
 
 
 class LambdaCallback(Callback):

@@ -28,7 +28,7 @@ import threading
 import numpy as np
 
 from gpunn import checks, distributed
-from gpunn.callbacks import CallbackList, CSVLogger, History, ModelCheckpoint, TerminateOnNaN
+from gpunn.callbacks import BackupAndRestore, CallbackList, CSVLogger, History, ModelCheckpoint, ProgbarLogger, TerminateOnNaN
 from gpunn.progress import EpochProgress
 
 #: callbacks that only write files: in a distributed fit they run on rank 0 alone
@@ -260,10 +260,15 @@ def _fit(model, trainer, data, val_data, settings, replicas) -> History:
     cbs.wants_batch_logs = any(cb.wants_batch_logs for cb in user_callbacks)
     raise_on_nonfinite = not any(isinstance(cb, TerminateOnNaN) for cb in user_callbacks)
     divergence = Divergence(trainer, data, plan, batch_size, raise_on_nonfinite, replicas)
-    progress = EpochProgress(verbose, epochs, plan.steps)
+    progbar = next((cb for cb in user_callbacks if isinstance(cb, ProgbarLogger)), None)
+    progress = progbar.progress if progbar is not None else EpochProgress(verbose, epochs, plan.steps)
     model.stop_training = False
     cbs.on_train_begin()
-    for epoch in range(settings["initial_epoch"], epochs):
+    first_epoch = settings["initial_epoch"]
+    for cb in user_callbacks:  # a restored backup says where the interrupted fit stopped
+        if isinstance(cb, BackupAndRestore) and cb.resume_epoch is not None:
+            first_epoch = cb.resume_epoch
+    for epoch in range(first_epoch, epochs):
         if model.stop_training:
             break
         cbs.on_epoch_begin(epoch)

@@ -1,0 +1,148 @@
+"""Keras 3 callbacks: LearningRateScheduler's one-argument schedules, BackupAndRestore, ProgbarLogger."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from helpers import binary_data, mlp
+
+import gpunn
+from gpunn import callbacks as cbs
+from gpunn import saving
+
+
+def _model(seed=0, optimizer=None):
+    gpunn.set_seed(seed)
+    model = mlp([8, 1], "relu", "sigmoid", input_dim=5)
+    model.compile(optimizer=optimizer or gpunn.optimizers.Adam(0.01), loss="binary_crossentropy", metrics=["accuracy", "auc"])
+    return model
+
+
+# ------------------------------------------------------------- LearningRateScheduler
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        lambda epoch: 0.1 / (epoch + 1),  # Keras's fallback: schedule(epoch)
+        lambda epoch, lr: 0.1 / (epoch + 1),
+        lambda epoch, lr=None: 0.1 / (epoch + 1),
+    ],
+)
+def test_scheduler_accepts_one_and_two_argument_schedules(schedule):
+    x, y = binary_data(0, n=24)
+    model = _model()
+    history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[cbs.LearningRateScheduler(schedule)])
+    assert history.history["learning_rate"] == pytest.approx([0.1, 0.05, 0.1 / 3])
+
+
+def test_scheduler_gets_the_current_rate_and_checks_the_output():
+    x, y = binary_data(0, n=16)
+    model = _model()
+    history = model.fit(x, y, epochs=3, verbose=0, callbacks=[cbs.LearningRateScheduler(lambda epoch, lr: lr * 0.5)])
+    assert history.history["learning_rate"] == pytest.approx([0.005, 0.0025, 0.00125])
+    with pytest.raises(ValueError, match="schedule"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[cbs.LearningRateScheduler(lambda epoch: "fast")])
+    with pytest.raises(TypeError, match="schedule"):
+        cbs.LearningRateScheduler(lambda: 0.1)
+
+
+# ------------------------------------------------------------------ BackupAndRestore
+class _Interrupt(cbs.Callback):
+    """Raises at the start of batch ``batch`` of epoch ``epoch`` (a crash mid-epoch)."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def _fit(model, callbacks, epochs=6):
+    x, y = binary_data(1, n=45)
+    return model.fit(x, y, epochs=epochs, batch_size=8, validation_split=0.2, verbose=0, callbacks=callbacks)
+
+
+def test_backup_and_restore_resumes_bit_for_bit(tmp_path):
+    backup = tmp_path / "backup"
+    reference = _model()
+    expected = _fit(reference, [])
+
+    interrupted = _model()
+    with pytest.raises(KeyboardInterrupt):
+        _fit(interrupted, [cbs.BackupAndRestore(backup), _Interrupt(epoch=3, batch=2)])
+    record = json.loads((backup / "training_metadata.json").read_text())
+    assert record["epoch"] == 3 and sorted(os.listdir(backup)) == ["backup-epoch-3.gpunn", "training_metadata.json"]
+
+    # a new process: another seed, fresh weights; the backup brings back weights, optimizer state and the generator
+    resumed = _model(seed=99)
+    callback = cbs.BackupAndRestore(backup)
+    history = _fit(resumed, [callback])
+    assert callback.resume_epoch == 3 and history.epoch == [3, 4, 5]
+    for got, want in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    assert resumed.optimizer.iterations == reference.optimizer.iterations
+    for name, slot in reference.optimizer.slots.items():
+        np.testing.assert_array_equal(resumed.optimizer.slots[name], slot)
+    for key, values in expected.history.items():
+        assert history.history[key] == values[3:], key
+    assert not backup.exists()  # fit completed: the backup is deleted
+
+
+def test_backup_survives_a_failed_write_and_can_be_kept(tmp_path, monkeypatch):
+    backup = tmp_path / "backup"
+    model = _model(optimizer=gpunn.optimizers.SGD(0.05, momentum=0.9))
+    real_write = saving.atomic_write
+    writes = []
+
+    def failing_second_record(path, data):
+        if str(path).endswith("training_metadata.json"):
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError("disk full")
+        real_write(path, data)
+
+    monkeypatch.setattr(saving, "atomic_write", failing_second_record)
+    with pytest.raises(OSError, match="disk full"):
+        _fit(model, [cbs.BackupAndRestore(backup)])
+    monkeypatch.setattr(saving, "atomic_write", real_write)
+    # the first epoch's record still names a complete file
+    record = json.loads((backup / "training_metadata.json").read_text())
+    assert record["epoch"] == 1 and (backup / record["model_file"]).exists()
+
+    kept = _model(optimizer=gpunn.optimizers.SGD(0.05, momentum=0.9))
+    callback = cbs.BackupAndRestore(backup, delete_checkpoint=False)
+    history = _fit(kept, [callback], epochs=3)
+    assert callback.resume_epoch == 1 and history.epoch == [1, 2]
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 3
+
+
+def test_backup_and_restore_checks_its_arguments(tmp_path):
+    with pytest.raises(TypeError, match="backup_dir"):
+        cbs.BackupAndRestore(None)
+    with pytest.raises(ValueError, match="save_freq"):
+        cbs.BackupAndRestore(tmp_path, save_freq=10)
+    backup = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_model(), [cbs.BackupAndRestore(backup), _Interrupt(epoch=1, batch=0)])
+    other = _model(optimizer="sgd")  # no optimizer slots: not the model the backup came from
+    with pytest.raises(ValueError, match="optimizer state"):
+        _fit(other, [cbs.BackupAndRestore(backup)])
+
+
+# --------------------------------------------------------------------- ProgbarLogger
+@pytest.mark.parametrize("verbose, lines", [(2, 3), (0, 0)])
+def test_progbar_logger_is_the_one_display(capsys, verbose, lines):
+    x, y = binary_data(0, n=16)
+    model = _model()
+    model.fit(x, y, epochs=3, batch_size=8, verbose=verbose, callbacks=[cbs.ProgbarLogger()])
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch")]
+    assert len(out) == lines
+    if lines:
+        assert out[0].startswith("Epoch 1/3 - 2/2") and "auc" in out[0]
