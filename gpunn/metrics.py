@@ -24,6 +24,7 @@ Every metric also works on its own, as in Keras:
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 
@@ -720,6 +721,47 @@ _CLASSES = {
     "fbeta_score": FBetaScore,
     "r2_score": R2Score,
 }
+
+
+def _metric_function(cls, name, doc):
+    """Keras's function form of a per-sample metric: ``fn(y_true, y_pred)`` on host arrays returns
+    one value per sample; passed to compile it stands for the built-in metric (saved by name)."""
+
+    def fn(y_true, y_pred):
+        pred = checks.as_float_array(y_pred, "y_pred", np.float64)
+        pred = pred.reshape(-1, 1) if pred.ndim <= 1 else pred
+        target = checks.as_float_array(y_true, "y_true", np.float64)
+        target = target.reshape(pred.shape) if target.size == pred.size else target.reshape(-1)
+        return np.asarray(cls().values(np, pred, target), dtype=np.float64)
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"Per-sample {doc} of (y_true, y_pred): shape (M,)."
+    _FUNCTIONS[fn] = name
+    return fn
+
+
+_FUNCTIONS: dict = {}
+mean_squared_error = mse = _metric_function(MeanSquaredError, "mean_squared_error", "mean squared error")
+mean_absolute_error = mae = _metric_function(MeanAbsoluteError, "mean_absolute_error", "mean absolute error")
+mean_absolute_percentage_error = mape = _metric_function(
+    MeanAbsolutePercentageError, "mean_absolute_percentage_error", "mean absolute percentage error"
+)
+mean_squared_logarithmic_error = msle = _metric_function(
+    MeanSquaredLogarithmicError, "mean_squared_logarithmic_error", "mean squared logarithmic error"
+)
+binary_crossentropy = _metric_function(BinaryCrossentropy, "binary_crossentropy", "binary cross-entropy")
+categorical_crossentropy = _metric_function(CategoricalCrossentropy, "categorical_crossentropy", "categorical cross-entropy")
+sparse_categorical_crossentropy = _metric_function(
+    SparseCategoricalCrossentropy, "sparse_categorical_crossentropy", "sparse categorical cross-entropy"
+)
+binary_accuracy = _metric_function(BinaryAccuracy, "binary_accuracy", "binary accuracy")
+categorical_accuracy = _metric_function(CategoricalAccuracy, "categorical_accuracy", "categorical accuracy")
+sparse_categorical_accuracy = _metric_function(SparseCategoricalAccuracy, "sparse_categorical_accuracy", "sparse categorical accuracy")
+top_k_categorical_accuracy = _metric_function(TopKCategoricalAccuracy, "top_k_categorical_accuracy", "top-5 accuracy")
+sparse_top_k_categorical_accuracy = _metric_function(
+    SparseTopKCategoricalAccuracy, "sparse_top_k_categorical_accuracy", "top-5 accuracy"
+)
+
 #: every metric class, by its class name: the key of a saved metric's config
 _BY_CLASS_NAME = {cls.__name__: cls for cls in set(_CLASSES.values())}
 # Keras also resolves the class names ("AUC", "RootMeanSquaredError"); lookups are case-insensitive
@@ -766,6 +808,8 @@ def get(identifier, loss=None, n_outputs=None, sparse_targets=False) -> Metric:
     if isinstance(identifier, dict):
         return _from_config(identifier)
     if callable(identifier) and not isinstance(identifier, type):
+        if isinstance(identifier, types.FunctionType) and identifier in _FUNCTIONS:  # a built-in's function form: the device metric of that name
+            return _CLASSES[_FUNCTIONS[identifier]]()
         return MeanMetricWrapper(identifier)
     if isinstance(identifier, str) and identifier.strip().lower() in ACCURACY_NAMES:
         return resolve_accuracy(loss, n_outputs, sparse_targets)(name=identifier.strip())
@@ -779,6 +823,8 @@ def serialize(identifier):
     model saved with one loads with compile=False."""
     if isinstance(identifier, (str, dict)):
         return identifier
+    if isinstance(identifier, types.FunctionType) and identifier in _FUNCTIONS:
+        return _FUNCTIONS[identifier]
     metric = get(identifier)
     return {"class_name": type(metric).__name__, "config": metric.get_config()}
 

@@ -238,6 +238,21 @@ def test_user_functions_and_mean():
     assert mean.result() == 0.0
 
 
+def test_function_forms():
+    rng = np.random.default_rng(10)
+    y, p = rng.uniform(0.5, 2, (6, 3)), rng.uniform(0.5, 2, (6, 3))
+    np.testing.assert_allclose(metrics.mse(y, p), ((y - p) ** 2).mean(axis=1))
+    np.testing.assert_allclose(metrics.mae(y, p), np.abs(y - p).mean(axis=1))
+    np.testing.assert_allclose(metrics.mape(y, p), 100 * (np.abs(y - p) / y).mean(axis=1))
+    np.testing.assert_allclose(metrics.msle(y, p), ((np.log1p(y) - np.log1p(p)) ** 2).mean(axis=1))
+    np.testing.assert_array_equal(metrics.sparse_top_k_categorical_accuracy([2, 0], [[0.1, 0.2, 0.7], [0.1, 0.5, 0.4]]), [1, 1])
+    model = gpunn.Sequential([Dense(3, input_dim=2)])
+    model.compile(loss="mse", metrics=[metrics.mae, metrics.mean_squared_error])
+    # in compile a function form is the built-in metric, logged and saved under the function's name
+    assert model.metrics_names == ["loss", "mean_absolute_error", "mean_squared_error"]
+    assert model.get_compile_config()["metrics"] == ["mean_absolute_error", "mean_squared_error"]
+
+
 def test_bad_arguments_name_themselves():
     for make, word in (
         (lambda: metrics.AUC(curve="roc_curve"), "curve"),
