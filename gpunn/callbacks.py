@@ -84,7 +84,8 @@ def _monitor_op(monitor, mode, argument="mode"):
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"{argument}: expected 'auto', 'min' or 'max', got {mode!r}")
     if mode == "auto":
-        mode = "max" if any(k in monitor for k in ("acc", "precision", "recall", "auc")) else "min"
+        # metrics that improve upwards (Keras 3's metric directions); losses and errors improve downwards
+        mode = "max" if any(k in monitor for k in ("acc", "precision", "recall", "auc", "f1_score", "fbeta_score", "r2_score")) else "min"
     return mode
 
 
@@ -481,8 +482,9 @@ class BackupAndRestore(Callback):
         for name in spec.get("slots", []):
             optimizer.slots[name][...] = model.backend.asarray(tensors[f"optimizer.{name}"])
         optimizer.iterations = spec["iterations"]
-        if metadata.get("learning_rate") is not None:
-            optimizer.learning_rate = metadata["learning_rate"]
+        rate = metadata.get("learning_rate")
+        if rate is not None and rate != optimizer.learning_rate:  # (a schedule's rate follows the iterations)
+            optimizer.learning_rate = rate
         if metadata.get("random_state") is not None:
             grandom.generator().bit_generator.state = metadata["random_state"]
         self.resume_epoch = metadata["epoch"]

@@ -55,6 +55,15 @@ class Metric:
         self._state = None
 
     # -- inside fit / evaluate ---------------------------------------------------
+    def constant(self, xp, key, values, dtype):
+        """``values`` as a ``dtype`` array on the backend's device, copied there once per
+        (backend, dtype): a per-batch host-to-device copy would stall a GPU's queue."""
+        cache = self.__dict__.setdefault("_constants", {})
+        slot = (key, id(xp), np.dtype(dtype).str)
+        if slot not in cache:
+            cache[slot] = xp.asarray(values, dtype=dtype)
+        return cache[slot]
+
     def state_shape(self, n_outputs: int) -> tuple:
         """Shape of the float64 state array for a model with ``n_outputs`` outputs."""
         return (2,)
@@ -393,7 +402,8 @@ def _thresholds(values, argument="thresholds") -> list:
 
 
 def _confusion_outcomes(xp, pred, target, thresholds, top_k, class_id):
-    """(predicted positive (M, N', K) for K thresholds, actually positive (M, N', 1)); integer
+    """(predicted positive (M, N', K) for the K ``thresholds`` (a device array), actually positive
+    (M, N', 1)); integer
     labels next to several outputs are one-hot encoded, as Keras's one-hot targets."""
     actual = _dense_targets(xp, pred, target) > 0.5
     scores = pred
@@ -401,7 +411,7 @@ def _confusion_outcomes(xp, pred, target, thresholds, top_k, class_id):
         # entries outside each row's top k never count as predicted positives
         in_top = (pred[:, :, None] < pred[:, None, :]).sum(axis=2) < top_k
         scores = xp.where(in_top, pred, -xp.inf)
-    predicted = scores[:, :, None] > xp.asarray(thresholds, dtype=pred.dtype)[None, None, :]
+    predicted = scores[:, :, None] > thresholds[None, None, :]
     if class_id is not None:
         actual, predicted = actual[:, class_id : class_id + 1], predicted[:, class_id : class_id + 1]
     return predicted, actual[:, :, None]
@@ -428,7 +438,8 @@ class Precision(Metric):
         return (2, len(self.thresholds))
 
     def _counts(self, xp, pred, target, weight):
-        predicted, actual = _confusion_outcomes(xp, pred, target, self.thresholds, self.top_k, self.class_id)
+        thresholds = self.constant(xp, "thresholds", self.thresholds, pred.dtype)
+        predicted, actual = _confusion_outcomes(xp, pred, target, thresholds, self.top_k, self.class_id)
         w = 1 if weight is None else weight[:, None, None]
         return ((predicted & actual) * w).sum(axis=(0, 1)), predicted, actual, w
 
@@ -500,7 +511,6 @@ class AUC(Metric):
         self.num_labels = None if num_labels is None else checks.positive_int(num_labels, "num_labels")
         self.label_weights = None if label_weights is None else checks.as_float_array(label_weights, "label_weights", np.float64).reshape(-1)
         self.from_logits = checks.boolean(from_logits, "from_logits")
-        self._device_thresholds = {}
 
     def state_shape(self, n_outputs):
         for what, given in (("num_labels", self.num_labels), ("label_weights", None if self.label_weights is None else self.label_weights.shape[0])):
@@ -508,21 +518,16 @@ class AUC(Metric):
                 raise ValueError(f"{what}: the model has {n_outputs} outputs, got {given}")
         return (2, n_outputs if self.multi_label else 1, self.num_thresholds)
 
-    def _thresholds_on(self, xp, dtype):
-        key = (id(xp), np.dtype(dtype).str)
-        if key not in self._device_thresholds:
-            self._device_thresholds[key] = xp.asarray(self.thresholds, dtype=dtype)
-        return self._device_thresholds[key]
-
     def update(self, xp, pred, target, weight, state):
         t = _dense_targets(xp, pred, target)
         p = 1.0 / (1.0 + xp.exp(-pred)) if self.from_logits else pred
         w = xp.ones_like(p) if weight is None else xp.broadcast_to(weight[:, None], p.shape).astype(p.dtype)
         if self.label_weights is not None:
-            w = w * xp.asarray(self.label_weights, dtype=p.dtype)[None, :]
+            w = w * self.constant(xp, "label_weights", self.label_weights, p.dtype)[None, :]
         n_thr = self.num_thresholds
         # thresholds[j] < p for j < k (k = searchsorted): a score is a positive at thresholds 0 .. k-1
-        above = xp.searchsorted(self._thresholds_on(xp, p.dtype), xp.clip(p, 0.0, 1.0).ravel(), side="left")
+        thresholds = self.constant(xp, "thresholds", self.thresholds, p.dtype)
+        above = xp.searchsorted(thresholds, xp.clip(p, 0.0, 1.0).ravel(), side="left")
         bucket = xp.clip(above - 1, 0, n_thr - 1).reshape(p.shape)
         if self.multi_label:
             bucket = bucket + n_thr * xp.arange(p.shape[1])[None, :]

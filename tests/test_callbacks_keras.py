@@ -48,6 +48,13 @@ def test_scheduler_gets_the_current_rate_and_checks_the_output():
         cbs.LearningRateScheduler(lambda: 0.1)
 
 
+def test_auto_mode_knows_which_metrics_improve_upwards():
+    for monitor in ("val_auc", "f1_score", "val_r2_score", "top_k_categorical_accuracy", "precision"):
+        assert cbs.EarlyStopping(monitor=monitor).mode == "max", monitor
+    for monitor in ("val_loss", "root_mean_squared_error", "val_binary_crossentropy", "mape"):
+        assert cbs.EarlyStopping(monitor=monitor).mode == "min", monitor
+
+
 # ------------------------------------------------------------------ BackupAndRestore
 class _Interrupt(cbs.Callback):
     """Raises at the start of batch ``batch`` of epoch ``epoch`` (a crash mid-epoch)."""
