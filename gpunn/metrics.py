@@ -408,9 +408,11 @@ def _confusion_outcomes(xp, pred, target, thresholds, top_k, class_id):
     actual = _dense_targets(xp, pred, target) > 0.5
     scores = pred
     if top_k is not None:
-        # entries outside each row's top k never count as predicted positives
-        in_top = (pred[:, :, None] < pred[:, None, :]).sum(axis=2) < top_k
-        scores = xp.where(in_top, pred, -xp.inf)
+        # exactly k entries per row count (top_k's order: ties go to the lower index); the rest never do
+        n = pred.shape[1]
+        earlier = xp.arange(n)[None, :] < xp.arange(n)[:, None]  # [j, i]: i comes before j
+        rank = ((pred[:, None, :] > pred[:, :, None]) | ((pred[:, None, :] == pred[:, :, None]) & earlier[None])).sum(axis=2)
+        scores = xp.where(rank < top_k, pred, -xp.inf)
     predicted = scores[:, :, None] > thresholds[None, None, :]
     if class_id is not None:
         actual, predicted = actual[:, class_id : class_id + 1], predicted[:, class_id : class_id + 1]

@@ -25,6 +25,56 @@ def _batched(metric, y_true, y_pred, sample_weight=None, batch=7):
     return metric.result()
 
 
+# ------------------------------------------------------- the Keras documentation's examples
+KERAS_DOC_EXAMPLES = [
+    # (metric, y_true, y_pred, sample_weight, documented result)
+    (lambda: metrics.AUC(num_thresholds=3), [0, 0, 1, 1], [0, 0.5, 0.3, 0.9], None, 0.75),
+    (lambda: metrics.AUC(num_thresholds=3), [0, 0, 1, 1], [0, 0.5, 0.3, 0.9], [1, 0, 0, 1], 1.0),
+    (metrics.Precision, [0, 1, 1, 1], [1, 0, 1, 1], None, 2 / 3),
+    (metrics.Precision, [0, 1, 1, 1], [1, 0, 1, 1], [0, 0, 1, 0], 1.0),
+    (lambda: metrics.Precision(top_k=2), [[0, 0, 1, 1]], [[1, 1, 1, 1]], None, 0.0),
+    (lambda: metrics.Precision(top_k=4), [[0, 0, 1, 1]], [[1, 1, 1, 1]], None, 0.5),
+    (metrics.Recall, [0, 1, 1, 1], [1, 0, 1, 1], None, 2 / 3),
+    (metrics.Recall, [0, 1, 1, 1], [1, 0, 1, 1], [0, 0, 1, 0], 1.0),
+    (lambda: metrics.TopKCategoricalAccuracy(k=1), [[0, 0, 1], [0, 1, 0]], [[0.1, 0.9, 0.8], [0.05, 0.95, 0]], None, 0.5),
+    (lambda: metrics.TopKCategoricalAccuracy(k=1), [[0, 0, 1], [0, 1, 0]], [[0.1, 0.9, 0.8], [0.05, 0.95, 0]], [0.7, 0.3], 0.3),
+    (lambda: metrics.SparseTopKCategoricalAccuracy(k=1), [2, 1], [[0.1, 0.9, 0.8], [0.05, 0.95, 0]], None, 0.5),
+    (lambda: metrics.SparseTopKCategoricalAccuracy(k=1), [2, 1], [[0.1, 0.9, 0.8], [0.05, 0.95, 0]], [0.7, 0.3], 0.3),
+    (metrics.RootMeanSquaredError, [[0, 1], [0, 0]], [[1, 1], [0, 0]], None, 0.5),
+    (metrics.RootMeanSquaredError, [[0, 1], [0, 0]], [[1, 1], [0, 0]], [1, 0], 0.70710677),
+    (metrics.MeanAbsolutePercentageError, [[0, 1], [0, 0]], [[1, 1], [0, 0]], None, 250000000.0),
+    (metrics.MeanAbsolutePercentageError, [[0, 1], [0, 0]], [[1, 1], [0, 0]], [1, 0], 500000000.0),
+    (metrics.MeanSquaredLogarithmicError, [[0, 1], [0, 0]], [[1, 1], [0, 0]], None, 0.12011322),
+    (metrics.MeanSquaredLogarithmicError, [[0, 1], [0, 0]], [[1, 1], [0, 0]], [1, 0], 0.24022643),
+    (metrics.BinaryCrossentropy, [[0, 1], [0, 0]], [[0.6, 0.4], [0.4, 0.6]], None, 0.81492424),
+    (metrics.BinaryCrossentropy, [[0, 1], [0, 0]], [[0.6, 0.4], [0.4, 0.6]], [1, 0], 0.9162905),
+    (metrics.CategoricalCrossentropy, [[0, 1, 0], [0, 0, 1]], [[0.05, 0.95, 0], [0.1, 0.8, 0.1]], None, 1.1769392),
+    (metrics.CategoricalCrossentropy, [[0, 1, 0], [0, 0, 1]], [[0.05, 0.95, 0], [0.1, 0.8, 0.1]], [0.3, 0.7], 1.6271976),
+    (metrics.SparseCategoricalCrossentropy, [1, 2], [[0.05, 0.95, 0], [0.1, 0.8, 0.1]], None, 1.1769392),
+    (metrics.SparseCategoricalCrossentropy, [1, 2], [[0.05, 0.95, 0], [0.1, 0.8, 0.1]], [0.3, 0.7], 1.6271976),
+    (metrics.R2Score, [[1], [4], [3]], [[2], [4], [4]], None, 0.57142854),
+]
+
+
+@pytest.mark.parametrize("make, y_true, y_pred, sample_weight, documented", KERAS_DOC_EXAMPLES)
+def test_keras_documentation_examples(make, y_true, y_pred, sample_weight, documented):
+    metric = make()
+    metric.update_state(y_true, y_pred, sample_weight=sample_weight)
+    assert metric.result() == pytest.approx(documented, rel=1e-6)
+
+
+def test_keras_documentation_examples_f1_and_mean():
+    f1 = metrics.F1Score(threshold=0.5)
+    f1.update_state([[1, 1, 1], [1, 0, 0], [1, 1, 0]], [[0.2, 0.6, 0.7], [0.2, 0.6, 0.6], [0.6, 0.8, 0.0]])
+    np.testing.assert_allclose(f1.result(), [0.5, 0.8, 0.6666667], rtol=1e-6)
+    mean = metrics.Mean()
+    mean.update_state([1, 3, 5, 7])
+    assert mean.result() == 4.0
+    mean.reset_state()
+    mean.update_state([1, 3, 5, 7], sample_weight=[1, 1, 0, 0])
+    assert mean.result() == 2.0
+
+
 # ---------------------------------------------------------------------------- AUC
 def _bucketed_scores(rng, n, num_thresholds=200):
     """Distinct scores, one per interval between AUC's thresholds i / (T - 1): then the
