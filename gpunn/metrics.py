@@ -300,6 +300,89 @@ class MeanSquaredLogarithmicError(_BuiltinMean):
         return (diff * diff).mean(axis=1)
 
 
+def _hinge_labels(xp, t):
+    """Keras's hinge targets: labels that are all 0 or 1 (in this batch) become -1 / +1."""
+    binary = xp.all((t == 0) | (t == 1))
+    return xp.where(binary, 2.0 * t - 1.0, t)
+
+
+class Hinge(_BuiltinMean):
+    """mean over outputs of max(1 - y pred, 0), 0/1 labels mapped to -1/+1."""
+
+    name = "hinge"
+
+    def values(self, xp, pred, target):
+        t = _hinge_labels(xp, _dense_targets(xp, pred, target))
+        return xp.maximum(1.0 - t * pred, 0.0).mean(axis=1)
+
+
+class SquaredHinge(_BuiltinMean):
+    """mean over outputs of max(1 - y pred, 0)^2, 0/1 labels mapped to -1/+1."""
+
+    name = "squared_hinge"
+
+    def values(self, xp, pred, target):
+        t = _hinge_labels(xp, _dense_targets(xp, pred, target))
+        margin = xp.maximum(1.0 - t * pred, 0.0)
+        return (margin * margin).mean(axis=1)
+
+
+class CategoricalHinge(_BuiltinMean):
+    """max(max_j (1 - y_j) pred_j - sum_j y_j pred_j + 1, 0) per sample (one-hot y)."""
+
+    name = "categorical_hinge"
+
+    def values(self, xp, pred, target):
+        t = _dense_targets(xp, pred, target)
+        positive = (t * pred).sum(axis=1)
+        negative = ((1.0 - t) * pred).max(axis=1)
+        return xp.maximum(negative - positive + 1.0, 0.0)
+
+
+class KLDivergence(_BuiltinMean):
+    """sum_j y_j log(y_j / pred_j) per sample, both clipped to [1e-7, 1]."""
+
+    name = "kl_divergence"
+
+    def values(self, xp, pred, target):
+        t = xp.clip(_dense_targets(xp, pred, target), EPSILON, 1.0)
+        p = xp.clip(pred, EPSILON, 1.0)
+        return (t * xp.log(t / p)).sum(axis=1)
+
+
+class Poisson(_BuiltinMean):
+    """mean over outputs of pred - y log(pred + 1e-7)."""
+
+    name = "poisson"
+
+    def values(self, xp, pred, target):
+        t = _dense_targets(xp, pred, target)
+        return (pred - t * xp.log(pred + EPSILON)).mean(axis=1)
+
+
+class LogCoshError(_BuiltinMean):
+    """mean over outputs of log(cosh(pred - y)), computed as x + softplus(-2x) - log 2."""
+
+    name = "logcosh"
+
+    def values(self, xp, pred, target):
+        x = pred - _dense_targets(xp, pred, target)
+        softplus = xp.maximum(-2.0 * x, 0.0) + xp.log1p(xp.exp(-xp.abs(2.0 * x)))
+        return (x + softplus - math.log(2.0)).mean(axis=1)
+
+
+class CosineSimilarity(_BuiltinMean):
+    """sum_j y_j pred_j / (|y| |pred|) per sample (each norm at least sqrt(1e-12), as Keras's l2_normalize)."""
+
+    name = "cosine_similarity"
+
+    def values(self, xp, pred, target):
+        t = _dense_targets(xp, pred, target)
+        t_norm = xp.sqrt(xp.maximum((t * t).sum(axis=1), 1e-12))
+        p_norm = xp.sqrt(xp.maximum((pred * pred).sum(axis=1), 1e-12))
+        return (t * pred).sum(axis=1) / (t_norm * p_norm)
+
+
 def _log_probabilities(xp, pred, from_logits):
     """Row-wise log-probabilities: log_softmax of logits, or log(clip(p / sum p, eps, 1 - eps))."""
     if from_logits:
@@ -727,6 +810,16 @@ _CLASSES = {
     "f1_score": F1Score,
     "fbeta_score": FBetaScore,
     "r2_score": R2Score,
+    "hinge": Hinge,
+    "squared_hinge": SquaredHinge,
+    "categorical_hinge": CategoricalHinge,
+    "kl_divergence": KLDivergence,
+    "kld": KLDivergence,
+    "poisson": Poisson,
+    "logcosh": LogCoshError,
+    "log_cosh": LogCoshError,
+    "log_cosh_error": LogCoshError,
+    "cosine_similarity": CosineSimilarity,
 }
 
 
@@ -768,6 +861,12 @@ top_k_categorical_accuracy = _metric_function(TopKCategoricalAccuracy, "top_k_ca
 sparse_top_k_categorical_accuracy = _metric_function(
     SparseTopKCategoricalAccuracy, "sparse_top_k_categorical_accuracy", "top-5 accuracy"
 )
+hinge = _metric_function(Hinge, "hinge", "hinge loss")
+squared_hinge = _metric_function(SquaredHinge, "squared_hinge", "squared hinge loss")
+categorical_hinge = _metric_function(CategoricalHinge, "categorical_hinge", "categorical hinge loss")
+kl_divergence = kld = _metric_function(KLDivergence, "kl_divergence", "Kullback-Leibler divergence")
+poisson = _metric_function(Poisson, "poisson", "Poisson loss")
+log_cosh = logcosh = _metric_function(LogCoshError, "log_cosh", "log-cosh error")
 
 #: every metric class, by its class name: the key of a saved metric's config
 _BY_CLASS_NAME = {cls.__name__: cls for cls in set(_CLASSES.values())}
@@ -816,7 +915,7 @@ def get(identifier, loss=None, n_outputs=None, sparse_targets=False) -> Metric:
         return _from_config(identifier)
     if callable(identifier) and not isinstance(identifier, type):
         if isinstance(identifier, types.FunctionType) and identifier in _FUNCTIONS:  # a built-in's function form: the device metric of that name
-            return _CLASSES[_FUNCTIONS[identifier]]()
+            return _CLASSES[_FUNCTIONS[identifier]](name=_FUNCTIONS[identifier])
         return MeanMetricWrapper(identifier)
     if isinstance(identifier, str) and identifier.strip().lower() in ACCURACY_NAMES:
         return resolve_accuracy(loss, n_outputs, sparse_targets)(name=identifier.strip())
