@@ -340,6 +340,11 @@ def serialize(identifier):
     return None
 
 
+def deserialize(config):
+    """The initializer :func:`serialize` described."""
+    return get(config)
+
+
 def initialize(identifier, shape, dtype, argument: str = "kernel_initializer"):
     """Draw an initial array of ``shape`` (float64 on the host, cast to ``dtype``)."""
     init = get(identifier, argument)

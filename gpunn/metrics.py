@@ -935,6 +935,11 @@ def serialize(identifier):
     return {"class_name": type(metric).__name__, "config": metric.get_config()}
 
 
+def deserialize(config) -> Metric:
+    """The metric :func:`serialize` described (a name or a {"class_name", "config"} mapping)."""
+    return get(config)
+
+
 def validate(identifier, argument: str = "metrics") -> None:
     """Raise early (at compile time) unless ``identifier`` is a metric name (``"accuracy"``
     included), a Metric instance, a metric config or a function; errors name ``argument``."""

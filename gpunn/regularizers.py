@@ -111,3 +111,13 @@ def get(identifier, argument: str = "kernel_regularizer"):
     if isinstance(identifier, type) and issubclass(identifier, Regularizer):
         return identifier()
     return lookup(argument, "regularizer", identifier, _TABLE)()
+
+
+def serialize(regularizer):
+    """A regularizer as plain data ({"l1": ..., "l2": ...}; None for None)."""
+    return None if regularizer is None else get(regularizer).get_config()
+
+
+def deserialize(config):
+    """The regularizer :func:`serialize` described."""
+    return get(config)
