@@ -90,7 +90,7 @@ def l1_l2(l1: float = 0.01, l2: float = 0.01) -> L1L2:  # noqa: E741
 
 
 _TABLE = {"l1": l1, "l2": l2, "l1_l2": l1_l2, "l1l2": l1_l2}
-_BY_CLASS_NAME = {cls.__name__: cls for cls in (L1, L2, L1L2)}
+_BY_CLASS_NAME = {cls.__name__: cls for cls in (Regularizer, L1, L2, L1L2)}
 
 
 def get(identifier, argument: str = "kernel_regularizer"):
@@ -103,7 +103,7 @@ def get(identifier, argument: str = "kernel_regularizer"):
             cls = _BY_CLASS_NAME.get(identifier["class_name"])
             if cls is None or not isinstance(identifier.get("config", {}), dict):
                 raise ValueError(f"{argument}: expected a regularizer config with class_name L1, L2 or L1L2, got {identifier!r}"[:300])
-            return cls(**identifier.get("config", {}))
+            return cls.from_config(identifier.get("config", {}))
         unknown = set(identifier) - {"l1", "l2"}
         if unknown:
             raise ValueError(f"{argument}: expected a regularizer config with keys 'l1' and 'l2', got keys {sorted(unknown)}")
@@ -114,8 +114,11 @@ def get(identifier, argument: str = "kernel_regularizer"):
 
 
 def serialize(regularizer):
-    """A regularizer as plain data ({"l1": ..., "l2": ...}; None for None)."""
-    return None if regularizer is None else get(regularizer).get_config()
+    """A regularizer as plain data ({"class_name": "L2", "config": {"l1": ..., "l2": ...}}; None for None)."""
+    if regularizer is None:
+        return None
+    regularizer = get(regularizer)
+    return {"class_name": type(regularizer).__name__, "config": regularizer.get_config()}
 
 
 def deserialize(config):
