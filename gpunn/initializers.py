@@ -11,12 +11,13 @@ own seed and returns the same values at every call, as Keras 3's do.
 Fans of a shape: (n,) -> fan_in = fan_out = n; (in, out) -> in, out; larger
 shapes multiply by the receptive field ``prod(shape[:-2])``.
 
-A plain function ``f(shape, rng) -> array`` is accepted too (``rng`` a NumPy
-Generator).
+A plain function is accepted too: Keras's ``f(shape, dtype=None)`` (called
+with dtype "float64"), or ``f(shape, rng)`` with ``rng`` gpunn's NumPy Generator.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -340,6 +341,15 @@ def serialize(identifier):
     return None
 
 
+def _takes_dtype(fn) -> bool:
+    """Whether a user initializer has Keras's signature ``(shape, dtype=None)`` rather than ``(shape, rng)``."""
+    try:
+        parameters = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) >= 2 and parameters[1] == "dtype"
+
+
 def deserialize(config):
     """The initializer :func:`serialize` described."""
     return get(config)
@@ -351,6 +361,8 @@ def initialize(identifier, shape, dtype, argument: str = "kernel_initializer"):
     shape = tuple(shape)
     if isinstance(init, Initializer):
         values = np.asarray(init.sample(shape, init.generator()), dtype=np.float64)
+    elif _takes_dtype(init):  # Keras's signature: init(shape, dtype=None)
+        values = np.asarray(init(shape, dtype="float64"), dtype=np.float64)
     else:
         values = np.asarray(init(shape, grandom.generator()), dtype=np.float64)
     if values.shape != shape:

@@ -48,6 +48,9 @@ class Regularizer:
     @classmethod
     def from_config(cls, config):
         """Inverse of get_config ({"l1": ..., "l2": ...}) for this class and its subclasses."""
+        unknown = set(config) - {"l1", "l2"}
+        if unknown:
+            raise ValueError(f"config: expected a regularizer config with keys 'l1' and 'l2', got keys {sorted(unknown)}")
         regularizer = cls.__new__(cls)
         Regularizer.__init__(regularizer, config.get("l1", 0.0), config.get("l2", 0.0))
         return regularizer

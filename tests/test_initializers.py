@@ -92,6 +92,20 @@ def test_names_resolve_to_the_classes():
     assert init.truncated_normal is init.TruncatedNormal and init.variance_scaling is init.VarianceScaling
 
 
+def test_user_initializers_with_either_signature():
+    def keras_style(shape, dtype=None):
+        return np.full(shape, 0.5, dtype=dtype)
+
+    def rng_style(shape, rng):
+        return rng.uniform(size=shape)
+
+    assert np.all(init.initialize(keras_style, (2, 3), "float32") == 0.5)
+    gpunn.set_seed(1)
+    first = init.initialize(rng_style, (2, 3), "float64")
+    gpunn.set_seed(1)
+    np.testing.assert_array_equal(init.initialize(rng_style, (2, 3), "float64"), first)
+
+
 def test_seeds_and_the_global_generator():
     a, b = init.HeNormal(seed=7), init.HeNormal(seed=7)
     np.testing.assert_array_equal(a((4, 3)), a((4, 3)))  # a seeded initializer repeats, as Keras 3's
