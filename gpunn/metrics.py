@@ -78,8 +78,11 @@ class Metric:
     def result(self, state=None):
         """The metric's value from a host copy of ``state`` (default: this metric's own, see update_state)."""
         if state is None:
-            if self._state is None:
-                return self.compute(np.zeros(self.state_shape(1)))
+            if self._state is None:  # nothing seen yet: the value of empty counts
+                try:
+                    return self.compute(np.zeros(self.state_shape(1)))
+                except ValueError:  # e.g. a class_id that needs more outputs
+                    return 0.0
             state = self._state
         return self.compute(np.asarray(state, dtype=np.float64))
 
@@ -98,6 +101,8 @@ class Metric:
         weight = None
         if sample_weight is not None:
             weight = checks.as_float_array(sample_weight, "sample_weight", np.float64).reshape(-1)
+            if weight.shape[0] == 1:  # one weight for every sample
+                weight = np.repeat(weight, pred.shape[0])
             if weight.shape[0] != pred.shape[0]:
                 raise ValueError(f"sample_weight: expected {pred.shape[0]} weights (one per sample), got {weight.shape[0]}")
         if self._state is None:
