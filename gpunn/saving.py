@@ -378,6 +378,16 @@ def _check_schema(meta, path, weight_tensors=None):
     for key, kind in (("loss", dict), ("optimizer", dict), ("metrics", list), ("slots", list)):
         if not isinstance(spec.get(key), kind):
             raise _fail(path, f"invalid compile settings: {key!r} should be a {kind.__name__}, got {spec.get(key)!r}"[:300])
+    _check_metric_and_slot_lists(spec, path)
+    iterations = spec.get("iterations")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= _MAX_ITERATIONS:
+        shown = repr(iterations)
+        shown = shown if len(shown) <= 40 else f"{shown[:20]}... ({len(shown)} characters)"
+        raise _fail(path, f"invalid optimizer iteration count {shown} (expected an integer in 0..2**63-1)")
+
+
+def _check_metric_and_slot_lists(spec, path):
+    """Metrics are names or metric configs (mappings); slots are names."""
     weighted = spec.get("weighted_metrics") or []
     if not isinstance(weighted, list):
         raise _fail(path, f"invalid compile settings: 'weighted_metrics' should be a list, got {weighted!r}"[:300])
@@ -385,11 +395,6 @@ def _check_schema(meta, path, weight_tensors=None):
         raise _fail(path, "invalid compile settings: metrics should be metric names or metric configs")
     if not all(isinstance(k, str) for k in spec["slots"]):
         raise _fail(path, "invalid compile settings: optimizer slot names should be strings")
-    iterations = spec.get("iterations")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= _MAX_ITERATIONS:
-        shown = repr(iterations)
-        shown = shown if len(shown) <= 40 else f"{shown[:20]}... ({len(shown)} characters)"
-        raise _fail(path, f"invalid optimizer iteration count {shown} (expected an integer in 0..2**63-1)")
 
 
 def _read(filepath):
