@@ -226,6 +226,15 @@ class BinaryAccuracy(_BuiltinMean):
         return {"name": self.name, "threshold": self.threshold}
 
 
+class Accuracy(_BuiltinMean):
+    """How often predictions equal the labels exactly: mean over outputs of [pred == y]."""
+
+    name = "accuracy"
+
+    def values(self, xp, pred, target):
+        return (pred == _dense_targets(xp, pred, target)).mean(axis=1)
+
+
 class CategoricalAccuracy(_BuiltinMean):
     name = "categorical_accuracy"
 
@@ -558,6 +567,62 @@ class Recall(Precision):
         state[1] += (actual * w).sum(axis=(0, 1))
 
 
+class _ConfusionCount(Metric):
+    """A weighted count of one cell of the confusion matrix, per threshold (default 0.5):
+    an output is predicted positive when its score exceeds the threshold."""
+
+    def __init__(self, thresholds=None, name=None, dtype=None):
+        super().__init__(name, dtype)
+        self.init_thresholds = thresholds
+        self.thresholds = [0.5] if thresholds is None else _thresholds(thresholds)
+
+    def state_shape(self, n_outputs):
+        return (len(self.thresholds),)
+
+    def cell(self, predicted, actual):
+        raise NotImplementedError
+
+    def update(self, xp, pred, target, weight, state):
+        thresholds = self.constant(xp, "thresholds", self.thresholds, pred.dtype)
+        predicted, actual = _confusion_outcomes(xp, pred, target, thresholds, None, None)
+        w = 1 if weight is None else weight[:, None, None]
+        state += (self.cell(predicted, actual) * w).sum(axis=(0, 1))
+
+    def compute(self, state):
+        return float(state[0]) if state.shape[0] == 1 else state
+
+    def get_config(self):
+        return {"name": self.name, "thresholds": self.init_thresholds}
+
+
+class TruePositives(_ConfusionCount):
+    name = "true_positives"
+
+    def cell(self, predicted, actual):
+        return predicted & actual
+
+
+class FalsePositives(_ConfusionCount):
+    name = "false_positives"
+
+    def cell(self, predicted, actual):
+        return predicted & ~actual
+
+
+class TrueNegatives(_ConfusionCount):
+    name = "true_negatives"
+
+    def cell(self, predicted, actual):
+        return ~predicted & ~actual
+
+
+class FalseNegatives(_ConfusionCount):
+    name = "false_negatives"
+
+    def cell(self, predicted, actual):
+        return ~predicted & actual
+
+
 def _divide_no_nan(num, den):
     return np.where(den != 0, num / np.where(den != 0, den, 1), 0.0)
 
@@ -825,6 +890,10 @@ _CLASSES = {
     "log_cosh": LogCoshError,
     "log_cosh_error": LogCoshError,
     "cosine_similarity": CosineSimilarity,
+    "true_positives": TruePositives,
+    "false_positives": FalsePositives,
+    "true_negatives": TrueNegatives,
+    "false_negatives": FalseNegatives,
 }
 
 
@@ -874,7 +943,7 @@ poisson = _metric_function(Poisson, "poisson", "Poisson loss")
 log_cosh = logcosh = _metric_function(LogCoshError, "log_cosh", "log-cosh error")
 
 #: every metric class, by its class name: the key of a saved metric's config
-_BY_CLASS_NAME = {cls.__name__: cls for cls in set(_CLASSES.values())}
+_BY_CLASS_NAME = {cls.__name__: cls for cls in set(_CLASSES.values()) | {Accuracy}}
 # Keras also resolves the class names ("AUC", "RootMeanSquaredError"); lookups are case-insensitive
 _CLASSES.update({name.lower(): cls for name, cls in _BY_CLASS_NAME.items()})
 ACCURACY_NAMES = ("accuracy", "acc")

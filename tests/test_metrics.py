@@ -67,6 +67,16 @@ KERAS_DOC_EXAMPLES = [
     (metrics.LogCoshError, [[0, 1], [0, 0]], [[1, 1], [0, 0]], [1, 0], 0.21689045),
     (metrics.CosineSimilarity, [[0.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 1.0]], None, 0.49999997),
     (metrics.CosineSimilarity, [[0.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 1.0]], [0.3, 0.7], 0.6999999),
+    (metrics.TruePositives, [0, 1, 1, 1], [1, 0, 1, 1], None, 2.0),
+    (metrics.TruePositives, [0, 1, 1, 1], [1, 0, 1, 1], [0, 0, 1, 0], 1.0),
+    (metrics.FalsePositives, [0, 1, 0, 0], [0, 0, 1, 1], None, 2.0),
+    (metrics.FalsePositives, [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 0], 1.0),
+    (metrics.TrueNegatives, [0, 1, 0, 0], [1, 1, 0, 0], None, 2.0),
+    (metrics.TrueNegatives, [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], 1.0),
+    (metrics.FalseNegatives, [0, 1, 1, 1], [0, 1, 0, 0], None, 2.0),
+    (metrics.FalseNegatives, [0, 1, 1, 1], [0, 1, 0, 0], [0, 0, 1, 0], 1.0),
+    (metrics.Accuracy, [[1], [2], [3], [4]], [[0], [2], [3], [4]], None, 0.75),
+    (metrics.Accuracy, [[1], [2], [3], [4]], [[0], [2], [3], [4]], [1, 1, 0, 0], 0.5),
 ]
 
 
