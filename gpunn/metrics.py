@@ -488,6 +488,15 @@ class Mean(Metric):
         self._state += ((values * weight).sum(), weight.sum())
 
 
+class Sum(Mean):
+    """The (weighted) sum of the values given to ``update_state(values, sample_weight=None)``."""
+
+    name = "sum"
+
+    def compute(self, state):
+        return float(state[0])
+
+
 def _thresholds(values, argument="thresholds") -> list:
     values = [values] if isinstance(values, (int, float, np.number)) and not isinstance(values, bool) else values
     if not isinstance(values, (list, tuple)) or not values:
@@ -682,7 +691,9 @@ class AUC(Metric):
         n_thr = self.num_thresholds
         # thresholds[j] < p for j < k (k = searchsorted): a score is a positive at thresholds 0 .. k-1
         thresholds = self.constant(xp, "thresholds", self.thresholds, p.dtype)
-        above = xp.searchsorted(thresholds, xp.clip(p, 0.0, 1.0).ravel(), side="left")
+        # scores are clipped to [0, 1] (Keras's bucketing); a NaN score counts as the lowest, 0
+        scores = xp.clip(xp.where(xp.isnan(p), 0.0, p), 0.0, 1.0)
+        above = xp.searchsorted(thresholds, scores.ravel(), side="left")
         bucket = xp.clip(above - 1, 0, n_thr - 1).reshape(p.shape)
         if self.multi_label:
             bucket = bucket + n_thr * xp.arange(p.shape[1])[None, :]
@@ -1019,8 +1030,8 @@ def validate(identifier, argument: str = "metrics") -> None:
     included), a Metric instance, a metric config or a function; errors name ``argument``."""
     if isinstance(identifier, Mean):
         raise TypeError(
-            f"{argument}: Mean averages the values given to its update_state(values); to track the mean "
-            "of a function of (y_true, y_pred) in compile, pass the function itself"
+            f"{argument}: {type(identifier).__name__} reduces the values given to its update_state(values) "
+            "and stands alone; to track the mean of a function of (y_true, y_pred) in compile, pass the function itself"
         )
     if isinstance(identifier, Metric):
         return

@@ -310,6 +310,13 @@ def test_user_functions_and_mean():
     assert mean.result() == pytest.approx((1 + 2 + 3 + 5 * 2) / 5)
     mean.reset_state()
     assert mean.result() == 0.0
+    total = metrics.Sum()
+    total.update_state([1.0, 3.0, 5.0, 7.0])
+    total.update_state([2.0], sample_weight=[0.5])
+    assert total.result() == 17.0
+    nan_auc = metrics.AUC(num_thresholds=3)  # a NaN score counts as the lowest score, 0
+    nan_auc.update_state([0, 0, 1, 1], [np.nan, 0.5, 0.3, 0.9])
+    assert nan_auc.result() == 0.75
 
 
 def test_function_forms():
