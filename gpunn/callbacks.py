@@ -455,8 +455,11 @@ class BackupAndRestore(Callback):
         return os.path.join(self.backup_dir, self.METADATA)
 
     def _read_metadata(self):
-        with open(self._metadata_path, encoding="utf-8") as f:
-            metadata = json.load(f)
+        try:
+            with open(self._metadata_path, encoding="utf-8") as f:
+                metadata = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"backup_dir: {self._metadata_path} is not a gpunn BackupAndRestore record ({exc})") from None
         if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or not isinstance(metadata.get("model_file"), str):
             raise ValueError(f"backup_dir: {self._metadata_path} is not a gpunn BackupAndRestore record")
         if os.path.basename(metadata["model_file"]) != metadata["model_file"]:

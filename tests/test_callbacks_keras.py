@@ -141,6 +141,9 @@ def test_backup_and_restore_checks_its_arguments(tmp_path):
     other = _model(optimizer="sgd")  # no optimizer slots: not the model the backup came from
     with pytest.raises(ValueError, match="optimizer state"):
         _fit(other, [cbs.BackupAndRestore(backup)])
+    (backup / "training_metadata.json").write_text("{not json")
+    with pytest.raises(ValueError, match="training_metadata.json"):
+        _fit(_model(), [cbs.BackupAndRestore(backup)])
 
 
 # --------------------------------------------------------------------- ProgbarLogger
