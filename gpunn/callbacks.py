@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from gpunn import checks, saving
+from gpunn import checks, distributed, saving
 from gpunn import random as grandom
 from gpunn.progress import EpochProgress
 
@@ -434,6 +434,8 @@ class BackupAndRestore(Callback):
     any moment leaves the previous backup usable.  ``fit`` with this callback restores the
     backup found there and continues from the next epoch.  When ``fit`` completes, the backup
     is deleted (unless ``delete_checkpoint=False``).  Only ``save_freq="epoch"`` is supported.
+    In a distributed fit rank 0 writes and every process restores: ``backup_dir`` must be
+    on a filesystem all of them see.
     """
 
     METADATA = "training_metadata.json"
@@ -493,6 +495,8 @@ class BackupAndRestore(Callback):
         self.resume_epoch = metadata["epoch"]
 
     def on_epoch_end(self, epoch, logs=None):
+        if not distributed.is_main():  # one writer; every process restores from the same backup
+            return
         os.makedirs(self.backup_dir, exist_ok=True)
         name = f"backup-epoch-{epoch + 1}.gpunn"
         self.model.save(os.path.join(self.backup_dir, name))
@@ -512,7 +516,7 @@ class BackupAndRestore(Callback):
         return [f for f in os.listdir(self.backup_dir) if f.startswith("backup-epoch-") and f.endswith(".gpunn")]
 
     def on_train_end(self, logs=None):
-        if not self.delete_checkpoint or not os.path.isdir(self.backup_dir):
+        if not self.delete_checkpoint or not distributed.is_main() or not os.path.isdir(self.backup_dir):
             return
         for name in [self.METADATA, *self._backup_files()]:
             with contextlib.suppress(FileNotFoundError):
