@@ -87,7 +87,9 @@ def class_weights_tiny_batch(out=None):
     """Softmax with sparse labels, class weights, global batch 3: the last batch (2 rows) and
     with more ranks than rows some slices are empty."""
     x, y, _ = _data(classes=3, seed=3)
-    model = _model("adam", "sparse_categorical_crossentropy", outputs=3, activation="softmax")
+    # metrics whose states are (2, labels, thresholds) and (4, classes) arrays: summed across ranks too
+    metrics = ("accuracy", gpunn.metrics.AUC(multi_label=True), gpunn.metrics.F1Score(average="macro"))
+    model = _model("adam", "sparse_categorical_crossentropy", outputs=3, activation="softmax", metrics=metrics)
     history = model.fit(x, y, batch_size=3, epochs=2, verbose=0, class_weight={0: 1.0, 1: 2.0, 2: 0.5})
     return model, history, {}
 
