@@ -34,7 +34,8 @@ import sys
 
 import numpy as np
 
-from gpunn import _cuda, codes
+from gpunn import codes
+from gpunn._cuda import compile_ptx, record_launches, simulator_enabled
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: Rows of the arrays handed to the wrappers: enough for split reductions.
@@ -176,7 +177,7 @@ def record_variants(cc, multiprocessors):
 
     variants = []
     seen = set()
-    with _cuda.record_launches(cc, multiprocessors) as launches:
+    with record_launches(cc, multiprocessors) as launches:
         for dt in DTYPES:
             for name, role, call in itertools.chain(_linear_calls(kernels, dt), _other_calls(kernels, dt)):
                 start = len(launches)
@@ -204,7 +205,7 @@ def _compile_into(out_dir, cc, multiprocessors, names):
             continue
         file = f"{name}.ptx"
         with open(os.path.join(out_dir, file), "w") as f:
-            f.write(_cuda.compile_ptx(launch, cc))
+            f.write(compile_ptx(launch, cc))
         entries[name] = {
             "name": name, "file": file, "role": role, "dtype": str(dt), "threads_per_block": launch.threads_per_block
         }  # fmt: skip
@@ -259,7 +260,7 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--list", action="store_true", help="print the variant names and compile nothing")
     args = parser.parse_args(argv)
-    if _cuda.simulator_enabled():
+    if simulator_enabled():
         parser.error("NUMBA_ENABLE_CUDASIM is set: the simulator cannot compile PTX; run without it")
     if args.jobs < 1:
         parser.error(f"--jobs: expected a positive number of processes, got {args.jobs}")

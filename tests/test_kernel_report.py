@@ -1,0 +1,139 @@
+"""The offline kernel report: PTX for sm_90 from `python -m gpunn.kernels.ptx`, ptxas and nvdisasm.
+
+No GPU or driver is needed (the toolchain comes from the ``test`` extra's
+wheels), so this runs in CI.  The tools run as child processes without
+``NUMBA_ENABLE_CUDASIM``, which conftest.py switches on for this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpunn import codes
+from gpunn.kernels import ptx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORT = os.path.join(REPO, "benchmarks", "kernel_report.py")
+MATRIX_ROLES = {"forward", "backward_data", "backward_weight"}
+FMA_SHARE_TARGET = 0.70
+
+#: What CI compiles: every matrix-product role, tile and option for GELU
+#: (the activation whose backward loads read both y and z) in both dtypes,
+#: and the heaviest elementwise, loss and optimizer kernels.  All kernels
+#: share one main loop per (dtype, tile, role); `benchmarks/kernel_report.py`
+#: run by hand covers all ~440 variants (tens of minutes on 2 cores).
+CI_SELECTION = (
+    r"^linear_.*-(f32|f64)-gelu-"
+    r"|^activation-f32-mish$"
+    r"|^loss-f32-softmax_cce-weighted-grad$"
+    r"|^optimizer-f32-(adam|rmsprop-centered-momentum)$"
+    r"|^fill-f32$"
+)
+
+
+def _without_simulator():
+    return {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+
+
+def _ptx_tool(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "gpunn.kernels.ptx", "--cc", "9.0", *args],
+        env=_without_simulator() if env is None else env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_ptx_tool_enumerates_every_code_from_gpunn_codes():
+    run = _ptx_tool("--list")
+    assert run.returncode == 0, run.stderr
+    names = set(run.stdout.split())
+    for tag in ("f32", "f64"):
+        for act in codes.Act:
+            key = f"-{tag}-{act.name.lower()}-"
+            for role in ("linear_forward", "linear_backward_data", "linear_backward_weight"):
+                assert any(n.startswith(role) and key in n for n in names), (role, tag, act.name)
+            assert f"activation-{tag}-{act.name.lower()}" in names
+        for kind in codes.LossKind:
+            assert any(n.startswith(f"loss-{tag}-{kind.name.lower()}-") for n in names), kind.name
+        # an optimizer whose launch compiles to an already listed kernel
+        # (AdamW is Adam with a decay factor) adds no variant of its own
+        assert any(n.startswith(f"optimizer-{tag}-") for n in names)
+    assert {opt.name.lower() for opt in codes.Opt} <= set(ptx._OPTIMIZER_CALLS)
+
+
+def test_ptx_tool_refuses_the_simulator(tmp_path):
+    run = _ptx_tool("--out", str(tmp_path), env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"))
+    assert run.returncode != 0 and "NUMBA_ENABLE_CUDASIM" in run.stderr
+
+
+def test_ptx_tool_writes_ptx_and_index(tmp_path):
+    run = _ptx_tool("--out", str(tmp_path), "--select", r"^linear_forward-f32-relu-64x64-bias$|^optimizer-f32-adam$")
+    assert run.returncode == 0, run.stderr
+    with open(tmp_path / "index.json") as f:
+        index = json.load(f)
+    assert [e["name"] for e in index] == ["linear_forward-f32-relu-64x64-bias", "optimizer-f32-adam"]
+    assert index[0]["role"] == "forward" and index[0]["dtype"] == "float32" and index[0]["threads_per_block"] == 64
+    for entry in index:
+        ptx = (tmp_path / entry["file"]).read_text()
+        assert ".target sm_90" in ptx and ".entry" in ptx
+
+
+def test_kernel_report_meets_its_targets(tmp_path):
+    out = tmp_path / "report.json"
+    run = subprocess.run(
+        [sys.executable, REPORT, "--select", CI_SELECTION, "--json", str(out), "--check", "--jobs", "2"],
+        env=_without_simulator(),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    with open(out) as f:
+        rows = json.load(f)
+    assert {r["role"] for r in rows} >= MATRIX_ROLES | {"activation", "loss", "optimizer"}
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, r
+        assert r["registers"] > 0 and 0 < r["occupancy"] <= 1, r
+        if r["dtype"] == "float32":
+            assert r["f64"] == 0, r
+        if r["role"] in MATRIX_ROLES:
+            # one barrier per slice, the 8x8 (float32) or 4x4 (float64) tile unrolled over the slice
+            assert r["barriers"] == 1 and r["fma"] >= 128, r
+            if r["dtype"] == "float32":
+                assert r["fma_share"] >= FMA_SHARE_TARGET, r
+
+
+@pytest.mark.parametrize(
+    "sass,expected",
+    [
+        # a loop of 3 instructions (2 FFMA) nested in one of 6; the inner one is the main loop
+        (
+            """
+.L_x_0:
+        /*0000*/                   IADD3 R1, R1, 0x1, RZ ;
+.L_x_1:
+        /*0010*/                   FFMA R2, R3, R4, R2 ;
+        /*0020*/                   FFMA R5, R3, R4, R5 ;
+        /*0030*/               @P0 BRA `(.L_x_1) ;
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0050*/               @P1 BRA `(.L_x_0) ;
+        /*0060*/                   EXIT ;
+""",
+            {"fma": 2, "barriers": 0, "instructions": 3},
+        ),
+        ("        /*0000*/                   EXIT ;\n", {"fma": 0, "barriers": 0, "instructions": 0}),
+    ],
+)
+def test_main_loop_parser(sass, expected):
+    sys.path.insert(0, os.path.dirname(REPORT))
+    try:
+        import kernel_report
+    finally:
+        sys.path.pop(0)
+    got = kernel_report.main_loop(sass, "FFMA")
+    assert {k: got[k] for k in expected} == expected
