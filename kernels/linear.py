@@ -415,6 +415,24 @@ def _shared_shapes(dtype, tile):
     return (2, tile.bk, tile.row_stride(dtype, tile.bm)), (2, tile.bk, tile.row_stride(dtype, tile.bn)), align
 
 
+def _unrolled_over_tile(tile, element):
+    """Device function ``each(acc, y, z, b, alpha, row0, col0)`` calling
+    ``element(acc[i, j], i, j, y, z, b, alpha, row0, col0)`` for every entry
+    of the register tile, as straight-line code.
+
+    A loop over ``acc`` whose body is too large for the compiler to unroll
+    (an activation with transcendental functions) indexes ``acc``
+    dynamically, which moves the whole register tile to local memory.
+    """
+    lines = ["def each(acc, y, z, b, alpha, row0, col0):"]
+    for i in range(tile.tm):
+        for j in range(tile.tn):
+            lines.append(f"    element(acc[{i}, {j}], {i}, {j}, y, z, b, alpha, row0, col0)")
+    namespace = {"element": element}
+    exec(compile("\n".join(lines), f"<gpunn.kernels.linear epilogue {tile.name}>", "exec"), namespace)
+    return inlined_device_function(namespace["each"])
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_kernel(dtype, tile, act, has_bias):
     nbt = numba_type(dtype)
@@ -426,6 +444,17 @@ def _forward_kernel(dtype, tile, act, has_bias):
     index = _epilogue_index(dtype, tile)
     a_shape, b_shape, align = _shared_shapes(dtype, tile)
 
+    def element(v, i, j, y, z, b, alpha, row0, col0):
+        r, c = index(i, j, row0, col0)
+        if r < y.shape[0] and c < y.shape[1]:
+            if has_bias:
+                v += b[c]
+            if needs_z:
+                z[r, c] = v
+            y[r, c] = forward(v, alpha)
+
+    epilogue = _unrolled_over_tile(tile, inlined_device_function(element))
+
     def kernel(x, w, b, y, z, alpha):
         As = cuda.shared.array(a_shape, nbt, alignment=align)
         Bs = cuda.shared.array(b_shape, nbt, alignment=align)
@@ -434,16 +463,7 @@ def _forward_kernel(dtype, tile, act, has_bias):
         row0 = cuda.blockIdx.x * BM
         col0 = cuda.blockIdx.y * BN
         mainloop(acc, bsum, As, Bs, x, x, x, w, w, w, alpha, row0, col0, 0, (x.shape[1] + BK - 1) // BK)
-        for i in range(TM):
-            for j in range(TN):
-                r, c = index(i, j, row0, col0)
-                if r < y.shape[0] and c < y.shape[1]:
-                    v = acc[i, j]
-                    if has_bias:
-                        v += b[c]
-                    if needs_z:
-                        z[r, c] = v
-                    y[r, c] = forward(v, alpha)
+        epilogue(acc, y, z, b, alpha, row0, col0)
 
     return kernel_jit(kernel, tile.threads)
 
