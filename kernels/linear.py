@@ -114,7 +114,7 @@ TILES_F32 = (
 )
 TILES_F64 = (
     Tile("64x64-f64", 64, 64, 8, 4, 4, efficiency=1.0),
-    Tile("32x32-f64", 32, 32, 16, 4, 4, efficiency=0.9),
+    Tile("32x32-f64", 32, 32, 8, 4, 4, efficiency=0.9),
 )
 TILES = {np.dtype(np.float32): TILES_F32, np.dtype(np.float64): TILES_F64}
 for _dt, _tiles in TILES.items():
