@@ -13,9 +13,7 @@ called on small NumPy arrays while :func:`gpunn._cuda.record_launches`
 captures each launch (kernel, argument types, block size) instead of running
 it, for every float dtype, every activation, loss kind and optimizer code in
 :mod:`gpunn.codes`, every optional-argument combination and every matrix
-tile.  A code added to ``gpunn.codes`` therefore shows up here by itself
-(an optimizer code also needs a line in ``_OPTIMIZER_CALLS``, and the tool
-refuses to run without it).
+tile.  A code added to ``gpunn.codes`` therefore shows up here by itself.
 
 Must run without ``NUMBA_ENABLE_CUDASIM`` (the simulator has no PTX).
 """
@@ -34,13 +32,15 @@ import sys
 
 import numpy as np
 
-from gpunn import codes
+from gpunn import codes, opmath
 from gpunn._cuda import compile_ptx, record_launches, simulator_enabled
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: Rows of the arrays handed to the wrappers: enough for split reductions.
 _ROWS = 4096
 _ALPHA = 0.1
+#: Rows of optimizer state handed to ``optimizer_update`` (any optimizer's slots fit).
+OPTIMIZER_STATE_ROWS = 4
 
 
 def _code_members(prefix, *enum_names):
@@ -67,34 +67,6 @@ def loss_kinds():
 
 def optimizers():
     return _code_members("OPT_", "Opt", "Optimizer", "OptimizerKind")
-
-
-def _sgd_calls(k, P, dt):
-    for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
-        suffix = "plain" if not momentum else ("nesterov" if nesterov else "momentum")
-        yield suffix, lambda m=momentum, n=nesterov: k.sgd_update(P(), P(), P(), 0.01, m, n)
-
-
-def _adam_calls(k, P, dt, weight_decay):
-    yield "", lambda: k.adam_update(P(), P(), P(), P(), 0.001, 0.9, 0.999, 1e-7, 1, weight_decay)
-
-
-def _rmsprop_calls(k, P, dt):
-    for centered in (False, True):
-        for momentum in (0.0, 0.9):
-            suffix = ("centered" if centered else "plain") + ("-momentum" if momentum else "")
-            yield suffix, lambda c=centered, m=momentum: k.rmsprop_update(
-                P(), P(), P(), P() if c else None, P() if m else None, 0.001, 0.9, m, 1e-7
-            )
-
-
-#: Optimizer code name -> generator of (variant suffix, call) over its kernel flags.
-_OPTIMIZER_CALLS = {
-    "sgd": _sgd_calls,
-    "adam": lambda k, P, dt: _adam_calls(k, P, dt, 0.0),
-    "adamw": lambda k, P, dt: _adam_calls(k, P, dt, 0.01),
-    "rmsprop": _rmsprop_calls,
-}
 
 
 def _dtype_tag(dt):
@@ -162,13 +134,10 @@ def _other_calls(k, dt):
                 yield name, "loss", lambda kd=kind, ts=target_shape, w=weighted, g=with_grad: k.loss_grad(
                     kd, arr(M, N), arr(*ts), arr(M) if w else None, arr(M, N) if g else None, arr(2)
                 )
-    for opt_name in optimizers():
-        if opt_name not in _OPTIMIZER_CALLS:
-            raise RuntimeError(
-                f"optimizer code {opt_name!r} in gpunn.codes has no launch recipe in gpunn.kernels.ptx._OPTIMIZER_CALLS"
-            )
-        for suffix, call in _OPTIMIZER_CALLS[opt_name](k, lambda: arr(1000), dt):
-            yield "-".join(p for p in ("optimizer", tag, opt_name, suffix) if p), "optimizer", call
+    for opt_name, opt in optimizers().items():
+        yield f"optimizer-{tag}-{opt_name}", "optimizer", lambda o=opt: k.optimizer_update(
+            o, arr(1000), arr(1000), arr(OPTIMIZER_STATE_ROWS, 1000), (0.01,) * opmath.OPTIMIZER_SCALARS
+        )
 
 
 def record_variants(cc, multiprocessors):
