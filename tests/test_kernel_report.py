@@ -27,7 +27,7 @@ FMA_SHARE_TARGET = 0.70
 #: epilogue must not push the register tile to local memory), and the
 #: heaviest elementwise, loss and optimizer kernels.  All activations share
 #: one main loop per (dtype, tile, role); `benchmarks/kernel_report.py` run
-#: by hand covers all ~440 variants (tens of minutes on 2 cores).  Not
+#: by hand covers all ~530 variants (tens of minutes on 2 cores).  Not
 #: here, because they miss the targets (see the README's kernel section):
 #: the backward kernels of activations whose derivative needs
 #: transcendental functions of z (GELU, mish, ...), whose per-element
