@@ -10,6 +10,7 @@ the CPU on NumPy arrays; CuPy is then not used at all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -165,3 +166,157 @@ def nccl_module():
 def current_stream_ptr() -> int:
     """Raw pointer of CuPy's current stream, the one gpunn's kernels are queued on."""
     return get_cupy().cuda.get_current_stream().ptr
+
+
+#: Multiprocessors assumed under the simulator, which runs one block at a time.
+SIMULATOR_MULTIPROCESSORS = 1
+
+
+#: Multiprocessors of the target named by an active :func:`record_launches`.
+_offline_multiprocessors: int | None = None
+
+
+def multiprocessor_count() -> int:
+    """Streaming multiprocessors of the current GPU (kernels size their grids by it)."""
+    if _offline_multiprocessors is not None:
+        return _offline_multiprocessors
+    return _device_multiprocessors()
+
+
+@functools.lru_cache(maxsize=1)
+def _device_multiprocessors() -> int:
+    if require_cuda().simulator:
+        return SIMULATOR_MULTIPROCESSORS
+    return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+
+
+def kernel_jit(fn, threads_per_block):
+    """``cuda.jit(fn)`` declaring that every launch uses ``threads_per_block`` threads.
+
+    The launch bound (PTX ``.maxntid``) lets ptxas budget registers for that
+    block size instead of the 1024-thread worst case.  The simulator's jit
+    has no such option and gets a plain ``cuda.jit``.
+    """
+    if simulator_enabled():
+        return cuda.jit(fn)
+    return cuda.jit(fn, launch_bounds=threads_per_block)
+
+
+def inlined_device_function(fn):
+    """``cuda.jit(device=True)`` compiled once per signature and inlined by NVVM.
+
+    Numba's own ``inline="always"`` re-types a copy of the function's IR in
+    every caller, which costs seconds per kernel for a large unrolled body;
+    ``forceinline`` compiles it once and lets LLVM inline the result.  The
+    simulator's jit has no such option (nor any need for it).
+    """
+    if simulator_enabled():
+        return cuda.jit(device=True)(fn)
+    return cuda.jit(device=True, forceinline=True)(fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedLaunch:
+    """One kernel launch captured by :func:`record_launches` (never run)."""
+
+    dispatcher: object
+    argtypes: tuple
+    threads_per_block: int
+
+
+class _TargetDevice:
+    """Stands in for the current device when compiling for a named target."""
+
+    def __init__(self, cc):
+        self.compute_capability = cc
+
+
+def _offline_only():
+    if cuda is None:
+        raise RuntimeError(_NUMBA_CUDA_ERROR)
+    if simulator_enabled():
+        raise RuntimeError(
+            "offline compilation needs the real CUDA target: unset NUMBA_ENABLE_CUDASIM for this process"
+        )
+
+
+@contextlib.contextmanager
+def _compiling_for(cc):
+    """Answer ``cc`` where numba-cuda asks the (absent) current device for its compute capability.
+
+    Numba compiles a non-inlined ``cuda.jit(device=True)`` function for
+    ``get_current_device().compute_capability``, which needs a driver even
+    when the caller compiles for a named target.  The override replaces
+    ``numba.cuda.dispatcher.get_current_device`` (numba-cuda internals,
+    last checked against 0.30) for this block only.
+    """
+    from numba.cuda import dispatcher as dispatcher_module
+
+    target = _TargetDevice(tuple(cc))
+    saved = dispatcher_module.get_current_device
+    dispatcher_module.get_current_device = lambda: target
+    try:
+        yield
+    finally:
+        dispatcher_module.get_current_device = saved
+
+
+@contextlib.contextmanager
+def record_launches(cc, multiprocessors):
+    """Capture kernel launches instead of running them (no GPU or driver needed).
+
+    Inside the block, ``kernel[grid, block, stream](*args)`` appends a
+    :class:`RecordedLaunch` (the dispatcher, the Numba types of ``args``,
+    the threads per block) to the yielded list and runs nothing, so the
+    package's own launch wrappers can be called on small NumPy arrays to
+    learn every kernel variant and its exact signature; launch wrappers that
+    size grids by :func:`multiprocessor_count` see ``multiprocessors``.  Overrides
+    ``CUDADispatcher.configure`` (numba-cuda internals) for this block only,
+    and is refused under the simulator.
+    """
+    _offline_only()
+    from numba.cuda import dispatcher as dispatcher_module
+
+    launches: list[RecordedLaunch] = []
+
+    class _Recorder:
+        def __init__(self, kernel, blockdim):
+            self.kernel = kernel
+            self.blockdim = blockdim
+
+        def __call__(self, *args):
+            dims = self.blockdim if isinstance(self.blockdim, tuple) else (self.blockdim,)
+            threads = 1
+            for d in dims:
+                threads *= int(d)
+            argtypes = tuple(self.kernel.typeof_pyval(a) for a in args)
+            launches.append(RecordedLaunch(self.kernel, argtypes, threads))
+
+    def configure(self, griddim, blockdim, stream=0, sharedmem=0):
+        return _Recorder(self, blockdim)
+
+    global _offline_multiprocessors
+    saved = dispatcher_module.CUDADispatcher.configure
+    dispatcher_module.CUDADispatcher.configure = configure
+    _offline_multiprocessors = int(multiprocessors)
+    try:
+        with _compiling_for(cc):
+            yield launches
+    finally:
+        dispatcher_module.CUDADispatcher.configure = saved
+        _offline_multiprocessors = None
+
+
+def compile_ptx(launch: RecordedLaunch, cc) -> str:
+    """PTX of a recorded launch's kernel for compute capability ``cc`` (no GPU or driver needed)."""
+    _offline_only()
+    options = launch.dispatcher.targetoptions
+    with _compiling_for(cc):
+        ptx, _ = cuda.compile_ptx(
+            launch.dispatcher.py_func,
+            launch.argtypes,
+            cc=tuple(cc),
+            fastmath=bool(options.get("fastmath", False)),
+            launch_bounds=options.get("launch_bounds"),
+        )
+    return ptx

@@ -79,7 +79,7 @@ def linear_inputs(seed, m, k, n, act, dtype):
     return x, w, b, dy, y, z
 
 
-def check_forward(m, k, n, act, dtype, bias, seed):
+def check_forward(m, k, n, act, dtype, bias, seed, tile=None):
     x, w, b, _, y_ref, z_ref = linear_inputs(seed, m, k, n, act, dtype)
     b = b if bias else None
     if not bias:
@@ -87,13 +87,13 @@ def check_forward(m, k, n, act, dtype, bias, seed):
         numpy_ops.linear_forward(x, w, None, act, ALPHA, y_ref, z_ref)
     y = poisoned((m, n), dtype)
     z = poisoned((m, n), dtype) if z_ref is not None else None
-    kernels.linear_forward(x, w, b, act, ALPHA, y, z)
+    kernels.linear_forward(x, w, b, act, ALPHA, y, z, tile=tile)
     assert_close(y, y_ref, dtype, k, "y")
     if z is not None:
         assert_close(z, z_ref, dtype, k, "z")
 
 
-def check_backward(m, k, n, act, dtype, bias, seed):
+def check_backward(m, k, n, act, dtype, bias, seed, tile=None):
     x, w, _, dy, y, z = linear_inputs(seed, m, k, n, act, dtype)
     dy_before = dy.copy()
     dx_ref, dw_ref = np.empty((m, k), dtype), np.empty((k, n), dtype)
@@ -103,8 +103,8 @@ def check_backward(m, k, n, act, dtype, bias, seed):
 
     dx, dw = poisoned((m, k), dtype), poisoned((k, n), dtype)
     db = poisoned(n, dtype) if bias else None
-    kernels.linear_backward_data(dy, w, y, z, act, ALPHA, dx)
-    kernels.linear_backward_weight(x, dy, y, z, act, ALPHA, dw, db)
+    kernels.linear_backward_data(dy, w, y, z, act, ALPHA, dx, tile=tile)
+    kernels.linear_backward_weight(x, dy, y, z, act, ALPHA, dw, db, tile=tile)
     np.testing.assert_array_equal(dy, dy_before, err_msg="dy must be left unchanged")
     assert_close(dx, dx_ref, dtype, n, "dx")
     assert_close(dw, dw_ref, dtype, m, "dw")
@@ -156,11 +156,35 @@ def test_linear_ragged_shapes(shape, act, dtype):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_linear_backward_weight_split_batch(monkeypatch, bias):
-    """Batch split over blocks that add into dw/db atomically (large-M path)."""
-    monkeypatch.setattr(linear_mod, "SPLIT_MIN_ROWS", 16)
-    assert linear_mod._weight_splits(70, 1)[0] > 1
-    check_backward(70, 5, 3, codes.ACT_TANH, np.float64, bias, seed=400 + bias)
+def test_linear_backward_split_reduction(monkeypatch, bias):
+    """Reductions split over blocks that add into dx, dw and db atomically (small-grid path)."""
+    monkeypatch.setattr(linear_mod, "multiprocessor_count", lambda: 64)
+    monkeypatch.setattr(linear_mod, "SPLIT_MIN_SLICES", 1)
+    m, k, n = 70, 5, 37
+    assert linear_mod.plan(m, k, n, 64, True, np.float64).splits > 1  # dx: reduction over n
+    assert linear_mod.plan(k, n, m, 64, True, np.float64).splits > 1  # dw: reduction over m
+    check_backward(m, k, n, codes.ACT_TANH, np.float64, bias, seed=400 + bias)
+
+
+TILE_CASES = [
+    pytest.param(tile, dtype, id=f"{tile.name}-{np.dtype(dtype).name}")
+    for dtype in DTYPES
+    for tile in (linear_mod.TILES[np.dtype(dtype)] if _STATUS.usable else ())
+]
+
+
+@pytest.mark.parametrize("tile,dtype", TILE_CASES)
+def test_linear_every_tile_on_ragged_shapes(tile, dtype):
+    """Each tile: an interior block (fast unchecked loop), edge blocks and a partial last slice."""
+    m, k, n = tile.bm + 3, 2 * tile.bk + 3, tile.bn + 5
+    check_forward(m, k, n, codes.ACT_GELU, dtype, True, seed=450, tile=tile.name)
+    check_backward(m, k, n, codes.ACT_GELU, dtype, True, seed=451, tile=tile.name)
+
+
+def test_linear_rejects_unknown_tile():
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="tile"):
+        kernels.linear_forward(x, np.ones((4, 2), np.float32), None, codes.ACT_RELU, 0.0, np.ones((3, 2), np.float32), tile="7x7")
 
 
 # --------------------------------------------------------------------------
