@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging as _logging
 
-from gpunn import activations, callbacks, distributed, initializers, layers, losses, metrics, optimizers, regularizers
+from gpunn import activations, callbacks, distributed, initializers, layers, losses, metrics, models, optimizers, regularizers, utils
+from gpunn import backend
 from gpunn.backend import get_backend, set_backend, use_backend
 from gpunn.config import floatx, set_floatx
 from gpunn.layers import Input
@@ -36,6 +37,7 @@ __all__ = [
     "NonFiniteLossError",
     "Sequential",
     "activations",
+    "backend",
     "callbacks",
     "distributed",
     "floatx",
@@ -45,10 +47,12 @@ __all__ = [
     "load_model",
     "losses",
     "metrics",
+    "models",
     "optimizers",
     "regularizers",
     "set_backend",
     "set_floatx",
     "set_seed",
     "use_backend",
+    "utils",
 ]

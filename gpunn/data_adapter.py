@@ -35,10 +35,16 @@ def standardize(objective, input_dim, dtype, x, y, sample_weight, class_weight=N
         raise ValueError(f"y: expected targets for the {x.shape[0]} samples of {argument}, got None")
     t = prepare_targets(objective, y, x.shape[0], dtype, "y" if argument == "x" else f"{argument} targets")
     w = checks.sample_weights(sample_weight, x.shape[0], dtype)
+    t = t.astype(dtype, copy=False)
+    return x, t, with_class_weights(objective, class_weight, t, w)
+
+
+def with_class_weights(objective, class_weight, t, w):
+    """The per-sample weights ``w`` (M,) or None, times each sample's class weight (if any)."""
     cw = class_weights(class_weight, t, objective.sparse_targets, objective.output_dim)
-    if cw is not None:
-        w = (cw if w is None else w * cw).astype(dtype)
-    return x, t.astype(dtype, copy=False), w
+    if cw is None:
+        return w
+    return (cw if w is None else w * cw).astype(t.dtype)
 
 
 def prepare_targets(objective, y, n, dtype, argument="y"):
@@ -85,26 +91,27 @@ def unpack_validation_data(validation_data):
 
 
 def split_validation(x, t, w, fraction):
-    """``((x, t, w) for training, (x, t, w) for validation)``: the last ``fraction`` of the rows
-    validates, as in Keras (taken before any shuffling)."""
-    n_val = int(math.floor(x.shape[0] * fraction))
-    if n_val == 0 or n_val == x.shape[0]:
+    """``((x, t, w) for training, (x, t, w) for validation)``: as in Keras, the first
+    ``floor(n * (1 - fraction))`` rows train and the rest validate (taken before any shuffling)."""
+    cut = int(math.floor(x.shape[0] * (1.0 - fraction)))
+    if cut == 0 or cut == x.shape[0]:
         raise ValueError(
             f"validation_split: {fraction} of {x.shape[0]} samples leaves "
-            f"{'no validation' if n_val == 0 else 'no training'} samples"
+            f"{'no validation' if cut == x.shape[0] else 'no training'} samples"
         )
-    cut = x.shape[0] - n_val
     head = (x[:cut], t[:cut], None if w is None else w[:cut])
     tail = (x[cut:], t[cut:], None if w is None else w[cut:])
     return head, tail
 
 
-def fit_data(backend, standardize, arrays, validation_data, validation_split):
+def fit_data(backend, standardize, arrays, validation_data, validation_split, weigh=None):
     """``(training data, validation data or None)`` for ``fit``, placed for ``backend``.
 
     arrays: the standardised ``(x, t, w)``; validation comes from
     ``validation_data`` (standardised with ``standardize``) or else the last
-    ``validation_split`` of the rows.
+    rows (see :func:`split_validation`).  ``weigh(t, w) -> w`` then folds the
+    class weights into the *training* part's sample weights only: as in
+    Keras, validation losses are not class-weighted.
     """
     val = None
     if validation_data is not None:
@@ -112,6 +119,9 @@ def fit_data(backend, standardize, arrays, validation_data, validation_split):
         val = standardize(vx, vy, vw, argument="validation_data x")
     elif validation_split:
         arrays, val = split_validation(*arrays, validation_split)
+    if weigh is not None:
+        x, t, w = arrays
+        arrays = (x, t, weigh(t, w))
     return place(backend, *arrays), (None if val is None else place(backend, *val))
 
 
@@ -176,7 +186,7 @@ def predict(trainer, backend, x, dtype, batch_size, return_device_array=False):
     if not isinstance(x, np.ndarray):
         out = trainer.predict(x, batch_size)
         return out if return_device_array else backend.to_numpy(out)
-    result = np.empty((x.shape[0], trainer.layers[-1].units), dtype)
+    result = np.empty((x.shape[0], trainer.layers[-1].output_dim), dtype)
     for lo, X in checks.feature_chunks(x, dtype, batch_size, "x"):
         result[lo : lo + len(X)] = backend.to_numpy(trainer.predict(backend.asarray(X), batch_size))
     return backend.asarray(result) if return_device_array else result

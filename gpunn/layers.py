@@ -1,29 +1,41 @@
-"""Layers: ``Dense`` (a fused linear + activation) and ``Input``.
+"""Layers, as Keras names them: ``Dense`` (a fused linear + activation), ``Input``,
+and -- from :mod:`gpunn.layers_basic` and :mod:`gpunn.layers_norm` --
+``Activation``, ``LeakyReLU``, ``Flatten``, ``Dropout``, ``GaussianNoise``,
+``BatchNormalization``, ``LayerNormalization`` and ``Normalization``.
 
 As in Keras, ``__init__`` validates and stores, ``build`` makes the weights
-(as views into the model's flat parameter buffer), ``call`` is a few lines,
-and ``get_config`` returns every constructor argument.
+(as views into the model's flat parameter buffer, see
+:mod:`gpunn.layer_base`), ``call`` and ``backward`` sit side by side, and
+``get_config`` returns every constructor argument.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
 from gpunn import activations, checks, codes, initializers, regularizers
+from gpunn.layer_base import Layer, WeightSpec
+from gpunn.layers_basic import Activation, Dropout, Flatten, GaussianNoise, LeakyReLU, ReLU, Softmax
+from gpunn.layers_norm import BatchNormalization, LayerNormalization, Normalization
 
 
 class Input:
-    """Declares the model's input: ``gpunn.Input(shape=(n_features,))``."""
+    """Declares the model's input: ``gpunn.Input(shape=(n_features,))``.
 
-    def __init__(self, shape, name=None):
+    An n-D ``shape`` (e.g. ``(8, 8)`` images) must be followed by ``Flatten``.
+    """
+
+    def __init__(self, shape, name=None, batch_size=None, dtype=None):
         if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
             shape = (shape,)
-        if not isinstance(shape, (tuple, list)) or len(shape) != 1:
-            raise ValueError(f"shape: expected a 1-tuple (n_features,) for an MLP input, got {shape!r}")
-        self.shape = (checks.positive_int(shape[0], "shape"),)
+        if not isinstance(shape, (tuple, list)) or not shape:
+            raise ValueError(f"shape: expected a tuple such as (n_features,), got {shape!r}")
+        self.shape = tuple(checks.positive_int(d, "shape") for d in shape)
         self.name = name
+
+    @property
+    def features(self) -> int:
+        return int(np.prod(self.shape))
 
     def get_config(self):
         return {"shape": list(self.shape), "name": self.name}
@@ -32,46 +44,18 @@ class Input:
         return f"Input(shape={self.shape})"
 
 
-class Layer:
-    """Base class for layers with weights held in a model's flat buffers."""
-
-    _counter: dict[str, int] = {}
-
-    def __init__(self, name=None):
-        if name is None:
-            base = type(self).__name__.lower()
-            n = Layer._counter.get(base, 0)
-            Layer._counter[base] = n + 1
-            name = base if n == 0 else f"{base}_{n}"
-        elif not isinstance(name, str) or not name:
-            raise ValueError(f"name: expected a non-empty string, got {name!r}")
-        self.name = name
-        self.built = False
-        self._owner = None  # weak reference to the model holding this layer
-
-    def attach(self, model):
-        """Record that ``model`` holds this layer.
-
-        A layer's weights are views into its model's flat buffers, so a layer
-        belongs to one model; adding it to a second raises ValueError (while
-        the first model is alive).
-        """
-        owner = None if self._owner is None else self._owner()
-        if owner is not None and owner is not model:
-            raise ValueError(
-                f"layers: layer {self.name!r} already belongs to model {owner.name!r}; gpunn layers cannot be "
-                "shared between models (their weights live in one model's buffers). Use a new layer, e.g. "
-                "Dense.from_config(layer.get_config()), and copy weights with set_weights(get_weights())"
-            )
-        self._owner = weakref.ref(model)
+InputLayer = Input
 
 
 class Dense(Layer):
     """``y = activation(x @ kernel + bias)``; kernel (in, units), bias (units,).
 
     Input size is inferred at first use, or given by ``input_dim`` (or Keras
-    2's ``input_shape=(n,)``).
+    2's ``input_shape=(n,)``).  ``activation`` is a name, a function from
+    :mod:`gpunn.activations`, or an activation layer (``layers.LeakyReLU()``).
     """
+
+    changes_width = True
 
     def __init__(
         self,
@@ -85,10 +69,14 @@ class Dense(Layer):
         input_dim=None,
         input_shape=None,
         name=None,
+        trainable=True,
+        dtype=None,
     ):
-        super().__init__(name)
+        if input_shape is not None and (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 1):
+            raise ValueError(f"input_shape: expected (n_features,), got {input_shape!r}")
+        super().__init__(name, trainable, input_shape, input_dim)
         self.units = checks.positive_int(units, "units")
-        self.activation = activations.get(activation)
+        self.activation = activations.get(getattr(activation, "fused_activation", activation))
         self.use_bias = checks.boolean(use_bias, "use_bias")
         initializers.get(kernel_initializer, "kernel_initializer")
         initializers.get(bias_initializer, "bias_initializer")
@@ -96,79 +84,30 @@ class Dense(Layer):
         self.bias_initializer = bias_initializer
         self.kernel_regularizer = regularizers.get(kernel_regularizer, "kernel_regularizer")
         self.bias_regularizer = regularizers.get(bias_regularizer, "bias_regularizer")
-        if input_shape is not None:
-            if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 1:
-                raise ValueError(f"input_shape: expected (n_features,), got {input_shape!r}")
-            input_dim = input_shape[0]
-        self.input_dim = None if input_dim is None else checks.positive_int(input_dim, "input_dim")
-        self.kernel = self.bias = None
-        self.kernel_grad = self.bias_grad = None
-        self._backend = None  # set by build: the backend holding the weights
 
     # -- weights --------------------------------------------------------------
-    def param_shapes(self, input_dim):
-        shapes = [("kernel", (input_dim, self.units))]
+    def weight_specs(self, input_dim):
+        specs = [WeightSpec("kernel", (input_dim, self.units), self.kernel_initializer)]
         if self.use_bias:
-            shapes.append(("bias", (self.units,)))
-        return shapes
+            specs.append(WeightSpec("bias", (self.units,), self.bias_initializer))
+        return specs
 
-    def build(self, backend, input_dim, params, grads, offset, dtype, initialize=True):
-        """Take views of the flat ``params``/``grads`` from ``offset``; return the new offset.
+    def param_shapes(self, input_dim):
+        return [(spec.attr, spec.shape) for spec in self.weight_specs(input_dim)]
 
-        With ``initialize`` the views are filled by the initializers.
-        """
-        if self.input_dim is not None and self.input_dim != input_dim:
-            raise ValueError(
-                f"input_dim: layer {self.name!r} was declared with {self.input_dim} inputs "
-                f"but receives {input_dim}"
-            )
-        self.input_dim = input_dim
-        self._backend = backend
-        for attr, shape in self.param_shapes(input_dim):
-            size = int(np.prod(shape))
-            setattr(self, attr, params[offset : offset + size].reshape(shape))
-            setattr(self, attr + "_grad", grads[offset : offset + size].reshape(shape))
-            if initialize:
-                init = self.kernel_initializer if attr == "kernel" else self.bias_initializer
-                values = initializers.initialize(init, shape, dtype, f"{attr}_initializer")
-                getattr(self, attr)[...] = backend.asarray(values)
-            offset += size
-        self.built = True
-        return offset
+    def compute_output_dim(self, input_dim):
+        return self.units
 
-    def count_params(self):
-        if self.input_dim is None:
-            return None
-        return sum(int(np.prod(s)) for _, s in self.param_shapes(self.input_dim))
+    kernel = property(lambda self: self.weight("kernel"))
+    bias = property(lambda self: self.weight("bias"))
+    kernel_grad = property(lambda self: self.gradient("kernel"))
+    bias_grad = property(lambda self: self.gradient("bias"))
 
-    @property
-    def weights(self):
-        return [self.kernel] + ([self.bias] if self.use_bias else [])
-
-    def get_weights(self):
-        """[kernel (in, units), bias (units,)] as NumPy arrays (Keras order)."""
-        if not self.built:
+    def regularized_weights(self):
+        if not self.trainable:
             return []
-        return [self._backend.to_numpy(w).copy() for w in self.weights]
-
-    def set_weights(self, weights):
-        if not self.built:
-            raise ValueError(f"layer {self.name!r} is not built yet; build the model before set_weights")
-        expected = self.weights
-        if len(weights) != len(expected):
-            raise ValueError(
-                f"weights: layer {self.name!r} expects {len(expected)} arrays (kernel{', bias' if self.use_bias else ''}), "
-                f"got {len(weights)}"
-            )
-        for target, value, (attr, shape) in zip(expected, weights, self.param_shapes(self.input_dim)):
-            value = np.asarray(value)
-            if value.shape != shape:
-                raise ValueError(f"weights: layer {self.name!r} {attr} expects shape {shape}, got {value.shape}")
-            if not np.issubdtype(value.dtype, np.number):
-                raise TypeError(f"weights: layer {self.name!r} {attr} must be numeric, got dtype {value.dtype}")
-            # as_float_array refuses finite values that would become inf in the model's dtype
-            value = checks.as_float_array(value, f"weights: layer {self.name!r} {attr}", target.dtype)
-            target[...] = self._backend.asarray(value)
+        pairs = ((self.kernel_regularizer, "kernel"), (self.bias_regularizer, "bias"))
+        return [(reg, self.weight(attr), self.gradient(attr)) for reg, attr in pairs if reg is not None and self.weight(attr) is not None]
 
     # -- computation ------------------------------------------------------------
     @staticmethod
@@ -176,7 +115,11 @@ class Dense(Layer):
         """Whether running ``activation`` keeps the pre-activation ``z`` for the backward pass."""
         return activation.code in codes.ACT_NEEDS_PREACTIVATION
 
-    def call(self, backend, x, y, z, activation=None):
+    def make_buffers(self, backend, batch, dtype, activation, training):
+        """The pre-activation ``z`` (B, units) where the activation's derivative needs it."""
+        return backend.empty((batch, self.units), dtype) if self.needs_preactivation(activation) else None
+
+    def call(self, backend, x, y, z, activation=None, training=False):
         """Forward: ``y = act(x @ kernel + bias)`` into preallocated ``y`` (B, units).
 
         x: (B, in).  z: (B, units) receives ``x @ kernel + bias`` when
@@ -209,19 +152,11 @@ class Dense(Layer):
             x, self.kernel, dy, y, z, code, act.alpha, dx, self.kernel_grad, self.bias_grad if self.use_bias else None
         )
 
-    def activate(self, backend, z, out):
-        """``out = activation(z)`` for this layer's own activation (e.g. logits to probabilities)."""
-        act = self.activation
-        if act.is_softmax:
-            backend.softmax(z, out)
-        else:
-            backend.apply_activation(z, act.code, act.alpha, out)
-        return out
-
     def get_config(self):
+        base = super().get_config()
+        base.pop("input_shape", None)  # input_dim carries it
         return {
-            "class_name": "Dense",
-            "name": self.name,
+            **base,
             "units": self.units,
             "activation": self.activation.get_config(),
             "use_bias": self.use_bias,
@@ -236,14 +171,41 @@ class Dense(Layer):
     def from_config(cls, config):
         config = dict(config)
         config.pop("class_name", None)
+        config.pop("input_shape", None)  # input_dim carries it
         return cls(**config)
 
     def __repr__(self):
         return f"Dense({self.units}, activation={self.activation.name!r}, name={self.name!r})"
 
 
+#: every layer class a model file or config may name
+LAYER_CLASSES = {
+    cls.__name__: cls
+    for cls in (
+        Dense,
+        Activation,
+        LeakyReLU,
+        ReLU,
+        Softmax,
+        Flatten,
+        Dropout,
+        GaussianNoise,
+        BatchNormalization,
+        LayerNormalization,
+        Normalization,
+    )
+}
+
+
 def from_config(config):
+    """A layer from its ``get_config()`` (the ``class_name`` key picks the class)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"layer config: expected a mapping, got {type(config).__name__}")
     name = config.get("class_name")
-    if name != "Dense":
-        raise ValueError(f"layer config: unknown layer class {name!r}; expected 'Dense'")
-    return Dense.from_config(config)
+    cls = LAYER_CLASSES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"layer config: unknown layer class {name!r}; expected one of {sorted(LAYER_CLASSES)}")
+    return cls.from_config(config)
+
+
+__all__ = ["Input", "InputLayer", "Layer", *LAYER_CLASSES]

@@ -14,17 +14,15 @@ Building, compiling, ``set_weights`` and loading weights must not race other cal
 
 from __future__ import annotations
 
-import threading
 import time
 
-import numpy as np
+import json
 
+from gpunn import arrays, checks, data_adapter, device_memory, fit_loop, losses, onnx_export, optimizers, saving, training
 from gpunn import backend as backends
-from gpunn import arrays, checks, config, data_adapter, device_memory, fit_loop, losses, onnx_export, optimizers, saving, training
 from gpunn import metrics as metrics_mod
-from gpunn.layers import Dense, Input
-from gpunn.layers import from_config as layer_from_config
-from gpunn.progress import model_summary, summary_line
+from gpunn.model_layers import LayerStack
+from gpunn.progress import summary_line
 from gpunn.training import Objective, Trainer, TrainStep
 
 DeviceMemoryError = device_memory.DeviceMemoryError
@@ -38,17 +36,15 @@ def _drop_buffers(model):
 _guard_memory = device_memory.guard(_drop_buffers)
 
 
-class Sequential:
-    """A linear stack of layers: ``Sequential([Dense(64, activation="relu"), Dense(1, activation="sigmoid")])``."""
+class Sequential(LayerStack):
+    """A linear stack of layers: ``Sequential([Dense(64, activation="relu"), Dense(1, activation="sigmoid")])``.
 
-    def __init__(self, layers=None, name=None, dtype=None):
-        self.name = name or "sequential"
-        self.layers: list[Dense] = []
-        self._declared_input_dim = None
-        self._dtype_request = None if dtype is None else checks.float_dtype(dtype)
-        self._built_dtype = None
-        self.backend = None
-        self.params = self.grads = None
+    The layer stack, weights and configuration come from
+    :class:`gpunn.model_layers.LayerStack`; this class adds compile, fit,
+    evaluate, predict and saving.
+    """
+
+    def __init__(self, layers=None, name=None, dtype=None, trainable=True):
         self.optimizer = self.loss = None
         self._metric_specs, self._weighted_metric_specs = [], []
         self._objective = None
@@ -56,113 +52,11 @@ class Sequential:
         self.stop_training = False
         self.history = None
         self._trainer = None
-        self._lock = threading.RLock()  # building and swapping the trainer
         self._training = fit_loop.OneAtATime()  # held by fit / train_on_batch
         self.feature_names = None  # the column names of the DataFrame fit was given (see gpunn.arrays)
-        if layers is not None:
-            if not isinstance(layers, (list, tuple)):
-                raise TypeError(f"layers: expected a list of layers, got {type(layers).__name__}")
-            for layer in layers:
-                self.add(layer)
-
-    # ------------------------------------------------------------------ build
-    def add(self, layer):
-        """Append a Dense layer (or set the input size with ``gpunn.Input``)."""
-        if isinstance(layer, Input):
-            if self.layers:
-                raise ValueError("layers: gpunn.Input must come first, before any layer")
-            self._declared_input_dim = layer.shape[0]
-            return
-        if not isinstance(layer, Dense):
-            raise TypeError(f"layers: expected gpunn.layers.Dense or gpunn.Input, got {type(layer).__name__}")
-        if self.built:
-            raise ValueError("add: the model is already built; add layers before the first fit/predict/build")
-        if any(existing is layer for existing in self.layers):
-            raise ValueError(f"layers: layer {layer.name!r} was added twice")
-        layer.attach(self)
-        self.layers.append(layer)
-        if self.compiled:
-            self._objective = Objective(self.loss, self.layers, self._metric_specs, self._weighted_metric_specs)
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The model's float dtype: fixed when built, else the requested one or floatx()."""
-        if self._built_dtype is not None:
-            return self._built_dtype
-        return np.dtype(self._dtype_request or config.floatx())
-
-    @property
-    def built(self) -> bool:
-        return self.params is not None
-
-    @property
-    def input_dim(self):
-        if self._declared_input_dim is not None:
-            return self._declared_input_dim
-        return self.layers[0].input_dim if self.layers else None
-
-    @property
-    def output_dim(self):
-        return self.layers[-1].units if self.layers else None
-
-    def build(self, input_shape=None, *, initialize=True):
-        """Create the weights for ``input_shape`` = (batch, features) or (features,).
-
-        ``initialize=False`` leaves them zero instead of running the
-        initializers (and drawing random numbers): for callers that set every
-        weight next, as loading a model file does.
-        """
-        if not self.layers:
-            raise ValueError("build: the model has no layers; add gpunn.layers.Dense layers first")
-        if input_shape is not None:
-            n = tuple(input_shape)[-1]
-            if self.input_dim is not None and n != self.input_dim:
-                raise ValueError(f"input_shape: the model was declared with {self.input_dim} inputs, got {n}")
-            self._declared_input_dim = checks.positive_int(n, "input_shape")
-        if self.input_dim is None:
-            raise ValueError(
-                "build: the input size is unknown; call fit/predict with data, or declare it with "
-                "gpunn.Input(shape=(n,)) or Dense(..., input_dim=n)"
-            )
-        with self._lock:
-            if not self.built:
-                self._allocate(initialize)
-
-    def weight_shapes(self) -> list[tuple]:
-        """Shape of every weight array, in get_weights order, from the architecture alone."""
-        shapes, dim = [], self.input_dim
-        for layer in self.layers:
-            shapes.extend(tuple(s) for _, s in layer.param_shapes(dim))
-            dim = layer.units
-        return shapes
-
-    def _allocate(self, initialize):
-        backend, dtype = backends.current(), self.dtype
-        total = sum(int(np.prod(shape)) for shape in self.weight_shapes())
-        params, grads = backend.zeros((total,), dtype), backend.zeros((total,), dtype)
-        offset, dim = 0, self.input_dim
-        for layer in self.layers:
-            offset = layer.build(backend, dim, params, grads, offset, dtype, initialize)
-            dim = layer.units
-        self.backend, self._built_dtype, self.params, self.grads = backend, dtype, params, grads
-        self._drop_trainer()
-        if self.compiled:
-            self.optimizer.build(backend, total, dtype)
-
-    def _ensure_built(self, n_features):
-        if self.built:
-            return
-        with self._lock:
-            if not self.built:
-                if self.input_dim is not None and self.input_dim != n_features:
-                    raise ValueError(f"x: the model expects {self.input_dim} features per sample, got {n_features}")
-                self._declared_input_dim = n_features
-                self.build()
-
-    def count_params(self) -> int:
-        if not self.built:
-            raise ValueError("count_params: the model is not built yet")
-        return int(self.params.shape[0])
+        self._init_stack(layers, name, dtype)
+        if not trainable:
+            self.trainable = False
 
     def _get_trainer(self) -> Trainer:
         trainer = self._trainer
@@ -192,7 +86,7 @@ class Sequential:
         # resolve everything first: a failed compile leaves the model as it was
         new_optimizer, new_loss = optimizers.get(optimizer), losses.get(loss)
         specs = [metrics_mod.check_list(metrics, "metrics"), metrics_mod.check_list(weighted_metrics, "weighted_metrics")]
-        objective = Objective(new_loss, self.layers, *specs)
+        objective = self._make_objective(new_loss, *specs)
         with self._lock:
             self.optimizer, self.loss, self._objective = new_optimizer, new_loss, objective
             self._metric_specs, self._weighted_metric_specs = specs
@@ -200,6 +94,14 @@ class Sequential:
             self._drop_trainer()
             if self.built:
                 self.optimizer.build(self.backend, self.count_params(), self.dtype)
+
+    def _make_objective(self, loss, metric_specs, weighted_metric_specs, warn=True):
+        if self.output_dim is None:
+            raise ValueError(
+                "compile: the model's output size is unknown (no layer sets it and the input size is not "
+                "declared); end the model with a Dense layer or declare gpunn.Input(shape=...)"
+            )
+        return Objective(loss, self.layers, metric_specs, weighted_metric_specs, warn, self.output_dim)
 
     def get_compile_config(self):
         """The ``compile`` arguments as plain data (None if not compiled); see :meth:`compile_from_config`."""
@@ -248,7 +150,7 @@ class Sequential:
     def _standardize(self, x, y, sample_weight, class_weight=None, argument="x"):
         """Validated host arrays (x, targets, weights or None); builds the model if needed."""
         self._require_compiled("fit" if argument == "x" else argument)
-        x, t, w = data_adapter.standardize(self._objective, self.input_dim, self.dtype, x, y, sample_weight, class_weight,
+        x, t, w = data_adapter.standardize(self._objective, self.input_dim, self.dtype, self.rows(x), y, sample_weight, class_weight,
                                            argument, self.feature_names, (self.backend or backends.current()).xp)  # fmt: skip
         self._ensure_built(x.shape[1])
         return x, t, w
@@ -263,10 +165,12 @@ class Sequential:
         settings = fit_loop.check_settings(batch_size, epochs, verbose, callbacks, validation_split, shuffle, initial_epoch,
                                  validation_batch_size, validation_freq)  # fmt: skip
         with self._training.hold("fit"):
+            # class weights are folded in after the validation split: they weight training only, as in Keras
             names = arrays.column_names(x)
-            standardized = self._standardize(x, y, sample_weight, class_weight)
+            standardized = self._standardize(x, y, sample_weight)
             self.feature_names = self.feature_names or names  # once the data has passed the checks
-            data, val_data = data_adapter.fit_data(self.backend, self._standardize, standardized, validation_data, validation_split)
+            data, val_data = data_adapter.fit_data(self.backend, self._standardize, standardized, validation_data, validation_split,
+                                                   lambda t, w: data_adapter.with_class_weights(self._objective, class_weight, t, w))  # fmt: skip
             return fit_loop.fit(self, self._get_trainer(), data, val_data, settings)
 
     @_guard_memory
@@ -308,7 +212,7 @@ class Sequential:
         if not self.layers:
             raise ValueError("predict: the model has no layers")
         started = time.perf_counter()
-        x = checks.feature_rows(x, self.input_dim, "x", self.feature_names, (self.backend or backends.current()).xp, self.dtype)
+        x = checks.feature_rows(self.rows(x), self.input_dim, "x", self.feature_names, (self.backend or backends.current()).xp, self.dtype)
         self._ensure_built(x.shape[1])
         result = data_adapter.predict(self._get_trainer(), self.backend, x, self.dtype, batch_size, return_device_array)
         if verbose:
@@ -321,60 +225,7 @@ class Sequential:
     def predict_on_batch(self, x):
         return self.predict(x, batch_size=max(1, len(x)), verbose=0)
 
-    # ---------------------------------------------------------------- weights
-    def get_weights(self) -> list[np.ndarray]:
-        """Every layer's [kernel (in, units), bias (units,)], in order, as NumPy arrays."""
-        if not self.built:
-            return []
-        return [w for layer in self.layers for w in layer.get_weights()]
-
-    def set_weights(self, weights):
-        """Inverse of get_weights (same order and shapes)."""
-        if not self.built:
-            raise ValueError("set_weights: the model is not built yet; call build() or fit/predict first")
-        if not isinstance(weights, (list, tuple)):
-            raise TypeError(f"weights: expected a list of arrays, got {type(weights).__name__}")
-        expected = sum(len(layer.weights) for layer in self.layers)
-        if len(weights) != expected:
-            raise ValueError(f"weights: the model has {expected} weight arrays, got {len(weights)}")
-        for layer, start in zip(self.layers, np.cumsum([0] + [len(layer.weights) for layer in self.layers])):
-            layer.set_weights(list(weights[start : start + len(layer.weights)]))
-
-    @property
-    def weights(self):
-        return [w for layer in self.layers for w in layer.weights] if self.built else []
-
-    def summary(self, print_fn=None):
-        """Print a table of layers, output shapes and parameter counts."""
-        model_summary(self, self.backend.name if self.backend else backends.get_backend(), print_fn or print)
-
     # ------------------------------------------------------------- save/load
-    def get_config(self) -> dict:
-        """The architecture as plain data; :meth:`from_config` rebuilds an unbuilt model from it."""
-        return {
-            "name": self.name,
-            "input_dim": self.input_dim,
-            "dtype": str(self.dtype),
-            "layers": [layer.get_config() for layer in self.layers],
-        }
-
-    @classmethod
-    def from_config(cls, config) -> Sequential:
-        """An unbuilt model from :meth:`get_config` output (ValueError/TypeError if malformed)."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config: expected a mapping, got {type(config).__name__}")
-        layer_configs = config.get("layers")
-        if not isinstance(layer_configs, list) or not layer_configs:
-            raise ValueError(f"config: expected a non-empty list of layer configs under 'layers', got {layer_configs!r}"[:300])
-        model = cls(name=config.get("name"), dtype=config.get("dtype"))
-        if config.get("input_dim") is not None:
-            model.add(Input(shape=(config["input_dim"],)))
-        for lc in layer_configs:
-            if not isinstance(lc, dict):
-                raise ValueError(f"config: layer config {lc!r} is not a mapping"[:300])
-            model.add(layer_from_config(lc))
-        return model
-
     def save(self, filepath):
         """Save architecture, weights, compile settings and optimizer state to one file (atomically)."""
         saving.save_model(self, filepath)
@@ -393,6 +244,19 @@ class Sequential:
         return f"<Sequential {self.name!r}: {len(self.layers)} layers, built={self.built}>"
 
 
-def load_model(filepath, compile=True) -> Sequential:
+def load_model(filepath, compile=True, custom_objects=None, safe_mode=True) -> Sequential:
     """Rebuild a saved model (on the active backend) with its weights and, by default, its training state."""
     return saving.load_model(filepath, Sequential, compile=compile)
+
+
+def model_from_json(json_string, custom_objects=None) -> Sequential:
+    """A model (freshly initialised) from the architecture written by ``Sequential.to_json``."""
+    if not isinstance(json_string, (str, bytes)):
+        raise TypeError(f"json_string: expected a JSON string from model.to_json(), got {type(json_string).__name__}")
+    try:
+        spec = json.loads(json_string)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"json_string: not valid JSON ({exc})") from None
+    if not isinstance(spec, dict) or spec.get("class_name") != "Sequential" or not isinstance(spec.get("config"), dict):
+        raise ValueError("json_string: expected {'class_name': 'Sequential', 'config': {...}} as written by model.to_json()")
+    return Sequential.from_config(spec["config"])

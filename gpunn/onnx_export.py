@@ -349,7 +349,12 @@ def to_onnx(model, preprocessing=None, input_name="features", output_name="outpu
     reserved = {"label", "probabilities", "prediction"} if preprocessing is not None else {output_name}
     if input_name in reserved:
         raise ValueError(f"input_name: {input_name!r} is also the name of an output; choose another name")
-    for layer in model.layers:  # fail before any work on an activation without a mapping
+    for layer in model.layers:  # fail before any work on a layer or activation without a mapping
+        if type(layer).__name__ != "Dense":
+            raise ValueError(
+                f"export: ONNX export maps Dense layers only; layer {layer.name!r} is a {type(layer).__name__} "
+                "(export a model of Dense layers, or serve this one with gpunn)"
+            )
         _check_mapped(layer.activation)
     if preprocessing is not None:
         _check_preprocessing(preprocessing, model)

@@ -83,15 +83,27 @@ def summary_line(steps: int, elapsed: float, logs: dict, file=None) -> None:
     print(" - ".join(parts), file=file or sys.stdout, flush=True)
 
 
-def model_summary(model, backend_name: str, print_fn=print) -> None:
-    """Keras's table of a model's layers, output shapes and parameter counts."""
-    rows = [("Layer (type)", "Output Shape", "Param #", "Activation")]
-    total, dim = 0, model.input_dim
+def _layer_rows(model):
+    """One summary row per layer, with the total and trainable parameter counts."""
+    rows, total, trainable, dim = [], 0, 0, model.input_dim
     for layer in model.layers:
-        count = None if dim is None else sum(int(np.prod(s)) for _, s in layer.param_shapes(dim))
-        total += count or 0
-        rows.append((f"{layer.name} (Dense)", f"(None, {layer.units})", "?" if count is None else f"{count:,}", layer.activation.name))
-        dim = layer.units
+        specs = [] if dim is None else layer.weight_specs(dim)
+        count = sum(spec.size for spec in specs)
+        total += count
+        trainable += sum(spec.size for spec in specs if spec.trainable) if layer.trainable else 0
+        dim = layer.compute_output_dim(dim)
+        kind = type(layer).__name__ + ("" if layer.trainable else ", frozen")
+        shape = f"(None, {dim if dim is not None else '?'})"
+        rows.append((f"{layer.name} ({kind})", shape, "?" if model.input_dim is None else f"{count:,}", layer.activation.name))
+    return rows, total, trainable
+
+
+def model_summary(model, backend_name: str, print_fn=print) -> None:
+    """Keras's table of a model's layers, output shapes and parameter counts, with the
+    trainable and non-trainable totals."""
+    rows = [("Layer (type)", "Output Shape", "Param #", "Activation")]
+    layer_rows, total, trainable = _layer_rows(model)
+    rows += layer_rows
     widths = [max(len(r[i]) for r in rows) + 2 for i in range(4)]
     line = "-" * sum(widths)
     print_fn(f'Model: "{model.name}"')
@@ -102,6 +114,11 @@ def model_summary(model, backend_name: str, print_fn=print) -> None:
         print_fn("".join(c.ljust(w) for c, w in zip(r, widths)))
     print_fn("=" * sum(widths))
     size = model.dtype.itemsize
-    print_fn(f"Total params: {total:,} ({total * size / 1024:.2f} KB)" if model.input_dim else "Total params: unknown (model not built)")
+    if model.input_dim:
+        print_fn(f"Total params: {total:,} ({total * size / 1024:.2f} KB)")
+        print_fn(f"Trainable params: {trainable:,} ({trainable * size / 1024:.2f} KB)")
+        print_fn(f"Non-trainable params: {total - trainable:,} ({(total - trainable) * size / 1024:.2f} KB)")
+    else:
+        print_fn("Total params: unknown (model not built)")
     print_fn(f"Input features: {model.input_dim}   Backend: {backend_name}   dtype: {model.dtype}")
     print_fn(line)

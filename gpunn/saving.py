@@ -238,7 +238,8 @@ def _metadata_json(model, weights_only, user_metadata) -> str:
 def _tensors(model, weights_only):
     if not model.built:
         raise ValueError("save: the model is not built yet (no weights); call build(), fit or predict first")
-    tensors = {f"weight.{i:04d}": np.ascontiguousarray(w) for i, w in enumerate(model.get_weights())}
+    # np.asarray(order="C"), not ascontiguousarray: that would turn a 0-d weight (a count) into 1-d
+    tensors = {f"weight.{i:04d}": np.asarray(w, order="C") for i, w in enumerate(model.get_weights())}
     if not weights_only and model.compiled and model.optimizer.built:
         for name, slot in model.optimizer.slots.items():
             tensors[f"optimizer.{name}"] = np.ascontiguousarray(model.backend.to_numpy(slot))
@@ -482,7 +483,7 @@ def _check_weights(model, weights, path):
 def model_from_config(model_class, config, path="<config>"):
     """An unbuilt model from ``model_class.from_config(config)``; ModelFileError if it is malformed."""
     try:
-        model = model_class.from_config(config)
+        model = model_class.from_config(config, build=False)  # allocated only after the weights are checked
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise _fail(path, f"invalid architecture ({exc})") from None
     if model.input_dim is None:

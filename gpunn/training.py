@@ -25,6 +25,7 @@ import numpy as np
 
 from gpunn import activations, checks, codes, distributed
 from gpunn import metrics as metrics_mod
+from gpunn.layer_base import TrainingPhase, stack_output_dim
 
 #: the loss kind whose fused pass already counts each "natural" accuracy
 _NATURAL_ACCURACY = {
@@ -48,12 +49,12 @@ class Objective:
     None meaning "the accuracy the fused loss pass already counts".
     """
 
-    def __init__(self, loss, layers, metric_specs, weighted_metric_specs, warn=True):
+    def __init__(self, loss, layers, metric_specs, weighted_metric_specs, warn=True, output_dim=None):
         self.loss = loss
         output = layers[-1].activation
         self.kind, self.fused_output = loss.resolve(output.name)
         self.sparse_targets = self.kind in codes.SPARSE_LOSSES
-        self.output_dim = layers[-1].units
+        self.output_dim = stack_output_dim(layers) if output_dim is None else output_dim
         self.probability_hint = ""
         if self.kind in _PROBABILITY_LOSSES and output.name not in ("sigmoid", "softmax"):
             self.probability_hint = (
@@ -105,21 +106,25 @@ class Objective:
 
 
 class Workspace:
-    """Buffers for one batch size: each layer's output ``y`` (and pre-activation ``z``
-    where its activation needs it); for training (``target_shape`` given) also the
-    inputs ``x``, targets ``t``, weights ``w``, per-layer gradients ``g`` and the
-    output probabilities ``probs`` metrics read when the activation is fused."""
+    """Buffers for one batch size: each layer's output buffer ``y`` and its own scratch
+    ``aux`` (a Dense layer's pre-activation where its activation needs it, a dropout
+    mask, ...), and ``out``, the array each layer's forward actually returned (its
+    input itself for a layer that passes it through); for training (``target_shape``
+    given) also the inputs ``x``, targets ``t``, weights ``w``, per-layer gradients
+    ``g`` and the output probabilities ``probs`` metrics read when the activation is fused."""
 
     def __init__(self, backend, dtype, layers, batch, acts, input_dim=None, target_shape=None):
         self.batch = batch
-        self.y = [backend.empty((batch, layer.units), dtype) for layer in layers]
-        self.z = [backend.empty((batch, layer.units), dtype) if layer.needs_preactivation(act) else None for layer, act in zip(layers, acts)]
-        if target_shape is not None:
+        training = target_shape is not None
+        self.y = [backend.empty((batch, layer.output_dim), dtype) for layer in layers]
+        self.aux = [layer.make_buffers(backend, batch, dtype, act, training) for layer, act in zip(layers, acts)]
+        self.out = list(self.y)
+        if training:
             self.x = backend.empty((batch, input_dim), dtype)
             self.t = backend.empty(target_shape, dtype)
             self.w = backend.empty((batch,), dtype)
-            self.g = [backend.empty((batch, layer.units), dtype) for layer in layers]
-            self.probs = backend.empty((batch, layers[-1].units), dtype)
+            self.g = [backend.empty((batch, layer.output_dim), dtype) for layer in layers]
+            self.probs = backend.empty((batch, layers[-1].output_dim), dtype)
 
 
 class WorkspacePool:
@@ -210,6 +215,8 @@ class Trainer:
         bounds = np.cumsum([0] + [int(np.prod(w.shape)) for layer in layers for w in layer.weights])
         self.segments = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
         self.inference_activations = [layer.activation for layer in layers]
+        self.frozen = []
+        self.refresh_frozen()
         self._pool = WorkspacePool(self._make_workspace)
         #: False once the model has replaced this trainer (recompiled or rebuilt)
         self.active = True
@@ -239,26 +246,57 @@ class Trainer:
     def accumulators(self, backend=None, combine=None) -> Accumulators:
         return Accumulators(backend or self.backend, self.dtype, self.objective, combine)
 
+    def refresh_frozen(self):
+        """Recompute the ranges of the flat buffers the optimizer must leave alone: the weights of
+        frozen layers (``trainable = False``) and non-trainable statistics, adjacent ones merged."""
+        frozen = []
+        # the backward pass stops at the first layer with weights to train: below it nothing needs a gradient
+        self.first_trained = next((i for i, layer in enumerate(self.layers) if any(t for _, _, t in layer.weight_ranges())), len(self.layers))
+        for layer in self.layers:
+            for start, stop, trains in layer.weight_ranges():
+                if trains:
+                    continue
+                if frozen and frozen[-1][1] == start:
+                    frozen[-1] = (frozen[-1][0], stop)
+                else:
+                    frozen.append((start, stop))
+        self.frozen = frozen
+
     # -- one step --------------------------------------------------------------
-    def forward(self, backend, x, ws, acts):
+    def forward(self, backend, x, ws, acts, training=False):
+        """Run every layer on ``x``; ``training`` is False or a :class:`TrainingPhase`."""
         a = x
-        for layer, act, y, z in zip(self.layers, acts, ws.y, ws.z):
-            a = layer.call(backend, a, y, z, act)
+        for i, (layer, act) in enumerate(zip(self.layers, acts)):
+            a = ws.out[i] = layer.call(backend, a, ws.y[i], ws.aux[i], act, training)
         return a
 
     def _regularization(self, backend, sums, batch, gradients):
         """Add each regularizer's penalty (times the batch size) to the loss sum, and with
-        ``gradients`` its gradient to the weights' gradients."""
+        ``gradients`` its gradient to the weights' gradients (trainable weights only)."""
         xp = backend.xp
         for layer in self.layers:
-            for reg, w, g in (
-                (layer.kernel_regularizer, layer.kernel, layer.kernel_grad),
-                (layer.bias_regularizer, layer.bias, layer.bias_grad),
-            ):
-                if reg is not None and w is not None:
-                    if gradients:
-                        reg.add_gradient(xp, w, g)
-                    sums[0] += reg.penalty(xp, w) * batch
+            for reg, w, g in layer.regularized_weights():
+                if gradients:
+                    reg.add_gradient(xp, w, g)
+                sums[0] += reg.penalty(xp, w) * batch
+
+    def _apply_update(self, backend):
+        """One optimizer update that leaves the frozen ranges -- parameters and optimizer state --
+        exactly as they were (their gradients are zeroed first, so clipping norms ignore them)."""
+        if not self.frozen:
+            self.optimizer.apply(self.params, self.grads, self.segments, backend=backend)
+            return
+        xp = backend.xp
+        state = self.optimizer.state  # (slots, P): every optimizer slot, one row each
+        kept = []
+        for start, stop in self.frozen:
+            self.grads[start:stop] = 0
+            kept.append((xp.copy(self.params[start:stop]), None if state is None else xp.copy(state[:, start:stop])))
+        self.optimizer.apply(self.params, self.grads, self.segments, backend=backend)
+        for (start, stop), (params, slots) in zip(self.frozen, kept):
+            self.params[start:stop] = params
+            if slots is not None:
+                state[:, start:stop] = slots
 
     def _update_metrics(self, backend, out, ws, acc, weighted):
         """Update the metrics the loss pass does not count, on the model's outputs (probabilities
@@ -286,17 +324,17 @@ class Trainer:
             self.grads[...] = 0
         if self.gradient_reduction is not None:
             self.gradient_reduction(b, self.grads, ws.batch, ws.batch if global_rows is None else global_rows)
-        self.optimizer.apply(self.params, self.grads, self.segments, backend=b)
+        self._apply_update(b)
 
     def _gradients(self, b, ws, acc, weighted):
         acts = self.objective.train_activations
-        out = self.forward(b, ws.x, ws, acts)
+        out = self.forward(b, ws.x, ws, acts, TrainingPhase(self.optimizer.iterations))
         self.objective.loss_grad(b, out, ws.t, ws.w if weighted else None, ws.g[-1], acc.sums)
         self._update_metrics(b, out, ws, acc, weighted)
-        for i in range(len(self.layers) - 1, -1, -1):
-            x = ws.x if i == 0 else ws.y[i - 1]
-            dx = ws.g[i - 1] if i > 0 else None
-            self.layers[i].backward(b, x, ws.g[i], ws.y[i], ws.z[i], dx, acts[i])
+        for i in range(len(self.layers) - 1, self.first_trained - 1, -1):
+            x = ws.x if i == 0 else ws.out[i - 1]
+            dx = ws.g[i - 1] if i > self.first_trained else None
+            self.layers[i].backward(b, x, ws.g[i], ws.out[i], ws.aux[i], dx, acts[i])
         self._regularization(b, acc.sums, ws.batch, gradients=True)
 
     def test_step(self, ws, acc, weighted):
@@ -337,7 +375,7 @@ class Trainer:
     def predict(self, X, batch_size):
         """Outputs (M, units) of backend-resident inputs ``X`` (M, features), as a backend array."""
         b = self.backend
-        out = b.empty((X.shape[0], self.layers[-1].units), self.dtype)
+        out = b.empty((X.shape[0], self.layers[-1].output_dim), self.dtype)
         for start in range(0, X.shape[0], batch_size):
             stop = min(X.shape[0], start + batch_size)
             ws = self.take_workspace(stop - start, training=False)

@@ -6,12 +6,13 @@ keyword.  Kernels are compiled per (dtype, activation/kind, flags) on first
 use and cached.
 """
 
-from .activation import apply_activation
+from .activation import activation_backward, apply_activation
 from .linear import linear_backward_data, linear_backward_weight, linear_forward
 from .loss import loss_grad
 from .optimizers import optimizer_update
 
 __all__ = [
+    "activation_backward",
     "apply_activation",
     "linear_backward_data",
     "linear_backward_weight",

@@ -56,3 +56,37 @@ def apply_activation(z, act, alpha, y, stream=0):
         else:
             kernel[blocks, ACT_THREADS, stream](z, y, dt.type(alpha))
     return y
+
+
+@functools.lru_cache(maxsize=None)
+def _activation_backward_kernel(dtype, act):
+    _, derivative = activation(dtype, act)
+
+    def kernel(dy, y, z, dx, alpha):
+        rows, cols = dy.shape
+        for idx in range(cuda.grid(1), rows * cols, cuda.gridsize(1)):
+            r = idx // cols
+            c = idx % cols
+            dx[r, c] = dy[r, c] * derivative(y[r, c], z[r, c], alpha)
+
+    return cuda.jit(kernel)
+
+
+def activation_backward(dy, y, z, act, alpha, dx, stream=0):
+    """``dx = dy * act'(z)`` elementwise over (M, N) (the backward of :func:`apply_activation`).
+
+    y: the forward's output; z: its input, read by the activations with
+    ``Act.needs_preactivation`` (pass y when it is not needed).  dx must not
+    alias dy, y or z.  Reference: ``dy * numpy_ops.activation_derivative(y, z, act, alpha)``.
+    """
+    if dy is None or dy.ndim != 2:
+        raise ValueError("dy: expected a 2-D array")
+    dt = float_dtype("dy", dy)
+    for name, a in (("y", y), ("z", z), ("dx", dx)):
+        check(name, a, dy.shape, dt)
+    act = check_act(act)
+    n = dy.shape[0] * dy.shape[1]
+    if n:
+        blocks = min(ceil_div(n, ACT_THREADS), ACT_MAX_BLOCKS)
+        _activation_backward_kernel(dt, act)[blocks, ACT_THREADS, stream](dy, y, z, dx, dt.type(alpha))
+    return dx

@@ -30,7 +30,7 @@ class CountingBackend(NumpyBackend):
 @pytest.fixture
 def device(monkeypatch):
     backend = CountingBackend()
-    monkeypatch.setattr(gpunn.models.backends, "current", lambda: backend)
+    monkeypatch.setattr(gpunn.model_layers.backends, "current", lambda: backend)
     return backend
 
 

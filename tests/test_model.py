@@ -211,8 +211,7 @@ def test_train_on_batch_and_test_on_batch():
 
 def test_get_set_weights_order_and_shapes():
     model = gpunn.Sequential([Dense(7, activation="relu", input_dim=5), Dense(3, use_bias=False), Dense(2)])
-    assert model.get_weights() == []
-    model.build()
+    assert model.built  # the input size is declared: built at construction, as in Keras
     shapes = [w.shape for w in model.get_weights()]
     assert shapes == [(5, 7), (7,), (7, 3), (3, 2), (2,)]
     new = [rng(34).normal(size=s) for s in shapes]

@@ -39,7 +39,9 @@ def test_config_and_compile_config_round_trip_through_json():
     config = json.loads(json.dumps(model.get_config()))
     compile_config = json.loads(json.dumps(model.get_compile_config()))
     clone = gpunn.Sequential.from_config(config)
-    assert not clone.built and clone.dtype == np.float64 and clone.input_dim == 4
+    # as in Keras, a config with a known input size gives a built (initialised) model
+    assert clone.built and clone.dtype == np.float64 and clone.input_dim == 4
+    assert not gpunn.Sequential.from_config(config, build=False).built
     clone.compile_from_config(compile_config)
     assert clone.get_config() == model.get_config()
     assert clone.get_compile_config() == model.get_compile_config()

@@ -31,10 +31,10 @@ TASKS = {
 
 def _model(task="mse", built=True):
     loss, units, act, make_y = TASKS[task]
-    model = gpunn.Sequential([Dense(4, activation="tanh", input_dim=K), Dense(units, activation=act)])
+    # an input size declared up front builds the model at construction (as Keras); leave it to the data otherwise
+    first = Dense(4, activation="tanh", input_dim=K) if built else Dense(4, activation="tanh")
+    model = gpunn.Sequential([first, Dense(units, activation=act)])
     model.compile(optimizer="sgd", loss=loss, metrics=["mae"] if task == "mse" else ["accuracy"])
-    if built:
-        model.build()
     return model, rng(0).normal(size=(N, K)), make_y(rng(1))
 
 

@@ -114,3 +114,10 @@ def get(name: str | None) -> Backend:
     if name is None:
         return current()
     return _resolve(_validate_name(name))
+
+
+def clear_session(free_memory=True):
+    """Keras's ``backend.clear_session()``: see :func:`gpunn.utils.clear_session` (harmless to call)."""
+    from gpunn import utils
+
+    utils.clear_session(free_memory)

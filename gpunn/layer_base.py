@@ -1,0 +1,305 @@
+"""The ``Layer`` base class every gpunn layer derives from.
+
+A model keeps all of its layers' weights in one flat parameter buffer (and
+their gradients in a flat gradient buffer of the same layout); a layer's
+weights are views into them.  A layer describes its weights with
+:meth:`Layer.weight_specs` -- name, shape, initializer, and whether the
+optimizer may train it (BatchNormalization's moving statistics may not) --
+and the base class does the rest: views, initialization, ``get_weights`` /
+``set_weights``, ``trainable_weights`` / ``non_trainable_weights`` and the
+parameter count.
+
+The computation of a layer is two methods side by side: ``call`` (forward,
+writing its output into a preallocated buffer) and ``backward`` (writing
+dL/dx and the gradients of its weights).  Per-batch scratch a layer needs
+between the two (a dropout mask, the normalised inputs) comes from
+:meth:`Layer.make_buffers`, allocated once per batch size by the trainer.
+
+Every array is 2-D (batch, features): the layers of an MLP act on feature
+vectors (``Flatten`` maps an n-D sample to one vector at the model's input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import numpy as np
+
+from gpunn import activations, checks, initializers
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """One weight of a layer: the attribute holding it, its shape, how it starts,
+    and whether the optimizer trains it (False for running statistics)."""
+
+    attr: str
+    shape: tuple
+    initializer: object = "zeros"
+    trainable: bool = True
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def input_shape_argument(input_shape, input_dim, owner):
+    """The feature count declared by Keras 2's ``input_shape=(n,)`` or ``input_dim=n`` (None if neither)."""
+    if input_shape is not None:
+        if isinstance(input_shape, (int, np.integer)) and not isinstance(input_shape, bool):
+            input_shape = (input_shape,)
+        if not isinstance(input_shape, (tuple, list)) or not input_shape:
+            raise ValueError(f"input_shape: expected a tuple such as (n_features,), got {input_shape!r} for layer {owner!r}")
+        dims = [checks.positive_int(d, "input_shape") for d in input_shape]
+        return int(np.prod(dims)), tuple(dims)
+    if input_dim is not None:
+        n = checks.positive_int(input_dim, "input_dim")
+        return n, (n,)
+    return None, None
+
+
+class Layer:
+    """Base class of gpunn's layers (see the module docstring for the protocol).
+
+    ``trainable``: False freezes the layer -- its weights get no update and
+    no regularisation, and it reports them as ``non_trainable_weights``.
+    ``activation``: the elementwise function the layer ends with (linear for
+    most layers); the loss may fold a sigmoid/softmax into itself.
+    """
+
+    _counter: dict[str, int] = {}
+    #: whether the layer's output size differs from its input size
+    changes_width = False
+
+    def __init__(self, name=None, trainable=True, input_shape=None, input_dim=None, dtype=None):
+        if name is None:
+            base = _snake_case(type(self).__name__)
+            n = Layer._counter.get(base, 0)
+            Layer._counter[base] = n + 1
+            name = base if n == 0 else f"{base}_{n}"
+        elif not isinstance(name, str) or not name:
+            raise ValueError(f"name: expected a non-empty string, got {name!r}")
+        self.name = name
+        self.built = False
+        self._owner = None  # weak reference to the model holding this layer
+        self._trainable = checks.boolean(trainable, "trainable")
+        self.input_dim, self.batch_input_shape = input_shape_argument(input_shape, input_dim, name)
+        self.output_dim = None
+        self.activation = activations.get(None)
+        self._backend = None
+        self._views: dict[str, tuple] = {}
+
+    # -- ownership and freezing -------------------------------------------------
+    def attach(self, model):
+        """Record that ``model`` holds this layer.
+
+        A layer's weights are views into its model's flat buffers, so a layer
+        belongs to one model; adding it to a second raises ValueError (while
+        the first model is alive).
+        """
+        owner = self.owner
+        if owner is not None and owner is not model:
+            raise ValueError(
+                f"layers: layer {self.name!r} already belongs to model {owner.name!r}; gpunn layers cannot be "
+                "shared between models (their weights live in one model's buffers). Use a new layer, e.g. "
+                f"{type(self).__name__}.from_config(layer.get_config()), and copy weights with set_weights(get_weights())"
+            )
+        self._owner = weakref.ref(model)
+
+    def detach(self):
+        self._owner = None
+        self.built = False
+        self._views = {}
+
+    @property
+    def owner(self):
+        return None if self._owner is None else self._owner()
+
+    @property
+    def trainable(self) -> bool:
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value):
+        self._trainable = checks.boolean(value, "trainable")
+        owner = self.owner
+        if owner is not None:
+            owner.layers_changed()
+
+    # -- weights -------------------------------------------------------------------
+    def weight_specs(self, input_dim) -> list[WeightSpec]:
+        """The layer's weights for ``input_dim`` input features, in Keras's get_weights order."""
+        return []
+
+    def compute_output_dim(self, input_dim):
+        """Output features for ``input_dim`` inputs (None when unknown)."""
+        return input_dim
+
+    def count_params(self):
+        if self.input_dim is None:
+            return None
+        return sum(spec.size for spec in self.weight_specs(self.input_dim))
+
+    def build(self, backend, input_dim, params, grads, offset, dtype, initialize=True):
+        """Take views of the flat ``params``/``grads`` from ``offset``; return the new offset.
+
+        With ``initialize`` the views are filled by the initializers.
+        """
+        if self.input_dim is not None and self.input_dim != input_dim:
+            raise ValueError(
+                f"input_dim: layer {self.name!r} was declared with {self.input_dim} inputs but receives {input_dim}"
+            )
+        self.input_dim = input_dim
+        self.output_dim = self.compute_output_dim(input_dim)
+        self._backend = backend
+        self._views = {}
+        for spec in self.weight_specs(input_dim):
+            view = params[offset : offset + spec.size].reshape(spec.shape)
+            grad = grads[offset : offset + spec.size].reshape(spec.shape)
+            self._views[spec.attr] = (view, grad, offset, spec)
+            if initialize:
+                values = self.initial_value(spec, dtype)
+                view[...] = backend.asarray(values)
+            offset += spec.size
+        self.built = True
+        return offset
+
+    def initial_value(self, spec, dtype):
+        return initializers.initialize(spec.initializer, spec.shape, dtype, f"{spec.attr}_initializer")
+
+    def weight(self, attr):
+        """The weight ``attr`` (a view into the model's parameters), or None before building."""
+        entry = self._views.get(attr)
+        return None if entry is None else entry[0]
+
+    def gradient(self, attr):
+        entry = self._views.get(attr)
+        return None if entry is None else entry[1]
+
+    def weight_ranges(self):
+        """``(start, stop, trains)`` of each weight in the flat buffers; ``trains`` is whether the
+        optimizer updates it now (the weight is trainable and the layer is not frozen)."""
+        return [(off, off + spec.size, spec.trainable and self._trainable) for _, _, off, spec in self._views.values()]
+
+    @property
+    def weights(self):
+        return [entry[0] for entry in self._views.values()]
+
+    @property
+    def trainable_weights(self):
+        if not self._trainable:
+            return []
+        return [view for view, _, _, spec in self._views.values() if spec.trainable]
+
+    @property
+    def non_trainable_weights(self):
+        return [view for view, _, _, spec in self._views.values() if not (spec.trainable and self._trainable)]
+
+    def regularized_weights(self):
+        """``(regularizer, weight, gradient)`` of every regularised weight the optimizer trains."""
+        return []
+
+    def get_weights(self):
+        """The layer's weights as NumPy arrays (Keras order)."""
+        if not self.built:
+            return []
+        return [self._backend.to_numpy(w).copy() for w in self.weights]
+
+    def set_weights(self, weights):
+        if not self.built:
+            raise ValueError(f"layer {self.name!r} is not built yet; build the model before set_weights")
+        entries = list(self._views.values())
+        if not isinstance(weights, (list, tuple)) or len(weights) != len(entries):
+            names = ", ".join(spec.attr for _, _, _, spec in entries)
+            got = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
+            raise ValueError(f"weights: layer {self.name!r} expects {len(entries)} arrays ({names}), got {got}")
+        for (target, _, _, spec), value in zip(entries, weights):
+            value = np.asarray(value)
+            if value.shape != tuple(spec.shape):
+                raise ValueError(f"weights: layer {self.name!r} {spec.attr} expects shape {tuple(spec.shape)}, got {value.shape}")
+            if not np.issubdtype(value.dtype, np.number):
+                raise TypeError(f"weights: layer {self.name!r} {spec.attr} must be numeric, got dtype {value.dtype}")
+        for (target, _, _, spec), value in zip(entries, weights):
+            # as_float_array refuses finite values that would become inf in the model's dtype
+            value = checks.as_float_array(value, f"weights: layer {self.name!r} {spec.attr}", target.dtype)
+            target[...] = self._backend.asarray(value)
+
+    # -- computation -----------------------------------------------------------------
+    def make_buffers(self, backend, batch, dtype, activation, training):
+        """Per-batch scratch the layer keeps between ``call`` and ``backward`` (None if none)."""
+        return None
+
+    def call(self, backend, x, y, buffers, activation, training):
+        """Forward: the layer's output for ``x`` (B, in) into ``y`` (B, out); returns ``y``."""
+        raise NotImplementedError
+
+    def backward(self, backend, x, dy, y, buffers, dx, activation):
+        """Backward through :meth:`call`: weight gradients into the gradient views, dL/dx into
+        ``dx`` (B, in), skipped when None.  ``dy`` (B, out) may be used as scratch."""
+        raise NotImplementedError
+
+    def activate(self, backend, z, out):
+        """``out = activation(z)`` for this layer's own activation (e.g. logits to probabilities)."""
+        act = self.activation
+        if act.is_softmax:
+            backend.softmax(z, out)
+        else:
+            backend.apply_activation(z, act.code, act.alpha, out)
+        return out
+
+    def output_shape_label(self):
+        return f"(None, {self.output_dim if self.output_dim is not None else '?'})"
+
+    # -- configuration -----------------------------------------------------------------
+    def get_config(self):
+        config = {"class_name": type(self).__name__, "name": self.name}
+        if not self._trainable:  # written only when set, so older files' configs stay as they were
+            config["trainable"] = False
+        if self.batch_input_shape is not None:
+            config["input_shape"] = list(self.batch_input_shape)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config.pop("class_name", None)
+        return cls(**config)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _snake_case(name):
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i and (not name[i - 1].isupper() or (i + 1 < len(name) and name[i + 1].islower())):
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+def stack_output_dim(layers, input_dim=None):
+    """The output features of ``layers`` applied in order to ``input_dim`` inputs (None if unknown)."""
+    dim = input_dim
+    for layer in layers:
+        dim = layer.compute_output_dim(dim)
+    return dim
+
+
+class TrainingPhase:
+    """The ``training`` argument of ``call`` during a training step: true, and carries the step
+    number (the optimizer's update count) that keys the layer's random draws."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def __bool__(self):
+        return True
+
+
+def reset_names():
+    """Default layer names start over (``clear_session``)."""
+    Layer._counter.clear()
