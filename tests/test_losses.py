@@ -186,6 +186,9 @@ class Quartic(losses.Loss):
 
 
 def test_user_loss_gradient_and_training():
+    # the shuffle order comes from gpunn's global generator: seed it, so the outcome does not depend
+    # on how many random numbers earlier tests drew (a quartic loss at this rate can diverge on some orders)
+    gpunn.set_seed(0)
     rng = np.random.default_rng(8)
     model = gpunn.Sequential([gpunn.Input((4,)), gpunn.layers.Dense(5, activation="tanh"), gpunn.layers.Dense(2)], dtype="float64")
     model.compile(optimizer=gpunn.optimizers.SGD(0.05), loss=Quartic())
