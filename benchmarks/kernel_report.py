@@ -57,10 +57,14 @@ def tool(name):
 def write_ptx(out_dir, cc, select, jobs=1):
     """Run the PTX tool in a child process with the simulator switched off."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out_dir = os.path.abspath(out_dir)
     cmd = [sys.executable, "-m", "gpunn.kernels.ptx", "--cc", f"{cc[0]}.{cc[1]}", "--out", out_dir, "--jobs", str(jobs)]
     if select:
         cmd += ["--select", select]
-    subprocess.run(cmd, env=env, check=True)
+    # run in the output folder: `python -m` puts the working directory first on sys.path, and a
+    # source checkout's gpunn/ (without kernels/) would shadow the installed package
+    os.makedirs(out_dir, exist_ok=True)
+    subprocess.run(cmd, env=env, check=True, cwd=out_dir)
     with open(os.path.join(out_dir, "index.json")) as f:
         return json.load(f)
 

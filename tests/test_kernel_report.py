@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -49,11 +50,14 @@ def _without_simulator():
 
 
 def _ptx_tool(*args, env=None):
+    # run outside the checkout: `python -m` puts the working directory first on sys.path, and the
+    # checkout's gpunn/ (without kernels/) would shadow the installed package
     return subprocess.run(
         [sys.executable, "-m", "gpunn.kernels.ptx", "--cc", "9.0", *args],
         env=_without_simulator() if env is None else env,
         capture_output=True,
         text=True,
+        cwd=tempfile.gettempdir(),
     )
 
 
@@ -86,6 +90,7 @@ def test_kernel_report_meets_its_targets(tmp_path):
         env=_without_simulator(),
         capture_output=True,
         text=True,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     with open(out) as f:
