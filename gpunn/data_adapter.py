@@ -178,7 +178,7 @@ def place(backend, x, t, w):
 def predict(trainer, backend, x, dtype, batch_size, return_device_array=False):
     """Outputs (M, units) for ``x`` from :func:`gpunn.checks.feature_rows`, in batches.
 
-    Host data is checked and converted in chunks (:func:`gpunn.checks.feature_chunks`)
+    Host data is checked and converted block by block (``Trainer.predict_host``)
     and the outputs gathered in one host array; GPU data (already checked there)
     is predicted on the device without a copy.  With ``return_device_array``
     the result is the backend's own array, else a NumPy array.
@@ -186,7 +186,6 @@ def predict(trainer, backend, x, dtype, batch_size, return_device_array=False):
     if not isinstance(x, np.ndarray):
         out = trainer.predict(x, batch_size)
         return out if return_device_array else backend.to_numpy(out)
-    result = np.empty((x.shape[0], trainer.layers[-1].output_dim), dtype)
-    for lo, X in checks.feature_chunks(x, dtype, batch_size, "x"):
-        result[lo : lo + len(X)] = backend.to_numpy(trainer.predict(backend.asarray(X), batch_size))
+    convert = lambda lo, hi: checks.features(x[lo:hi], dtype, x.shape[1], "x", row_offset=lo)  # noqa: E731
+    result = trainer.predict_host(x, convert, batch_size)
     return backend.asarray(result) if return_device_array else result

@@ -385,6 +385,40 @@ class Trainer:
                 self.give_workspace(ws, training=False)
         return out
 
+    def predict_host(self, x, convert, batch_size):
+        """Outputs (M, units) as a NumPy array for host rows ``x`` (M, features).
+
+        ``convert(lo, hi)`` returns rows ``lo:hi`` checked and cast to the
+        model's dtype.  A backend with row-block threads (NumPy) takes the rows
+        in blocks sized for its caches (``inference_block_rows``), whatever
+        ``batch_size``: in inference every layer works row by row (BatchNormalization
+        uses its moving statistics, Dropout and GaussianNoise pass rows through),
+        so the outputs do not depend on the blocking;
+        conversion and forward of a block run on one core, back to back.
+        Other backends convert and copy over whole batches of about
+        ``checks.CONVERT_CHUNK_ELEMENTS`` values and run ``batch_size`` rows at a time.
+        """
+        b, rows = self.backend, x.shape[0]
+        result = np.empty((rows, self.layers[-1].output_dim), self.dtype)
+        run_blocks = getattr(b, "run_row_blocks", None)
+        if run_blocks is None:
+            chunk = batch_size * max(1, checks.CONVERT_CHUNK_ELEMENTS // (batch_size * x.shape[1]))
+            for lo in range(0, rows, chunk):
+                hi = min(rows, lo + chunk)
+                result[lo:hi] = b.to_numpy(self.predict(b.asarray(convert(lo, hi)), batch_size))
+            return result
+
+        def run(lo, hi):
+            ws = self.take_workspace(hi - lo, training=False)
+            try:
+                result[lo:hi] = self.forward(b, convert(lo, hi), ws, self.inference_activations)
+            finally:
+                self.give_workspace(ws, training=False)
+
+        widths = [self.input_dim] + [layer.output_dim for layer in self.layers]
+        run_blocks(run, rows, b.inference_block_rows(widths))
+        return result
+
     def predictions_finite(self, data, batch_size) -> bool:
         """Whether every output of the model on ``data`` is finite (one host read at the end)."""
         b, xp = self.backend, self.backend.xp

@@ -199,6 +199,21 @@ def bias_activation(z, b, act, alpha, y):
             y[i, j] = act_forward(act, v, alpha)
 
 
+@_specialised(2)
+def bias_activation_inplace(z, b, act, alpha):
+    """``z = act(z + b)`` over rows (b (N,)), in place.
+
+    :func:`bias_activation` with ``y`` being ``z``, written with one store per
+    element: two stores to possibly aliased arrays keep LLVM from vectorising
+    the loop (about 4x slower).
+    """
+    numba.literally(act)
+    m, n = z.shape
+    for i in range(m):
+        for j in range(n):
+            z[i, j] = act_forward(act, z[i, j] + b[j], alpha)
+
+
 @_specialised(1)
 def apply_activation(z, act, alpha, y):
     """``y = act(z)`` elementwise over (M, N); ``y`` may be ``z``."""

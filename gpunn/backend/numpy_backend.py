@@ -5,13 +5,23 @@ the model reuses every step; the work around them (bias + activation,
 activation derivative + bias gradient, loss + gradient + accuracy, optimizer
 updates) runs as single compiled passes from :mod:`gpunn.backend.cpu_fused`.
 Softmax (a row-wise operation, not an epilogue) uses NumPy's vectorised code.
+
+Work made of independent row blocks (inference) runs on the backend's own
+threads, one block per core at a time, each block's products and epilogues
+back to back while its rows are in that core's cache; meanwhile BLAS runs
+one thread per call (:class:`_BlasOneThread`), so its own threads never
+spin against ours.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from gpunn.backend import cpu_fused, numpy_ops
 from gpunn.backend.base import Backend
@@ -21,6 +31,92 @@ from gpunn.codes import Act, Opt
 _SCRATCH_SHAPES = 16
 
 _NO_VECTOR = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+#: An inference block holds about this many values of its widest layer: a few
+#: blocks' activations fit in a core's L2 cache (1-2 MB on current x86 cores)
+#: while the block is still tall enough for BLAS to run at full speed.
+_BLOCK_VALUES = 1 << 17
+#: Bounds on the rows of one block (a multiple of 16, BLAS's register tile height).
+_MIN_BLOCK_ROWS, _MAX_BLOCK_ROWS = 64, 4096
+
+
+class _BlasOneThread:
+    """Reference-counted "NumPy's BLAS at one thread" while our own threads run row blocks.
+
+    The first entrant records the BLAS thread count (the user's setting, e.g.
+    from ``threadpoolctl.threadpool_limits``) and sets 1; the last one out
+    restores it, so overlapping calls from several user threads never leave
+    the setting changed.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = []
+        self._libs = None
+
+    def _controllers(self):
+        if self._libs is None:
+            libs = ThreadpoolController().select(user_api="blas").lib_controllers
+            numpy_libs = [lib for lib in libs if "numpy" in lib.filepath]
+            self._libs = numpy_libs or libs
+        return self._libs
+
+    def threads(self) -> int:
+        """The BLAS thread count the user has set (the one recorded while we hold it at 1)."""
+        with self._lock:
+            counts = [n for _, n in self._saved] if self._users else [lib.num_threads for lib in self._controllers()]
+        return max(counts, default=1)
+
+    def held(self) -> bool:
+        """Whether BLAS is at one thread now.  (OpenBLAS 0.3.31 ignores a thread count set
+        from another thread once the main thread has set and restored it.)"""
+        return all(lib.num_threads == 1 for lib in self._controllers())
+
+    def __enter__(self):
+        with self._lock:
+            if self._users == 0:
+                self._saved = [(lib, lib.num_threads) for lib in self._controllers()]
+                for lib, n in self._saved:
+                    if n != 1:
+                        lib.set_num_threads(1)
+            self._users += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                for lib, n in self._saved:
+                    if n != 1:
+                        lib.set_num_threads(n)
+                self._saved = []
+
+
+_BLAS_ONE_THREAD = _BlasOneThread()
+_POOL: list = []  # the process's worker pool, made on first use (emptied in a forked child)
+_POOL_LOCK = threading.Lock()
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _worker_pool(threads):
+    with _POOL_LOCK:
+        if not _POOL or _POOL[0]._max_workers < threads:
+            if _POOL:
+                _POOL.pop().shutdown(wait=False)
+            _POOL.append(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpunn-rows"))
+        return _POOL[0]
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads
+    os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def _c(a):
@@ -60,7 +156,7 @@ class NumpyBackend(Backend):
         else:
             np.matmul(x, w, out=y)
             if b is not None or act != Act.LINEAR:
-                cpu_fused.bias_activation(y, bias, act, slope, y)
+                cpu_fused.bias_activation_inplace(y, bias, act, slope)
         return y
 
     def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db):
@@ -80,6 +176,47 @@ class NumpyBackend(Backend):
         np.matmul(x.T, g, out=dw)
         if dx is not None:
             np.matmul(g, w.T, out=dx)
+
+    def inference_block_rows(self, widths) -> int:
+        """Rows per inference block for layers of these widths (input first); see _BLOCK_VALUES."""
+        rows = _BLOCK_VALUES // max(1, max(widths)) // 16 * 16
+        return min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, rows))
+
+    def run_row_blocks(self, fn, rows, block_rows):
+        """Call ``fn(lo, hi)`` for each block ``[lo, hi)`` of ``block_rows`` rows of ``range(rows)``.
+
+        Blocks go to as many threads as NumPy's BLAS may use (and the process
+        has cores for), each taking the next block when done, with BLAS at one
+        thread per call meanwhile; ``fn`` must only touch its own rows.  The
+        error of the lowest failing block is raised after the others stop.
+        """
+        blocks = [(lo, min(rows, lo + block_rows)) for lo in range(0, rows, block_rows)]
+        threads = min(len(blocks), _usable_cores(), _BLAS_ONE_THREAD.threads())
+        if threads <= 1:
+            for lo, hi in blocks:
+                fn(lo, hi)
+            return
+        errors = {}
+        order = itertools.count()  # next() on it is atomic under the GIL
+
+        def drain():
+            while True:
+                i = next(order)
+                if i >= len(blocks) or (errors and i > min(errors)):
+                    return
+                try:
+                    fn(*blocks[i])
+                except BaseException as exc:  # re-raised in the caller below
+                    errors[i] = exc
+                    return
+
+        with _BLAS_ONE_THREAD as blas:
+            helpers = [_worker_pool(threads - 1).submit(drain) for _ in range(threads - 1)] if blas.held() else []
+            drain()  # alone when BLAS keeps its threads: ours and its would fight over the cores
+            for helper in helpers:
+                helper.result()
+        if errors:
+            raise errors[min(errors)]
 
     def apply_activation(self, z, act, alpha, y):
         flat = z.ndim == 1

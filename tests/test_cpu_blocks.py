@@ -1,0 +1,120 @@
+"""CPU inference in row blocks on the backend's own threads: same outputs whatever the
+batch size or thread count, first bad row named, BLAS thread setting left as found."""
+
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import gpunn
+from gpunn.backend.numpy_backend import NumpyBackend
+
+FEATURES = 300  # wide enough that a few hundred rows make several inference blocks
+
+
+def _numpy_blas_threads():
+    infos = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    mine = [i for i in infos if "numpy" in i["filepath"]] or infos
+    return [i["num_threads"] for i in mine]
+
+
+@pytest.fixture(scope="module")
+def model():
+    with gpunn.use_backend("numpy"):
+        gpunn.set_seed(3)
+        m = gpunn.Sequential(
+            [
+                gpunn.Input(shape=(FEATURES,)),
+                gpunn.layers.Dense(600, activation="gelu"),
+                gpunn.layers.Dense(33, activation="tanh"),
+                gpunn.layers.Dense(5, activation="softmax"),
+            ],
+            dtype="float32",
+        )
+        m.build()
+    return m
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(4).standard_normal((1500, FEATURES)).astype(np.float32)
+
+
+def test_blocks_span_several_and_ragged(model, x):
+    block = model.backend.inference_block_rows([FEATURES, 600, 33, 5])
+    assert 1 < -(-len(x) // block) and len(x) % block
+
+
+def test_predict_is_the_same_whatever_the_batch_size_and_threads(model, x):
+    with threadpool_limits(limits=1):
+        want = model.predict(x, batch_size=32, verbose=0)
+    assert np.isfinite(want).all()
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads):
+            for batch_size in (2, 7, 32, 256, 1500, 100_000):
+                got = model.predict(x, batch_size=batch_size, verbose=0)
+                assert np.array_equal(got, want), (threads, batch_size)
+    # one row alone goes through BLAS's matrix-vector path: equal to the last bits
+    np.testing.assert_allclose(model.predict(x[100:101], verbose=0), want[100:101], rtol=1e-5, atol=1e-6)
+
+
+def test_the_first_bad_row_is_named_when_several_blocks_fail(model, x):
+    bad = x.copy()
+    bad[1400, 7] = np.inf
+    bad[950, 2] = np.nan
+    with threadpool_limits(limits=2):
+        for _ in range(3):
+            with pytest.raises(ValueError, match=r"x: expected finite values, found NaN at row 950, column 2"):
+                model.predict(bad, batch_size=16, verbose=0)
+
+
+def test_blas_threads_are_restored_after_predict_success_failure_and_overlap(model, x):
+    before = _numpy_blas_threads()
+    model.predict(x, verbose=0)
+    bad = x.copy()
+    bad[3, 3] = np.nan
+    with pytest.raises(ValueError):
+        model.predict(bad, verbose=0)
+    assert _numpy_blas_threads() == before
+    outs, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            outs[i] = model.predict(x[i * 10 :], batch_size=64, verbose=0)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert _numpy_blas_threads() == before
+    full = model.predict(x, verbose=0)
+    for i, out in enumerate(outs):
+        # equal to the last bits: OpenBLAS may keep its thread count when another thread
+        # sets it, and its results change in the last bits with its thread count
+        np.testing.assert_allclose(out, full[i * 10 :], rtol=1e-5, atol=1e-6)
+
+
+def test_run_row_blocks_visits_each_block_once_and_raises_the_lowest_failure():
+    backend = NumpyBackend()
+    seen, lock = [], threading.Lock()
+
+    def record(lo, hi):
+        with lock:
+            seen.append((lo, hi))
+
+    with threadpool_limits(limits=2):
+        backend.run_row_blocks(record, 103, 10)
+    assert sorted(seen) == [(lo, min(103, lo + 10)) for lo in range(0, 103, 10)]
+
+    def fail(lo, hi):
+        if lo in (30, 70):
+            raise KeyError(lo)
+
+    with threadpool_limits(limits=2):
+        with pytest.raises(KeyError, match="30"):
+            backend.run_row_blocks(fail, 103, 10)
