@@ -32,17 +32,18 @@ def _parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--features", type=int, default=784)
+    p.add_argument("--hidden", default=",".join(map(str, HIDDEN)), help="comma-separated widths of the 6 hidden layers")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--batch-sizes", default="32,1024", help="gpunn predict batch_size values to time")
     p.add_argument("--windows", type=int, default=7, help="timed windows per contender; the fastest counts")
     return p.parse_args()
 
 
-def build_model(features):
+def build_model(features, hidden=HIDDEN):
     import gpunn
 
     gpunn.set_seed(0)
-    layers = [gpunn.layers.Dense(units, activation="relu") for units in HIDDEN]
+    layers = [gpunn.layers.Dense(units, activation="relu") for units in hidden]
     layers.append(gpunn.layers.Dense(10, activation="softmax"))
     model = gpunn.Sequential([gpunn.Input(shape=(features,)), *layers], dtype="float32")
     model.build()
@@ -103,14 +104,15 @@ def main() -> int:
 
     from gpunn import bench
 
-    model = build_model(args.features)
+    hidden = tuple(int(h) for h in args.hidden.split(","))
+    model = build_model(args.features, hidden)
     weights = model.get_weights()
     graph = onnx_graph(weights, args.features)
     x = np.random.default_rng(0).random((args.rows, args.features), dtype=np.float32)
     flops = 2 * sum(w.size for w in weights[::2]) * args.rows
     print(f"CPU: {bench._cpu_name()}, usable cores {bench.usable_cores()}; load average {os.getloadavg()}")
     print(f"onnxruntime {ort.__version__}; torch {torch.__version__ if torch else 'absent'}; "
-          f"model {args.features}-{'-'.join(map(str, HIDDEN))}-10 float32, {args.rows:,} rows, {flops / 1e9:.2f} GFLOP")
+          f"model {args.features}-{'-'.join(map(str, hidden))}-10 float32, {args.rows:,} rows, {flops / 1e9:.2f} GFLOP")
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         opts = ort.SessionOptions()
