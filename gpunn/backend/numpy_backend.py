@@ -21,7 +21,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from gpunn.backend import cpu_fused, numpy_ops
 from gpunn.backend.base import Backend
@@ -58,6 +57,11 @@ class _BlasOneThread:
 
     def _controllers(self):
         if self._libs is None:
+            try:  # scikit-learn's dependency, so present wherever gpunn is installed
+                from threadpoolctl import ThreadpoolController
+            except ImportError:  # pragma: no cover - then no row-block threads (threads() is 1)
+                self._libs = []
+                return self._libs
             libs = ThreadpoolController().select(user_api="blas").lib_controllers
             numpy_libs = [lib for lib in libs if "numpy" in lib.filepath]
             self._libs = numpy_libs or libs
