@@ -118,3 +118,25 @@ def test_run_row_blocks_visits_each_block_once_and_raises_the_lowest_failure():
     with threadpool_limits(limits=2):
         with pytest.raises(KeyError, match="30"):
             backend.run_row_blocks(fail, 103, 10)
+
+
+def test_normalization_and_dropout_layers_predict_the_same_whatever_the_batch_size(x):
+    with gpunn.use_backend("numpy"):
+        gpunn.set_seed(5)
+        m = gpunn.Sequential(
+            [
+                gpunn.Input(shape=(FEATURES,)),
+                gpunn.layers.Dense(400, activation="relu"),
+                gpunn.layers.BatchNormalization(),
+                gpunn.layers.Dropout(0.3),
+                gpunn.layers.LayerNormalization(),
+                gpunn.layers.Dense(3),
+            ],
+            dtype="float32",
+        )
+        m.compile(optimizer="adam", loss="mse")
+        m.fit(x[:256], np.ones((256, 3), np.float32), batch_size=64, epochs=1, verbose=0)  # moving statistics move
+    with threadpool_limits(limits=2):
+        want = m.predict(x, batch_size=1500, verbose=0)
+        for batch_size in (3, 64):
+            assert np.array_equal(m.predict(x, batch_size=batch_size, verbose=0), want)
