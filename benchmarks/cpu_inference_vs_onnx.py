@@ -102,7 +102,7 @@ def main() -> int:
         torch = None
     from threadpoolctl import threadpool_limits
 
-    from gpunn import bench
+    from gpunn.bench.machine import cpu_name, usable_cores
 
     hidden = tuple(int(h) for h in args.hidden.split(","))
     model = build_model(args.features, hidden)
@@ -110,7 +110,7 @@ def main() -> int:
     graph = onnx_graph(weights, args.features)
     x = np.random.default_rng(0).random((args.rows, args.features), dtype=np.float32)
     flops = 2 * sum(w.size for w in weights[::2]) * args.rows
-    print(f"CPU: {bench._cpu_name()}, usable cores {bench.usable_cores()}; load average {os.getloadavg()}")
+    print(f"CPU: {cpu_name()}, usable cores {usable_cores()}; load average {os.getloadavg()}")
     print(f"onnxruntime {ort.__version__}; torch {torch.__version__ if torch else 'absent'}; "
           f"model {args.features}-{'-'.join(map(str, hidden))}-10 float32, {args.rows:,} rows, {flops / 1e9:.2f} GFLOP")
     rows = []

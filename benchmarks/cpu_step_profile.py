@@ -76,14 +76,15 @@ def main() -> int:
     from threadpoolctl import threadpool_limits
 
     import gpunn
-    from gpunn import bench
     from gpunn.backend import cpu_fused, numpy_backend
+    from gpunn.bench import contenders as bench
+    from gpunn.bench.machine import cpu_name
 
     dims = bench.REFERENCE_DIMS
     flops = bench.train_flops_per_sample(dims)
     with threadpool_limits(limits=args.threads):
-        print(f"CPU: {bench._cpu_name()}; load average {os.getloadavg()}; BLAS threads {args.threads}")
-        ceiling = max(bench.matmul_ceiling(2048, 5), _square_matmul_rate(1024, 40))
+        print(f"CPU: {cpu_name()}; load average {os.getloadavg()}; BLAS threads {args.threads}")
+        ceiling = max(_square_matmul_rate(2048, 10), _square_matmul_rate(1024, 40))
         print(f"float32 matmul ceiling (best of 1024^2 and 2048^2): {ceiling:.1f} GFLOP/s "
               "(raised below to the fastest product of a step, whichever is higher)")
         x, y = bench.synthetic_data(max(8192, max(int(b) for b in args.batches.split(","))))
