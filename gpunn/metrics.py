@@ -11,9 +11,12 @@ output activation is folded into the loss -- and ``target`` is (M, N), or
 (M,) integer class labels next to a sparse categorical loss; ``weight`` is
 (M,) or None.
 
-``"accuracy"`` is resolved as Keras does: binary accuracy for a
-binary-cross-entropy loss or a single output, sparse categorical accuracy
-for integer labels, categorical accuracy otherwise.  Where the loss already
+``"accuracy"`` (or ``"acc"``) is resolved as Keras 3 does, from the shapes of
+the targets and the output, never from the loss: binary accuracy when the
+output has one unit, sparse categorical accuracy when the targets are class
+indices (one dimension less than the output, or one column next to several
+outputs), categorical accuracy otherwise -- so sigmoid outputs with
+binary cross-entropy over several units get categorical accuracy, as in Keras 3.  Where the loss already
 counts that accuracy in its fused pass, no extra work is done per batch.
 
 Every metric also works on its own, as in Keras:
@@ -964,11 +967,22 @@ def names() -> list[str]:
     return sorted(list(_CLASSES) + list(ACCURACY_NAMES))
 
 
-def resolve_accuracy(loss, n_outputs: int, sparse_targets: bool) -> type[Metric]:
-    """Keras's choice of accuracy for a loss and output/label shapes."""
-    if loss.name == "binary_crossentropy" or n_outputs == 1:
+def is_binary_or_sparse_categorical(target_shape, output_shape) -> tuple[bool, bool]:
+    """Keras 3's test on a batch's target and output shapes (``compile_utils``):
+    binary when the output's last dimension is 1; sparse categorical when the targets
+    have fewer dimensions than the output, or one column next to several outputs."""
+    is_binary = output_shape[-1] == 1
+    is_sparse = len(target_shape) < len(output_shape) or (target_shape[-1] == 1 and output_shape[-1] > 1)
+    return is_binary, is_sparse
+
+
+def resolve_accuracy(target_shape, output_shape) -> type[Metric]:
+    """The accuracy Keras 3 picks for ``"accuracy"``/``"acc"`` from the target and output shapes
+    (the loss plays no part: several sigmoid units with binary cross-entropy get categorical accuracy)."""
+    is_binary, is_sparse = is_binary_or_sparse_categorical(target_shape, output_shape)
+    if is_binary:
         return BinaryAccuracy
-    if sparse_targets or loss.sparse:
+    if is_sparse:
         return SparseCategoricalAccuracy
     return CategoricalAccuracy
 
@@ -991,9 +1005,10 @@ def _from_config(identifier, argument="metrics") -> Metric:
     return cls.from_config(config)
 
 
-def get(identifier, loss=None, n_outputs=None, sparse_targets=False) -> Metric:
+def get(identifier, target_shape=None, output_shape=None) -> Metric:
     """Resolve a metric name, instance, config dict or function ``fn(y_true, y_pred)``;
-    "accuracy"/"acc" need the loss and shapes.  A name keeps its spelling as the log key (Keras 3)."""
+    "accuracy"/"acc" need the shapes of a batch of targets and of outputs (see
+    :func:`resolve_accuracy`).  A name keeps its spelling as the log key (Keras 3)."""
     if isinstance(identifier, Metric):
         return identifier
     if isinstance(identifier, dict):
@@ -1003,7 +1018,12 @@ def get(identifier, loss=None, n_outputs=None, sparse_targets=False) -> Metric:
             return _CLASSES[_FUNCTIONS[identifier]](name=_FUNCTIONS[identifier])
         return MeanMetricWrapper(identifier)
     if isinstance(identifier, str) and identifier.strip().lower() in ACCURACY_NAMES:
-        return resolve_accuracy(loss, n_outputs, sparse_targets)(name=identifier.strip())
+        if target_shape is None or output_shape is None:
+            raise ValueError(
+                f"metrics: {identifier!r} is resolved from the shapes of the targets and outputs "
+                "(binary, sparse categorical or categorical accuracy); compile the model with it instead"
+            )
+        return resolve_accuracy(target_shape, output_shape)(name=identifier.strip())
     cls = lookup("metrics", "metric", identifier, _CLASSES)
     return cls(name=identifier.strip())
 

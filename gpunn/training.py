@@ -80,7 +80,7 @@ class Objective:
         resolved, names = [], set()
         for weighted, specs in ((False, metric_specs), (True, weighted_metric_specs)):
             for spec in specs:
-                metric = metrics_mod.get(spec, self.loss, self.output_dim, self.sparse_targets)
+                metric = metrics_mod.get(spec, self.target_shape(1), (1, self.output_dim))
                 name = metric.name
                 if name in names and weighted:  # the same metric asked for weighted and unweighted
                     name = "weighted_" + name

@@ -270,22 +270,89 @@ def test_use_bias_false_has_no_bias():
     assert np.abs(model.predict(np.zeros((1, 4)))).max() == 0.0
 
 
+# Keras 3 (keras/src/trainers/compile_utils.py, get_metric / is_binary_or_sparse_categorical):
+# binary if y_pred.shape[-1] == 1; else sparse if rank(y_true) < rank(y_pred) or
+# (y_true.shape[-1] == 1 and y_pred.shape[-1] > 1); else categorical.  The loss plays no part.
 @pytest.mark.parametrize(
     "loss, units, expected",
     [
         ("binary_crossentropy", 1, "BinaryAccuracy"),
-        ("binary_crossentropy", 3, "BinaryAccuracy"),
+        ("binary_crossentropy", 3, "CategoricalAccuracy"),  # Keras 3: several sigmoid units -> categorical
         ("mse", 1, "BinaryAccuracy"),
         ("categorical_crossentropy", 3, "CategoricalAccuracy"),
         ("mse", 3, "CategoricalAccuracy"),
         ("sparse_categorical_crossentropy", 3, "SparseCategoricalAccuracy"),
+        ("sparse_categorical_crossentropy", 1, "BinaryAccuracy"),  # one output unit: binary, whatever the labels
     ],
 )
-def test_accuracy_resolution(loss, units, expected):
+@pytest.mark.parametrize("spelling", ["accuracy", "acc", "Accuracy"])
+def test_accuracy_resolution(loss, units, expected, spelling):
     model = mlp([units], input_dim=4, output_activation="sigmoid")
-    model.compile(optimizer="sgd", loss=loss, metrics=["accuracy"])
-    resolved = gpunn.metrics.get("accuracy", model.loss, units, model.loss.sparse)
-    assert type(resolved).__name__ == expected and resolved.name == "accuracy"
+    model.compile(optimizer="sgd", loss=loss, metrics=[spelling])
+    ((name, metric, _),) = model._objective.metrics
+    # None: the fused loss pass already counts that accuracy
+    kind = type(metric).__name__ if metric is not None else _natural_accuracy(model)
+    assert kind == expected and name == spelling
+    assert model.metrics_names == ["loss", spelling]
+
+
+def _natural_accuracy(model):
+    from gpunn import training
+
+    return training._NATURAL_ACCURACY[model._objective.kind].__name__
+
+
+@pytest.mark.parametrize(
+    "target_shape, output_shape, expected",
+    [((8, 1), (8, 1), "BinaryAccuracy"), ((8,), (8, 1), "BinaryAccuracy"), ((8,), (8, 4), "SparseCategoricalAccuracy"),
+     ((8, 1), (8, 4), "SparseCategoricalAccuracy"), ((8, 4), (8, 4), "CategoricalAccuracy")],
+)
+def test_accuracy_shape_rule(target_shape, output_shape, expected):
+    assert gpunn.metrics.resolve_accuracy(target_shape, output_shape).__name__ == expected
+    metric = gpunn.metrics.get("acc", target_shape, output_shape)
+    assert type(metric).__name__ == expected and metric.name == "acc"
+    with pytest.raises(ValueError, match="shapes"):
+        gpunn.metrics.get("accuracy")
+
+
+def test_multi_output_bce_accuracy_is_categorical_as_keras3():
+    """Three sigmoid units with binary cross-entropy: Keras 3 reports categorical accuracy,
+    mean(argmax(y_pred) == argmax(y_true)), not the elementwise binary accuracy."""
+    r = rng(40)
+    x = r.normal(size=(30, 4))
+    y = (r.random((30, 3)) > 0.5).astype(float)
+    y[np.arange(30), r.integers(0, 3, 30)] = 1.0  # at least one positive label per row
+    model = mlp([5, 3], "relu", "sigmoid", input_dim=4, dtype="float64")
+    model.compile(optimizer="sgd", loss="binary_crossentropy", metrics=["accuracy", "binary_accuracy"])
+    _, acc, binary = model.evaluate(x, y, batch_size=7, verbose=0)
+    p = model.predict(x)
+    assert acc == pytest.approx(np.mean(p.argmax(axis=1) == y.argmax(axis=1)), abs=1e-12)
+    assert binary == pytest.approx(np.mean((p > 0.5) == (y > 0.5)), abs=1e-12)
+    assert acc != pytest.approx(binary)  # the data makes the two differ, so the test can fail
+
+
+def test_regression_accuracy_single_output_is_binary_as_keras3():
+    """MSE with one output and "accuracy": Keras 3 picks binary accuracy (threshold 0.5)."""
+    r = rng(41)
+    x, y = r.normal(size=(25, 4)), r.uniform(0, 1, (25, 1))
+    model = mlp([3, 1], input_dim=4, dtype="float64")
+    model.compile(optimizer="sgd", loss="mse", metrics=["acc"])
+    _, acc = model.evaluate(x, y.ravel(), verbose=0)
+    assert acc == pytest.approx(np.mean((model.predict(x) > 0.5) == (y > 0.5)), abs=1e-12)
+
+
+def test_saved_multi_output_bce_model_loads_with_keras3_accuracy(tmp_path):
+    """Files store the metric's name ("accuracy"), not the class the old rule chose, so a model saved
+    when multi-output BCE meant binary accuracy loads and reports Keras 3's categorical accuracy."""
+    r = rng(42)
+    x, y = r.normal(size=(20, 4)), (r.random((20, 3)) > 0.5).astype(float)
+    model = mlp([5, 3], "relu", "sigmoid", input_dim=4, dtype="float64")
+    model.compile(optimizer="sgd", loss="binary_crossentropy", metrics=["accuracy"])
+    model.save(tmp_path / "m.gpunn")
+    loaded = gpunn.load_model(tmp_path / "m.gpunn")
+    assert loaded.metrics_names == ["loss", "accuracy"]
+    _, acc = loaded.evaluate(x, y, verbose=0)
+    assert acc == pytest.approx(np.mean(loaded.predict(x).argmax(axis=1) == y.argmax(axis=1)), abs=1e-12)
 
 
 @pytest.mark.parametrize("loss", ["categorical_crossentropy", "sparse_categorical_crossentropy", "mse"])
