@@ -424,18 +424,30 @@ class ProgbarLogger(Callback):
         self.progress = EpochProgress(params.get("verbose", 1), params.get("epochs", 1), params.get("steps", 0))
 
 
-class BackupAndRestore(Callback):
-    """Resume a ``fit`` that was interrupted (an exception, a killed process) from the end of its
-    last completed epoch: weights, optimizer state (slots, iteration count, learning rate) and
-    gpunn's random generator (the next epochs shuffle as they would have).
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    At each epoch end the state goes to ``backup_dir``: a model file written atomically, then
-    an atomically replaced ``training_metadata.json`` naming it and the epoch, so a crash at
-    any moment leaves the previous backup usable.  ``fit`` with this callback restores the
-    backup found there and continues from the next epoch.  When ``fit`` completes, the backup
-    is deleted (unless ``delete_checkpoint=False``).  Only ``save_freq="epoch"`` is supported.
-    In a distributed fit rank 0 writes and every process restores: ``backup_dir`` must be
-    on a filesystem all of them see.
+
+class BackupAndRestore(Callback):
+    """Resume an interrupted ``fit`` (an exception, a killed process) where its last backup was
+    taken: weights, optimizer state (slots, iteration count, learning rate) and gpunn's random
+    generator (the following epochs shuffle as they would have).
+
+    save_freq: ``"epoch"`` (a backup at each epoch end) or a positive int ``n`` (a backup every
+    ``n`` training batches, counted across epochs as in Keras 3).  A mid-epoch backup records the
+    epoch, the batches done in it and the generator's state at that epoch's start; the resumed
+    ``fit`` draws the same sample order for that epoch and continues with its next batch, so an
+    interrupted and resumed fit ends with the weights of an uninterrupted one.  (Keras 3 records
+    the batch too but restarts the interrupted epoch from its first batch; the interrupted
+    epoch's logs here cover the batches run after the resume.)  The fit being resumed must use
+    the same data and ``batch_size``: a backup taken at a different number of batches per
+    epoch is refused.
+
+    Each backup is a model file written atomically, then an atomically replaced
+    ``training_metadata.json`` naming it, so a crash at any moment leaves the previous backup
+    usable.  When ``fit`` completes, the backup is deleted (unless ``delete_checkpoint=False``).
+    In a distributed fit rank 0 writes and every process restores: ``backup_dir`` must be on a
+    filesystem all of them see.
     """
 
     METADATA = "training_metadata.json"
@@ -444,13 +456,27 @@ class BackupAndRestore(Callback):
         super().__init__()
         if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
             raise TypeError(f"backup_dir: expected a directory path, got {backup_dir!r}")
-        if save_freq != "epoch":
-            raise ValueError(f"save_freq: only 'epoch' is supported (the backup is taken at each epoch end), got {save_freq!r}")
+        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, numbers.Integral)):
+            raise ValueError(
+                f"save_freq: expected 'epoch' or a positive number of batches (int), got {save_freq!r}"
+                + (" (save_freq=False is for preemption checkpointing, which gpunn does not have)" if save_freq is False else "")
+            )
+        if save_freq != "epoch" and save_freq < 1:
+            raise ValueError(f"save_freq: expected 'epoch' or a positive number of batches, got {save_freq!r}")
         self.backup_dir = os.fspath(backup_dir)
-        self.save_freq = save_freq
+        self.save_freq = save_freq if save_freq == "epoch" else int(save_freq)
         self.delete_checkpoint = checks.boolean(delete_checkpoint, "delete_checkpoint")
         #: the epoch ``fit`` continues from after a restore (None: no backup was found)
         self.resume_epoch = None
+        #: the batches of ``resume_epoch`` the interrupted fit had already trained on
+        self.resume_step = 0
+        self._epoch = 0
+        self._epoch_random_state = None
+        self._batches_since_backup = 0
+
+    @property
+    def wants_batch_logs(self):
+        return False  # the per-batch backup needs no logs (reading them would sync a GPU every batch)
 
     @property
     def _metadata_path(self):
@@ -462,17 +488,28 @@ class BackupAndRestore(Callback):
                 metadata = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"backup_dir: {self._metadata_path} is not a gpunn BackupAndRestore record ({exc})") from None
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or not isinstance(metadata.get("model_file"), str):
+        if (
+            not isinstance(metadata, dict)
+            or not _count(metadata.get("epoch"))
+            or not _count(metadata.get("batch", 0))
+            or not isinstance(metadata.get("model_file"), str)
+        ):
             raise ValueError(f"backup_dir: {self._metadata_path} is not a gpunn BackupAndRestore record")
         if os.path.basename(metadata["model_file"]) != metadata["model_file"]:
             raise ValueError(f"backup_dir: {self._metadata_path} names a file outside the backup directory")
         return metadata
 
     def on_train_begin(self, logs=None):
-        self.resume_epoch = None
+        self.resume_epoch, self.resume_step, self._batches_since_backup = None, 0, 0
         if not os.path.exists(self._metadata_path):
             return
         metadata = self._read_metadata()
+        steps = self.params.get("steps")
+        if metadata.get("batch", 0) and metadata.get("steps") != steps:
+            raise ValueError(
+                f"backup_dir: the backup in {self.backup_dir} was taken after batch {metadata['batch']} of an epoch of "
+                f"{metadata.get('steps')} batches; this fit has {steps} batches per epoch: resume with the same data and batch_size"
+            )
         path = os.path.join(self.backup_dir, metadata["model_file"])
         with open(path, "rb") as f:
             meta, tensors = saving.parse(f.read(), path)
@@ -492,20 +529,42 @@ class BackupAndRestore(Callback):
             optimizer.learning_rate = rate
         if metadata.get("random_state") is not None:
             grandom.generator().bit_generator.state = metadata["random_state"]
-        self.resume_epoch = metadata["epoch"]
+        self.resume_epoch, self.resume_step = metadata["epoch"], metadata.get("batch", 0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # the state the epoch's sample order is drawn from: a mid-epoch backup redraws that order
+        self._epoch, self._epoch_random_state = epoch, grandom.generator().bit_generator.state
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.save_freq == "epoch":
+            return
+        self._batches_since_backup += 1
+        if self._batches_since_backup >= self.save_freq:
+            self._batches_since_backup = 0
+            if batch + 1 == self.params.get("steps"):  # the epoch's last batch: resume with the next epoch
+                self._save(self._epoch + 1, 0, grandom.generator().bit_generator.state)
+            else:
+                self._save(self._epoch, batch + 1, self._epoch_random_state)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.save_freq == "epoch":
+            self._save(epoch + 1, 0, grandom.generator().bit_generator.state)
+
+    def _save(self, epoch, batch, random_state):
+        """Back up the model as it is after ``batch`` batches of ``epoch`` (0: at the epoch's start)."""
         if not distributed.is_main():  # one writer; every process restores from the same backup
             return
         os.makedirs(self.backup_dir, exist_ok=True)
-        name = f"backup-epoch-{epoch + 1}.gpunn"
+        name = f"backup-epoch-{epoch}.gpunn" if not batch else f"backup-epoch-{epoch}-batch-{batch}.gpunn"
         self.model.save(os.path.join(self.backup_dir, name))
         rate = self.model.optimizer.learning_rate
         metadata = {
-            "epoch": epoch + 1,
+            "epoch": epoch,
+            "batch": batch,
+            "steps": self.params.get("steps"),
             "model_file": name,
             "learning_rate": float(rate) if isinstance(rate, numbers.Real) else None,
-            "random_state": grandom.generator().bit_generator.state,
+            "random_state": random_state,
         }
         saving.atomic_write(self._metadata_path, json.dumps(metadata).encode("utf-8"))
         for old in self._backup_files():

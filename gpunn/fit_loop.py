@@ -84,12 +84,14 @@ class _Snapshot:
 
 
 class _EpochStart:
-    """Where an epoch began: its snapshot, sample order and number of steps."""
+    """Where an epoch began: its snapshot (taken before step ``first_step``; 0 unless the
+    epoch resumed a backup taken mid-epoch), sample order and number of steps."""
 
-    def __init__(self, trainer, order, steps):
+    def __init__(self, trainer, order, steps, first_step=0):
         self.snapshot = _Snapshot(trainer)
         self.order = order
         self.steps = steps
+        self.first_step = first_step
 
 
 class Divergence:
@@ -105,13 +107,9 @@ class Divergence:
         self.batch_size, self.replicas = batch_size, replicas
         self.current = self.previous = None
 
-    def epoch_begin(self, order):
+    def epoch_begin(self, order, first_step=0):
         if self.enabled:
-            self.previous, self.current = self.current, _EpochStart(self.trainer, order, self.plan.steps)
-
-    def _replay(self, steps, index, acc):
-        for step in range(steps):
-            self._replay_one(step, index, acc)
+            self.previous, self.current = self.current, _EpochStart(self.trainer, order, self.plan.steps, first_step)
 
     def _search(self, start, last):
         """Restore the newest state W_s, s <= ``last``, of the epoch begun at ``start`` whose
@@ -120,12 +118,13 @@ class Divergence:
         trainer = self.trainer
         index = self.data.batch_index(start.order)
         bad_update, size = None, _REPLAY_WINDOW
-        while last >= 0:
-            first = max(0, last - size + 1)
+        while last >= start.first_step:
+            first = max(start.first_step, last - size + 1)
             size = min(2 * size, _MAX_REPLAY_WINDOW)
             start.snapshot.restore(trainer)
             acc = trainer.accumulators()
-            self._replay(first, index, acc)
+            for step in range(start.first_step, first):
+                self._replay_one(step, index, acc)
             window = []
             for s in range(first, last + 1):
                 if not trainer.params_finite():
@@ -177,12 +176,13 @@ class Divergence:
         )
 
 
-def run_epoch(trainer, model, data, order, plan, cbs, progress, divergence, epoch, replicas):
-    """One pass over ``data`` in ``order`` following ``plan`` (the rows of each step); returns
-    (logs, batches done).  In a distributed fit every read of the logs is global."""
+def run_epoch(trainer, model, data, order, plan, cbs, progress, divergence, epoch, replicas, first_step=0):
+    """One pass over ``data`` in ``order`` following ``plan`` (the rows of each step), from step
+    ``first_step`` (a resumed backup's next batch; 0 otherwise); returns (logs, batches done).
+    In a distributed fit every read of the logs is global."""
     b = trainer.backend
     steps = plan.steps
-    divergence.epoch_begin(order)
+    divergence.epoch_begin(order, first_step)
     index = data.batch_index(order)
     acc = trainer.accumulators(combine=replicas.combine if replicas.size > 1 else None)
     # running loss after each batch: finds the first non-finite batch without a per-batch sync
@@ -190,9 +190,9 @@ def run_epoch(trainer, model, data, order, plan, cbs, progress, divergence, epoc
     deferred = divergence.enabled and (b.name != "numpy" or replicas.size > 1)
     record = b.zeros((steps,), trainer.dtype) if deferred else None
     held = {}
-    seen = done = 0
+    seen, done = 0, first_step
     try:
-        for step in range(steps):
+        for step in range(first_step, steps):
             start, stop = plan.local(step)
             ws = held.get(stop - start) or held.setdefault(stop - start, trainer.take_workspace(stop - start))
             cbs.on_train_batch_begin(step)
@@ -206,9 +206,11 @@ def run_epoch(trainer, model, data, order, plan, cbs, progress, divergence, epoc
                 divergence.recover(epoch, step, float(acc.sums[0]))
             if cbs.wants_batch_logs:
                 cbs.on_train_batch_end(step, acc.read(seen))
-            elif progress.due():
-                # the bar's running figures are this process's own (a global read is a collective)
-                progress.update(done, acc.read(seen, local=True))
+            else:
+                cbs.on_train_batch_end(step)  # no callback reads the logs: nothing is read back
+                if progress.due():
+                    # the bar's running figures are this process's own (a global read is a collective)
+                    progress.update(done, acc.read(seen, local=True))
             if model.stop_training:
                 break
     finally:
@@ -264,17 +266,18 @@ def _fit(model, trainer, data, val_data, settings, replicas) -> History:
     progress = progbar.progress if progbar is not None else EpochProgress(verbose, epochs, plan.steps)
     model.stop_training = False
     cbs.on_train_begin()
-    first_epoch = settings["initial_epoch"]
+    first_epoch, first_step = settings["initial_epoch"], 0
     for cb in user_callbacks:  # a restored backup says where the interrupted fit stopped
         if isinstance(cb, BackupAndRestore) and cb.resume_epoch is not None:
-            first_epoch = cb.resume_epoch
+            first_epoch, first_step = cb.resume_epoch, cb.resume_step
     for epoch in range(first_epoch, epochs):
         if model.stop_training:
             break
         cbs.on_epoch_begin(epoch)
         progress.epoch_begin(epoch)
         order = replicas.order(data.rows, settings["shuffle"])
-        logs, done = run_epoch(trainer, model, data, order, plan, cbs, progress, divergence, epoch, replicas)
+        logs, done = run_epoch(trainer, model, data, order, plan, cbs, progress, divergence, epoch, replicas, first_step)
+        first_step = 0
         if val_data is not None and (epoch + 1 - settings["initial_epoch"]) % settings["validation_freq"] == 0:
             logs.update(trainer.evaluate(val_data, settings["validation_batch_size"], prefix="val_"))
         cbs.on_epoch_end(epoch, logs)

@@ -133,8 +133,9 @@ def test_backup_survives_a_failed_write_and_can_be_kept(tmp_path, monkeypatch):
 def test_backup_and_restore_checks_its_arguments(tmp_path):
     with pytest.raises(TypeError, match="backup_dir"):
         cbs.BackupAndRestore(None)
-    with pytest.raises(ValueError, match="save_freq"):
-        cbs.BackupAndRestore(tmp_path, save_freq=10)
+    for bad in (0, -3, True, False, 2.5, "batch", None):
+        with pytest.raises(ValueError, match="save_freq"):
+            cbs.BackupAndRestore(tmp_path, save_freq=bad)
     backup = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
         _fit(_model(), [cbs.BackupAndRestore(backup), _Interrupt(epoch=1, batch=0)])
@@ -144,6 +145,68 @@ def test_backup_and_restore_checks_its_arguments(tmp_path):
     (backup / "training_metadata.json").write_text("{not json")
     with pytest.raises(ValueError, match="training_metadata.json"):
         _fit(_model(), [cbs.BackupAndRestore(backup)])
+
+
+def _fit_shuffled(model, callbacks, shuffle, epochs=4, batch_size=8):
+    """45 samples, 36 of them training: 5 batches per epoch (the last one of 4 rows)."""
+    x, y = binary_data(1, n=45)
+    return model.fit(x, y, epochs=epochs, batch_size=batch_size, validation_split=0.2, shuffle=shuffle, verbose=0,
+                     callbacks=callbacks)  # fmt: skip
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize(
+    "save_freq, interrupt, record",
+    [
+        # batches counted across epochs (Keras 3): saves after batches 3, 6, 9, 12 -> the last one after
+        # 12 batches = epoch 2 (0-based), 2 of its 5 batches done
+        (3, (2, 3), (2, 2)),
+        (1, (1, 4), (1, 4)),
+        # every 5th batch is an epoch's last: the backup says "start the next epoch"
+        (5, (2, 3), (2, 0)),
+        (7, (3, 0), (2, 4)),  # saves after 7 and 14 batches: epoch 1, 2 done; epoch 2, 4 done
+    ],
+)
+def test_backup_every_n_batches_resumes_mid_epoch_bit_for_bit(tmp_path, shuffle, save_freq, interrupt, record):
+    backup = tmp_path / "backup"
+    reference = _model()
+    expected = _fit_shuffled(reference, [], shuffle)
+
+    interrupted = _model()
+    with pytest.raises(KeyboardInterrupt):
+        _fit_shuffled(interrupted, [cbs.BackupAndRestore(backup, save_freq=save_freq), _Interrupt(*interrupt)], shuffle)
+    saved = json.loads((backup / "training_metadata.json").read_text())
+    assert (saved["epoch"], saved["batch"]) == record
+    assert sorted(os.listdir(backup)) == [saved["model_file"], "training_metadata.json"]
+
+    resumed = _model(seed=99)  # another process: other weights and generator state
+    callback = cbs.BackupAndRestore(backup, save_freq=save_freq)
+    history = _fit_shuffled(resumed, [callback], shuffle)
+    assert (callback.resume_epoch, callback.resume_step) == record
+    assert history.epoch == list(range(record[0], 4))
+    for got, want in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    assert resumed.optimizer.iterations == reference.optimizer.iterations == 20
+    for name, slot in reference.optimizer.slots.items():
+        np.testing.assert_array_equal(resumed.optimizer.slots[name], slot)
+    # epochs after the resumed one see the same weights and batches: the same logs
+    full = 1 if record[1] else 0
+    for key, values in expected.history.items():
+        assert history.history[key][full:] == values[record[0] + full:], key
+    assert not backup.exists()
+
+
+def test_mid_epoch_backup_needs_the_same_batches_per_epoch(tmp_path):
+    backup = tmp_path / "backup"
+    with pytest.raises(KeyboardInterrupt):
+        _fit_shuffled(_model(), [cbs.BackupAndRestore(backup, save_freq=2), _Interrupt(1, 1)], True)
+    with pytest.raises(ValueError, match="batch_size"):
+        _fit_shuffled(_model(), [cbs.BackupAndRestore(backup, save_freq=2)], True, batch_size=6)
+    record = json.loads((backup / "training_metadata.json").read_text())
+    record["batch"] = -1
+    (backup / "training_metadata.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="not a gpunn BackupAndRestore record"):
+        _fit_shuffled(_model(), [cbs.BackupAndRestore(backup, save_freq=2)], True)
 
 
 # --------------------------------------------------------------------- ProgbarLogger
