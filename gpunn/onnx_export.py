@@ -3,9 +3,16 @@
     model.export("model.onnx")                    # Keras 3's spelling, format="onnx"
     gpunn export clf.gpunn --format onnx --out clf.onnx
 
-The graph is plain opset-18 ONNX: per Dense layer one ``Gemm`` (``MatMul``
-without a bias) followed by the activation's operators, with a dynamic batch
-dimension.  Every file is checked with ``onnx.checker.check_model(...,
+The graph is plain opset-18 ONNX with a dynamic batch dimension; every layer
+gpunn has maps to standard operators, with its inference meaning: Dense is one
+``Gemm`` (``MatMul`` without a bias) followed by the activation's operators;
+Activation, ReLU, LeakyReLU and Softmax are the activation's operators;
+BatchNormalization is ``BatchNormalization`` (inference mode, the moving
+statistics); LayerNormalization is ``LayerNormalization`` (opset 17+);
+Normalization is ``Sub``/``Div`` by its adapted mean and
+``max(sqrt(variance), 1e-7)``; Dropout and GaussianNoise add nothing (the
+identity at inference); Flatten is ``Flatten`` (a model declared with n-D
+samples, ``Input(shape=(8, 8))`` then ``Flatten()``, takes them as declared).  Every file is checked with ``onnx.checker.check_model(...,
 full_check=True)`` before it is written (atomically: a failed export leaves
 an existing file untouched).
 
@@ -207,27 +214,123 @@ def _activation(g, x, act) -> str:
     return ACTIVATION_BUILDERS[act.name](g, x, act)
 
 
-# ----------------------------------------------------------------- the graph
-def _network(g, model, x: str) -> str:
-    """Dense layers (Gemm/MatMul + activation) from tensor ``x``; returns the output name."""
-    for layer, weights in zip(model.layers, _layer_weights(model)):
-        kernel = g.const(f"{layer.name}_kernel", weights[0])
-        if layer.use_bias:
-            z = g.op("Gemm", [x, kernel, g.const(f"{layer.name}_bias", weights[1])])
-        else:
-            z = g.op("MatMul", [x, kernel])
-        x = _activation(g, z, layer.activation)
+# ----------------------------------------------------------------- layers
+# Each maps a layer's input tensor name to its output name, with the meaning the
+# layer has in ``predict`` (inference: Dropout and GaussianNoise pass inputs
+# through, BatchNormalization uses its moving statistics).
+
+
+def _weights(layer) -> dict:
+    """The layer's weights by attribute name (``kernel``, ``moving_mean``, ...), as NumPy arrays."""
+    return {spec.attr: value for spec, value in zip(layer.weight_specs(layer.input_dim), layer.get_weights())}
+
+
+def _dense(g, layer, x):
+    w = _weights(layer)
+    kernel = g.const(f"{layer.name}_kernel", w["kernel"])
+    if layer.use_bias:
+        z = g.op("Gemm", [x, kernel, g.const(f"{layer.name}_bias", w["bias"])])
+    else:
+        z = g.op("MatMul", [x, kernel])
+    return _activation(g, z, layer.activation)
+
+
+def _activation_layer(g, layer, x):
+    # Activation, ReLU, LeakyReLU and Softmax all carry the activation they apply
+    return _activation(g, x, layer.activation)
+
+
+def _identity_at_inference(g, layer, x):
     return x
 
 
-def _layer_weights(model):
-    weights = model.get_weights()
-    out, i = [], 0
+def _flatten(g, layer, x):
+    # samples reach the first layer as declared (e.g. (batch, 8, 8)); later a Flatten sees rows already
+    return g.op("Flatten", [x], axis=1)
+
+
+def _affine_inputs(g, layer, w):
+    """LayerNormalization's / BatchNormalization's scale and bias inputs (ones / zeros when the
+    layer has no gamma / beta, as ``scale=False`` / ``center=False`` mean)."""
+    n = layer.input_dim
+    gamma = w.get("gamma", np.ones(n))
+    beta = w.get("beta", np.zeros(n))
+    return g.const(f"{layer.name}_gamma", gamma), g.const(f"{layer.name}_beta", beta)
+
+
+def _batch_normalization(g, layer, x):
+    # inference: gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta (ONNX's inference mode)
+    w = _weights(layer)
+    gamma, beta = _affine_inputs(g, layer, w)
+    mean = g.const(f"{layer.name}_moving_mean", w["moving_mean"])
+    var = g.const(f"{layer.name}_moving_variance", w["moving_variance"])
+    return g.op("BatchNormalization", [x, gamma, beta, mean, var], epsilon=float(layer.epsilon))
+
+
+def _layer_normalization(g, layer, x):
+    # per row: gamma * (x - mean) / sqrt(var + epsilon) + beta (biased variance): ONNX LayerNormalization, opset >= 17
+    gamma, beta = _affine_inputs(g, layer, _weights(layer))
+    return g.op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=float(layer.epsilon))
+
+
+def _normalization(g, layer, x):
+    # (x - mean) / max(sqrt(variance), 1e-7); invert: mean + x * max(sqrt(variance), 1e-7)
+    w = _weights(layer)
+    denom = np.maximum(np.sqrt(w["variance"].astype(np.float64)), layer.EPSILON)
+    mean = g.const(f"{layer.name}_mean", w["mean"])
+    scale = g.const(f"{layer.name}_std", denom)
+    if layer.invert:
+        return g.op("Add", [g.op("Mul", [x, scale]), mean])
+    return g.op("Div", [g.op("Sub", [x, mean]), scale])
+
+
+#: layer class name -> builder(graph, layer, x) -> output name
+LAYER_BUILDERS = {
+    "Dense": _dense,
+    "Activation": _activation_layer,
+    "ReLU": _activation_layer,
+    "LeakyReLU": _activation_layer,
+    "Softmax": _activation_layer,
+    "Flatten": _flatten,
+    "Dropout": _identity_at_inference,
+    "GaussianNoise": _identity_at_inference,
+    "BatchNormalization": _batch_normalization,
+    "LayerNormalization": _layer_normalization,
+    "Normalization": _normalization,
+}
+
+
+def _check_layer(layer) -> None:
+    kind = type(layer).__name__
+    if kind not in LAYER_BUILDERS:
+        raise ValueError(
+            f"export: no ONNX mapping for layer {layer.name!r}, a {kind} (mapped: {', '.join(sorted(LAYER_BUILDERS))})"
+        )
+    _check_mapped(layer.activation)
+
+
+def _describe(layer) -> str:
+    if type(layer).__name__ == "Dense":
+        return f"Dense({layer.units}, {layer.activation.name})"
+    if layer.activation.name != "linear":
+        return f"{type(layer).__name__}({layer.activation.name})"
+    return f"{type(layer).__name__}()"
+
+
+# ----------------------------------------------------------------- the graph
+def _network(g, model, x: str) -> str:
+    """Every layer's operators from tensor ``x``; returns the output name."""
     for layer in model.layers:
-        k = 2 if layer.use_bias else 1
-        out.append(weights[i : i + k])
-        i += k
-    return out
+        x = LAYER_BUILDERS[type(layer).__name__](g, layer, x)
+    return x
+
+
+def _input_shape(model):
+    """The graph input's shape: the declared sample shape when the model flattens n-D samples."""
+    shape = model.sample_shape
+    if shape is not None and len(shape) > 1 and type(model.layers[0]).__name__ == "Flatten":
+        return ["batch", *shape]
+    return ["batch", model.input_dim]
 
 
 def _check_preprocessing(info, model) -> None:
@@ -313,7 +416,8 @@ def _build_graph(onnx, model, preprocessing, input_name, output_name):
         net = _network(g, model, g.op("Cast", [standardized], to=TP.FLOAT))
     else:
         net = _network(g, model, input_name)
-    inputs = [_value_info(onnx, input_name, TP.DOUBLE if scaler is not None else TP.FLOAT, ["batch", model.input_dim])]
+    shape = ["batch", model.input_dim] if scaler is not None else _input_shape(model)
+    inputs = [_value_info(onnx, input_name, TP.DOUBLE if scaler is not None else TP.FLOAT, shape)]
     task = spec.get("task")
     if task is None:
         g.op("Identity", [net], output=output_name)
@@ -350,17 +454,10 @@ def to_onnx(model, preprocessing=None, input_name="features", output_name="outpu
     if input_name in reserved:
         raise ValueError(f"input_name: {input_name!r} is also the name of an output; choose another name")
     for layer in model.layers:  # fail before any work on a layer or activation without a mapping
-        if type(layer).__name__ != "Dense":
-            raise ValueError(
-                f"export: ONNX export maps Dense layers only; layer {layer.name!r} is a {type(layer).__name__} "
-                "(export a model of Dense layers, or serve this one with gpunn)"
-            )
-        _check_mapped(layer.activation)
+        _check_layer(layer)
     if preprocessing is not None:
         _check_preprocessing(preprocessing, model)
-    doc = f"gpunn {__version__} Sequential {model.name!r}: " + " -> ".join(
-        f"Dense({layer.units}, {layer.activation.name})" for layer in model.layers
-    )
+    doc = f"gpunn {__version__} Sequential {model.name!r}: " + " -> ".join(_describe(layer) for layer in model.layers)
     if np.dtype(model.dtype) == np.float64:
         warnings.warn(f"export: {FLOAT64_NOTE}", UserWarning, stacklevel=3)
         doc += ". " + FLOAT64_NOTE

@@ -261,3 +261,107 @@ def test_without_onnx_installed_the_error_names_the_extra(tmp_path, monkeypatch)
     result = CliRunner().invoke(main, ["export", str(tmp_path / "m.gpunn"), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1 and "gpunn[onnx]" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+# ---------------------------------------------------------------- every layer
+L = gpunn.layers
+
+
+def _layer_cases():
+    """One model per layer kind (between Dense layers, so each sees non-trivial inputs), and mixed stacks."""
+    return {
+        "activation": lambda: [L.Dense(6), L.Activation("gelu"), L.Dense(3)],
+        "relu": lambda: [L.Dense(6), L.ReLU(), L.Dense(3)],
+        "relu6": lambda: [L.Dense(6), L.ReLU(max_value=6), L.Dense(3)],
+        "leaky_relu": lambda: [L.Dense(6), L.LeakyReLU(negative_slope=0.15), L.Dense(3)],
+        "softmax": lambda: [L.Dense(6), L.Dense(3), L.Softmax()],
+        "flatten": lambda: [L.Flatten(), L.Dense(3, activation="tanh")],
+        "dropout": lambda: [L.Dense(6, activation="relu"), L.Dropout(0.4), L.Dense(3)],
+        "gaussian_noise": lambda: [L.GaussianNoise(0.5), L.Dense(6, activation="relu"), L.Dense(3)],
+        "batch_normalization": lambda: [L.Dense(6), L.BatchNormalization(momentum=0.5), L.Dense(3)],
+        "batch_normalization_no_affine": lambda: [L.Dense(6), L.BatchNormalization(center=False, scale=False, epsilon=0.1), L.Dense(3)],
+        "layer_normalization": lambda: [L.Dense(6), L.LayerNormalization(epsilon=1e-5), L.Dense(3)],
+        "layer_normalization_scale_only": lambda: [L.Dense(6), L.LayerNormalization(center=False), L.Dense(3)],
+        "normalization": lambda: [L.Normalization(), L.Dense(3, activation="sigmoid")],
+        "normalization_invert": lambda: [L.Normalization(invert=True), L.Dense(3)],
+        "mixed": lambda: [L.Normalization(), L.Dense(8), L.BatchNormalization(), L.LeakyReLU(), L.Dropout(0.2),
+                          L.Dense(8, activation="swish"), L.LayerNormalization(), L.GaussianNoise(0.1),
+                          L.Dense(5), L.Activation("elu"), L.Dense(3), L.Softmax()],  # fmt: skip
+    }
+
+
+def _trained_stack(name, dtype=None):
+    """The case's model trained a few steps (BatchNormalization's moving statistics and every
+    gamma/beta move away from their initial values), Normalization adapted on shifted data."""
+    gpunn.set_seed(3)
+    r = np.random.default_rng(4)
+    x = r.normal(loc=2.0, scale=3.0, size=(64, 5))
+    y = r.normal(size=(64, 3))
+    stack = _layer_cases()[name]()
+    for layer in stack:
+        if isinstance(layer, L.Normalization):
+            layer.adapt(x)
+    model = gpunn.Sequential([gpunn.Input(shape=(5,)), *stack], dtype=dtype)
+    model.compile(optimizer=gpunn.optimizers.Adam(0.05), loss="mse")
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+    return model, x
+
+
+@pytest.mark.parametrize("name", sorted(_layer_cases()))
+def test_every_layer_exports_and_matches_predict(tmp_path, name):
+    model, x_train = _trained_stack(name)
+    weights = model.get_weights()
+    path = tmp_path / "stack.onnx"
+    model.export(path)
+    x = (np.random.default_rng(5).normal(loc=2.0, scale=3.0, size=(29, 5))).astype(np.float32)
+    session, (out,) = run_onnx(path, {"features": x})
+    expected = model.predict(x, verbose=0)
+    assert out.shape == expected.shape == (29, model.output_dim)
+    assert np.abs(out - expected).max() <= TOLERANCE * max(1.0, np.abs(expected).max())
+    # inference meaning: a Dropout / GaussianNoise model's predict is deterministic, and export changed nothing
+    np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
+    for got, want in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(got, want)
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    if "batch_normalization" in name or name == "mixed":
+        assert "BatchNormalization" in ops
+    if "layer_normalization" in name or name == "mixed":
+        assert "LayerNormalization" in ops and onnx_export.OPSET >= 17
+
+
+def test_statistics_are_the_inference_ones(tmp_path):
+    """BatchNormalization exports its moving statistics, written from Keras's formula here."""
+    gpunn.set_seed(0)
+    bn = L.BatchNormalization(epsilon=0.01)
+    model = gpunn.Sequential([gpunn.Input(shape=(4,)), bn])
+    r = np.random.default_rng(6)
+    gamma, beta, mm, mv = r.normal(size=4), r.normal(size=4), r.normal(size=4), r.uniform(0.5, 2.0, 4)
+    model.set_weights([gamma, beta, mm, mv])
+    path = tmp_path / "bn.onnx"
+    model.export(path)
+    x = r.normal(size=(9, 4)).astype(np.float32)
+    _, (out,) = run_onnx(path, {"features": x})
+    keras = gamma * (x - mm) / np.sqrt(mv + 0.01) + beta
+    np.testing.assert_allclose(out, keras, rtol=1e-5, atol=1e-5)
+
+
+def test_image_shaped_input_is_flattened_in_the_graph(tmp_path):
+    gpunn.set_seed(1)
+    model = gpunn.Sequential([gpunn.Input(shape=(3, 4)), L.Flatten(), L.Dense(5, activation="relu"), L.Dense(2)])
+    path = tmp_path / "img.onnx"
+    model.export(path)
+    x = np.random.default_rng(7).normal(size=(6, 3, 4)).astype(np.float32)
+    session, (out,) = run_onnx(path, {"features": x})
+    assert session.get_inputs()[0].shape == ["batch", 3, 4]
+    expected = model.predict(x, verbose=0)
+    assert np.abs(out - expected).max() <= TOLERANCE * max(1.0, np.abs(expected).max())
+
+
+def test_float64_stack_exports_as_float32(tmp_path):
+    model, _ = _trained_stack("mixed", dtype="float64")
+    path = tmp_path / "mixed64.onnx"
+    with pytest.warns(UserWarning, match="float32"):
+        model.export(path)
+    x = np.random.default_rng(8).normal(loc=2.0, scale=3.0, size=(11, 5))
+    _, (out,) = run_onnx(path, {"features": x.astype(np.float32)})
+    np.testing.assert_allclose(out, model.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
