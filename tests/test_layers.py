@@ -196,20 +196,29 @@ def test_layer_gradients_match_finite_differences(case, backend):
 
 
 @pytest.mark.parametrize("act", [a for a in Act], ids=lambda a: a.name.lower())
-def test_activation_backward_kernel_matches_the_reference(act):
-    """The CUDA kernel (simulator) vs numpy_ops on a ragged shape, its output NaN-poisoned first."""
+@pytest.mark.parametrize("shape", [(7, 5), (33, 3)])
+def test_activation_backward_kernel_matches_the_reference(act, shape):
+    """The CUDA kernel (simulator) vs numpy_ops.activation_backward on ragged shapes (not multiples
+    of the launch's block), outputs NaN-poisoned first; both with the pre-activation and, for the
+    activations that do not read it, with y passed in its place (as Dense's backward does)."""
     from gpunn import kernels
 
-    r = rng(int(act) + 40)
+    r = rng(int(act) + 40 + shape[0])
+    alpha = act.default_alpha or 0.1
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
-        z = r.normal(scale=2, size=(7, 5)).astype(dtype)
+        z = r.normal(scale=2, size=shape).astype(dtype)
         y = np.empty_like(z)
-        numpy_ops.apply_activation(z, act, act.default_alpha or 0.1, y)
-        dy = r.normal(size=z.shape).astype(dtype)
-        dx = np.full_like(z, np.nan)
-        kernels.activation_backward(dy, y, z, act, act.default_alpha or 0.1, dx)
-        expected = dy * numpy_ops.activation_derivative(y, z, act, act.default_alpha or 0.1)
-        np.testing.assert_allclose(dx, expected, rtol=tol, atol=tol)
+        numpy_ops.apply_activation(z, act, alpha, y)
+        dy = r.normal(size=shape).astype(dtype)
+        for given_z in (z,) if act.needs_preactivation else (z, y):
+            dx, ref = np.full_like(z, np.nan), np.full_like(z, np.nan)
+            kernels.activation_backward(dy, y, given_z, act, alpha, dx)
+            numpy_ops.activation_backward(dy, y, given_z, act, alpha, ref)
+            assert np.isfinite(ref).all()
+            np.testing.assert_allclose(dx, ref, rtol=tol, atol=tol)
+        # the reference means dy * act'(z), written independently of it
+        expected = dy * numpy_ops.activation_derivative(y, z, act, alpha)
+        np.testing.assert_allclose(numpy_ops.activation_backward(dy, y, z, act, alpha, np.empty_like(z)), expected, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------- in a model

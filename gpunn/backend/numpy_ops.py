@@ -159,6 +159,19 @@ def activation_derivative(y, z, act, alpha):
     raise ValueError(f"unknown activation code {act!r}")
 
 
+def activation_backward(dy, y, z, act, alpha, dx):
+    """``dx = dy * act'(.)`` elementwise over (M, N): the reference of ``kernels.activation_backward``.
+
+    As the kernel does, the derivative comes from the pre-activation ``z`` for the activations
+    with ``Act.needs_preactivation`` and from the output ``y`` otherwise (``z`` is then not read:
+    callers pass ``y`` for it).  Returns ``dx``.
+    """
+    act = codes.activation(act)
+    derivative = activation_derivative(y, z if act.needs_preactivation else None, act, alpha)
+    np.multiply(dy, derivative.astype(dx.dtype, copy=False), out=dx)
+    return dx
+
+
 def multiply_activation_grad(g, y, z, act, alpha):
     """``g *= act'(.)`` in place, where ``g`` is dL/dy of shape (M, N)."""
     if codes.activation(act) != Act.LINEAR:
