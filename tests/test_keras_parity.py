@@ -241,8 +241,14 @@ def test_a_frozen_base_is_not_back_propagated_through_and_stays_put():
 
 
 def test_onnx_export_names_a_layer_it_cannot_map(tmp_path):
+    """Every gpunn layer exports (tests/test_onnx_export.py); a layer class of the user's does not."""
     pytest.importorskip("onnx", reason="onnx is in the onnx extra")
-    model = gpunn.Sequential([gpunn.Input(shape=(3,)), layers.Dense(4), layers.BatchNormalization(), layers.Dense(1)])
-    with pytest.raises(ValueError, match="export: ONNX export maps Dense layers only; layer 'batch_normalization.*' is a BatchNormalization"):
+
+    class Doubling(layers.Layer):
+        def call(self, backend, x, y, buffers, activation=None, training=False):
+            return backend.xp.multiply(x, 2, out=y)
+
+    model = gpunn.Sequential([gpunn.Input(shape=(3,)), layers.Dense(4), layers.BatchNormalization(), Doubling(name="twice"), layers.Dense(1)])
+    with pytest.raises(ValueError, match="export: no ONNX mapping for layer 'twice', a Doubling"):
         model.export(tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
