@@ -230,6 +230,12 @@ class Layer:
         """Per-batch scratch the layer keeps between ``call`` and ``backward`` (None if none)."""
         return None
 
+    def absorb(self, activation, following, following_activation):
+        """The activation this layer's ``call`` applies when it also runs ``following`` (the next
+        layer, running ``following_activation``) -- or None when it cannot (the default).
+        ``activation`` is what this layer runs so far."""
+        return None
+
     def call(self, backend, x, y, buffers, activation, training):
         """Forward: the layer's output for ``x`` (B, in) into ``y`` (B, out); returns ``y``."""
         raise NotImplementedError
@@ -285,6 +291,34 @@ def stack_output_dim(layers, input_dim=None):
     for layer in layers:
         dim = layer.compute_output_dim(dim)
     return dim
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedStep:
+    """Layers ``first`` .. ``last`` of a stack run as one ``call`` (and one ``backward``) of layer
+    ``first`` with ``activation``: e.g. ``Dense(linear)`` then ``Activation("gelu")`` is one fused
+    linear + GELU kernel.  The step reads layer ``first``'s input and writes layer ``last``'s
+    output; the absorbed layers' own buffers stay unused."""
+
+    first: int
+    last: int
+    activation: object
+
+
+def fused_steps(layers, acts) -> list[FusedStep]:
+    """The stack ``layers`` (each running ``acts[i]``) as fused steps: a layer absorbs the layers
+    after it for as long as its ``absorb`` accepts them (see :meth:`Layer.absorb`)."""
+    steps, i = [], 0
+    while i < len(layers):
+        last, act = i, acts[i]
+        while last + 1 < len(layers):
+            folded = layers[i].absorb(act, layers[last + 1], acts[last + 1])
+            if folded is None:
+                break
+            last, act = last + 1, folded
+        steps.append(FusedStep(i, last, act))
+        i = last + 1
+    return steps
 
 
 class TrainingPhase:

@@ -25,7 +25,7 @@ import numpy as np
 
 from gpunn import activations, checks, codes, distributed
 from gpunn import metrics as metrics_mod
-from gpunn.layer_base import TrainingPhase, stack_output_dim
+from gpunn.layer_base import TrainingPhase, fused_steps, stack_output_dim
 
 #: the loss kind whose fused pass already counts each "natural" accuracy
 _NATURAL_ACCURACY = {
@@ -111,13 +111,19 @@ class Workspace:
     mask, ...), and ``out``, the array each layer's forward actually returned (its
     input itself for a layer that passes it through); for training (``target_shape``
     given) also the inputs ``x``, targets ``t``, weights ``w``, per-layer gradients
-    ``g`` and the output probabilities ``probs`` metrics read when the activation is fused."""
+    ``g`` and the output probabilities ``probs`` metrics read when the activation is fused.
+
+    The layers run as :class:`gpunn.layer_base.FusedStep` s (a linear Dense and the activation
+    layer after it are one step): a step's scratch is made for its fused activation."""
 
     def __init__(self, backend, dtype, layers, batch, acts, input_dim=None, target_shape=None):
         self.batch = batch
         training = target_shape is not None
+        step_acts = list(acts)
+        for step in fused_steps(layers, acts):
+            step_acts[step.first] = step.activation
         self.y = [backend.empty((batch, layer.output_dim), dtype) for layer in layers]
-        self.aux = [layer.make_buffers(backend, batch, dtype, act, training) for layer, act in zip(layers, acts)]
+        self.aux = [layer.make_buffers(backend, batch, dtype, act, training) for layer, act in zip(layers, step_acts)]
         self.out = list(self.y)
         if training:
             self.x = backend.empty((batch, input_dim), dtype)
@@ -215,6 +221,7 @@ class Trainer:
         bounds = np.cumsum([0] + [int(np.prod(w.shape)) for layer in layers for w in layer.weights])
         self.segments = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
         self.inference_activations = [layer.activation for layer in layers]
+        self._steps = {}
         self.frozen = []
         self.refresh_frozen()
         self._pool = WorkspacePool(self._make_workspace)
@@ -263,11 +270,19 @@ class Trainer:
         self.frozen = frozen
 
     # -- one step --------------------------------------------------------------
+    def steps(self, acts):
+        """The layers running ``acts`` as fused steps (worked out once per list of activations)."""
+        cached = self._steps.get(id(acts))
+        if cached is None or cached[0] is not acts:
+            cached = self._steps[id(acts)] = (acts, fused_steps(self.layers, acts))
+        return cached[1]
+
     def forward(self, backend, x, ws, acts, training=False):
-        """Run every layer on ``x``; ``training`` is False or a :class:`TrainingPhase`."""
+        """Run every layer on ``x`` as fused steps (a linear Dense and the activation layer after it
+        are one call); ``training`` is False or a :class:`TrainingPhase`."""
         a = x
-        for i, (layer, act) in enumerate(zip(self.layers, acts)):
-            a = ws.out[i] = layer.call(backend, a, ws.y[i], ws.aux[i], act, training)
+        for step in self.steps(acts):
+            a = ws.out[step.last] = self.layers[step.first].call(backend, a, ws.y[step.last], ws.aux[step.first], step.activation, training)
         return a
 
     def _regularization(self, backend, sums, batch, gradients):
@@ -331,10 +346,13 @@ class Trainer:
         out = self.forward(b, ws.x, ws, acts, TrainingPhase(self.optimizer.iterations))
         self.objective.loss_grad(b, out, ws.t, ws.w if weighted else None, ws.g[-1], acc.sums)
         self._update_metrics(b, out, ws, acc, weighted)
-        for i in range(len(self.layers) - 1, self.first_trained - 1, -1):
+        for step in reversed(self.steps(acts)):
+            i = step.first
+            if step.last < self.first_trained:  # nothing below the first trained layer needs a gradient
+                break
             x = ws.x if i == 0 else ws.out[i - 1]
             dx = ws.g[i - 1] if i > self.first_trained else None
-            self.layers[i].backward(b, x, ws.g[i], ws.out[i], ws.aux[i], dx, acts[i])
+            self.layers[i].backward(b, x, ws.g[step.last], ws.out[step.last], ws.aux[i], dx, step.activation)
         self._regularization(b, acc.sums, ws.batch, gradients=True)
 
     def test_step(self, ws, acc, weighted):
