@@ -95,17 +95,6 @@ def feature_rows(x, n_features=None, argument: str = "x", feature_names=None, xp
     return arr
 
 
-def feature_chunks(x, dtype, batch_size: int, argument: str = "x"):
-    """Yield (first row, :func:`features` of the next rows) over ``x`` from :func:`feature_rows`.
-
-    Each chunk is whole batches of about CONVERT_CHUNK_ELEMENTS values, so
-    converting a large float64 input needs no full-size copy or mask.
-    """
-    rows = batch_size * max(1, CONVERT_CHUNK_ELEMENTS // (batch_size * x.shape[1]))
-    for lo in range(0, x.shape[0], rows):
-        yield lo, features(x[lo : lo + rows], dtype, x.shape[1], argument, row_offset=lo)
-
-
 def features(x, dtype, n_features=None, argument: str = "x", row_offset: int = 0, feature_names=None, xp=np):
     """2-D finite float features (M, K) with M >= 1 (and K == n_features when given).
 

@@ -77,10 +77,6 @@ def names() -> list[str]:
     return [DEFAULT] + sorted(n for n in _REGISTRY if n != DEFAULT)
 
 
-def task_of(name: str) -> str:
-    return lookup("dataset", "data set", name, _REGISTRY).task
-
-
 def load(name: str = DEFAULT) -> Dataset:
     """Load an embedded data set by name (ValueError listing the names if unknown)."""
     entry = lookup("dataset", "data set", name, _REGISTRY)

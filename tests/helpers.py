@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 import gpunn
+from gpunn.backend.numpy_backend import NumpyBackend
 from gpunn.layers import Dense
 
 
@@ -137,3 +138,19 @@ def make_backend(name):
     from gpunn.backend.cuda_backend import CudaBackend
 
     return CudaBackend()
+
+
+# ------------------------------------------------------------------ backends
+class CountingBackend(NumpyBackend):
+    """A NumPy backend that poses as a device (any name but "numpy" takes the device code path)
+    and counts its reads back to the host (``to_numpy`` calls) in ``reads``."""
+
+    name = "counting-device"
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def to_numpy(self, a):
+        self.reads += 1
+        return super().to_numpy(a)

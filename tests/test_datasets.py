@@ -25,7 +25,6 @@ def test_load(name, task, shape, classes):
     assert data.n_classes == classes
     if classes:
         assert data.y.dtype == np.int64 and set(np.unique(data.y)) == set(range(classes))
-    assert datasets.task_of(name) == task
 
 
 def test_default_and_unknown():

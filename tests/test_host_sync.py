@@ -10,21 +10,10 @@ import numpy as np
 import pytest
 
 import gpunn
-from gpunn.backend.numpy_backend import NumpyBackend
 from gpunn.callbacks import Callback
 from gpunn.layers import Dense
 
-
-class CountingBackend(NumpyBackend):
-    name = "counting-device"
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def to_numpy(self, a):
-        self.reads += 1
-        return super().to_numpy(a)
+from helpers import CountingBackend
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from sklearn import metrics as skm
 import gpunn
 from gpunn import metrics
 from gpunn._cuda import cuda_status
-from gpunn.backend.numpy_backend import NumpyBackend
 from gpunn.layers import Dense
+
+from helpers import CountingBackend
 
 EPS = 1e-7
 
@@ -445,20 +446,8 @@ def test_user_function_metric_saves_by_name_and_loads_uncompiled(tmp_path):
     np.testing.assert_array_equal(gpunn.load_model(tmp_path / "m.gpunn", compile=False).predict(x, verbose=0), model.predict(x, verbose=0))
 
 
-class _CountingBackend(NumpyBackend):
-    name = "counting-device"
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def to_numpy(self, a):
-        self.reads += 1
-        return super().to_numpy(a)
-
-
 def test_metric_states_are_read_once_per_epoch(monkeypatch):
-    backend = _CountingBackend()
+    backend = CountingBackend()
     monkeypatch.setattr(gpunn.models.backends, "current", lambda: backend)
     x, y = _data(80)
 

@@ -5,10 +5,9 @@ import pytest
 
 import gpunn
 from gpunn import backend as backends
-from gpunn.backend.numpy_backend import NumpyBackend
 from gpunn.layers import Dense
 
-from helpers import multiclass_data, weights_equal
+from helpers import CountingBackend, multiclass_data, weights_equal
 
 
 def _pair(seed=5, loss="sparse_categorical_crossentropy", optimizer="adam"):
@@ -89,18 +88,6 @@ def test_a_stand_in_backend_sees_every_numeric_call():
     assert proxy.calls.count("take_rows") == 2
     assert proxy.calls.count("linear_forward") == 2 and proxy.calls.count("linear_backward") == 2
     assert "loss_grad" in proxy.calls and "softmax" in proxy.calls and proxy.calls[-1] == "optimizer_update"
-
-
-class CountingBackend(NumpyBackend):
-    name = "counting-device"
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def to_numpy(self, a):
-        self.reads += 1
-        return super().to_numpy(a)
 
 
 def test_run_reads_nothing_back_to_the_host(monkeypatch):
