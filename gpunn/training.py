@@ -510,7 +510,8 @@ class TrainStep:
 
     def load_rows(self, X, Y, index, sample_weight=None):
         """Gather rows ``index`` (batch_size integers) of backend-resident ``X``, ``Y``
-        (and per-row ``sample_weight``) into the step's buffers, on the device."""
+        (and per-row ``sample_weight``) into the step's buffers, on the device.  Arrays in the
+        model's dtype are gathered directly; integer labels (any numeric dtype) are cast per batch."""
         ws = self._ws
         self._check_rows("index", index.shape[0])
         if X.ndim != 2 or X.shape[1] != ws.x.shape[1]:
@@ -518,11 +519,22 @@ class TrainStep:
         if tuple(Y.shape[1:]) != tuple(ws.t.shape[1:]):
             raise ValueError(f"Y: expected shape (rows, *{tuple(ws.t.shape[1:])}), got {tuple(Y.shape)}")
         index = self._trainer.backend.asarray(index)
-        self.backend.take_rows(X, index, ws.x)
-        self.backend.take_rows(Y, index, ws.t)
+        self._gather("X", X, index, ws.x)
+        self._gather("Y", Y, index, ws.t)
         self._weighted = sample_weight is not None
         if sample_weight is not None:
-            self.backend.take_rows(sample_weight, index, ws.w)
+            self._gather("sample_weight", sample_weight, index, ws.w)
+
+    def _gather(self, argument, src, index, out):
+        """``out[:] = src[index]``; as Keras does with integer labels, integer, boolean or other-width
+        float arrays are cast to the model's dtype (a gather, then a cast of the batch alone)."""
+        dtype = np.dtype(src.dtype)
+        if dtype == out.dtype:
+            self.backend.take_rows(src, index, out)
+        elif dtype.kind in "biuf":
+            out[...] = self._trainer.backend.xp.take(src, index, axis=0)
+        else:
+            raise TypeError(f"{argument}: expected a numeric array (the model computes in {out.dtype}), got dtype {dtype}")
 
     def run(self):
         """Forward, loss, backward and one optimizer update on the loaded batch (no host sync)."""

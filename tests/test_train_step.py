@@ -53,6 +53,26 @@ def test_load_rows_gathers_on_the_device_like_fit_does():
     assert step.logs()["loss"] == pytest.approx(reference.history.history["loss"][0], rel=1e-5)
 
 
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.uint8, np.float64])
+def test_load_rows_takes_integer_labels_as_keras_does(label_dtype):
+    """Integer class labels (and float64 rows next to a float32 model) are cast per batch, as Keras
+    casts them: the same step as with labels already in the model's dtype."""
+    x, labels = multiclass_data(4, n=10, features=4)
+    reference, stepped = _pair(optimizer="sgd")
+    b = stepped.backend
+    X, Y = b.asarray(x.astype(reference.dtype)), b.asarray(labels.astype(reference.dtype))
+    ref_step, step = reference.make_train_step(5), stepped.make_train_step(5)
+    for start in (0, 5):
+        index = b.asarray(np.arange(start, start + 5))
+        ref_step.load_rows(X, Y, index)
+        step.load_rows(b.asarray(x), b.asarray(labels.astype(label_dtype)), index)
+        ref_step.run()
+        step.run()
+    assert weights_equal(stepped.get_weights(), reference.get_weights())
+    with pytest.raises(TypeError, match="Y: expected a numeric array .*got dtype <U"):
+        step.load_rows(X, b.asarray(labels.astype(str)), np.arange(5))
+
+
 class Recorder:
     """A stand-in backend that records every call it forwards."""
 
