@@ -28,6 +28,7 @@ import numpy as np
 
 from gpunn import checks, codes
 from gpunn.checks import lookup
+from gpunn.metrics import is_binary_or_sparse_categorical
 
 
 def _dense_targets(arr, n, outputs, argument, hint=""):
@@ -207,6 +208,38 @@ class SparseCategoricalCrossentropy(Loss):
         return codes.LOSS_SPARSE_CCE, False
 
 
+class Crossentropy(Loss):
+    """``loss="crossentropy"`` (or ``"ce"``): as in Keras 3 (``compile_utils.get_loss``), the
+    cross-entropy is chosen from the shapes of the targets and the outputs -- binary for one
+    output unit, sparse categorical when the targets are class indices (one dimension less than
+    the outputs, or one column next to several outputs), categorical otherwise.
+
+    The model picks it when it first sees targets (``fit``, ``evaluate``, ``*_on_batch``) and
+    keeps that choice; until then a model with several outputs assumes one-hot targets.
+    """
+
+    name = "crossentropy"
+
+    def __init__(self):
+        super().__init__(False)
+        #: the shape of the first targets seen, or None
+        self.target_shape = None
+
+    def choose(self, output_dim) -> Loss:
+        """The cross-entropy for ``output_dim`` outputs and the targets seen so far."""
+        target_shape = self.target_shape or (1, output_dim)
+        is_binary, is_sparse = is_binary_or_sparse_categorical(target_shape, (1, output_dim))
+        if is_binary:
+            return BinaryCrossentropy()
+        return SparseCategoricalCrossentropy() if is_sparse else CategoricalCrossentropy()
+
+    def resolve(self, output_activation):
+        raise TypeError("crossentropy: the model chooses the cross-entropy from the shapes (Crossentropy.choose) before resolving it")
+
+    def get_config(self):
+        return {"name": self.name}
+
+
 class _Regression(Loss):
     """A fused elementwise (or row) loss of the model's outputs; no activation is folded in."""
 
@@ -328,6 +361,8 @@ _CLASSES = {
     "bce": BinaryCrossentropy,
     "categorical_crossentropy": CategoricalCrossentropy,
     "sparse_categorical_crossentropy": SparseCategoricalCrossentropy,
+    "crossentropy": Crossentropy,
+    "ce": Crossentropy,
     "huber": Huber,
     "log_cosh": LogCosh,
     "logcosh": LogCosh,

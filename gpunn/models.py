@@ -18,6 +18,8 @@ import time
 
 import json
 
+import numpy as np
+
 from gpunn import arrays, checks, data_adapter, device_memory, fit_loop, losses, onnx_export, optimizers, saving, training
 from gpunn import backend as backends
 from gpunn import metrics as metrics_mod
@@ -101,7 +103,24 @@ class Sequential(LayerStack):
                 "compile: the model's output size is unknown (no layer sets it and the input size is not "
                 "declared); end the model with a Dense layer or declare gpunn.Input(shape=...)"
             )
+        if isinstance(loss, losses.Crossentropy):  # "crossentropy"/"ce": chosen from the shapes (Keras 3)
+            loss = loss.choose(self.output_dim)
         return Objective(loss, self.layers, metric_specs, weighted_metric_specs, warn, self.output_dim)
+
+    def _choose_loss(self, y):
+        """With ``loss="crossentropy"``, the first targets given decide which one (as in Keras 3)."""
+        if not isinstance(self.loss, losses.Crossentropy) or self.loss.target_shape is not None or y is None:
+            return
+        try:
+            shape = np.shape(y)
+        except ValueError:  # ragged: the target checks that follow say what is wrong
+            return
+        self.loss.target_shape = tuple(shape) or (1,)
+        objective = self._make_objective(self.loss, self._metric_specs, self._weighted_metric_specs, warn=False)
+        if type(objective.loss) is not type(self._objective.loss):
+            with self._lock:
+                self._objective = objective
+                self._drop_trainer()
 
     def get_compile_config(self):
         """The ``compile`` arguments as plain data (None if not compiled); see :meth:`compile_from_config`."""
@@ -150,6 +169,7 @@ class Sequential(LayerStack):
     def _standardize(self, x, y, sample_weight, class_weight=None, argument="x"):
         """Validated host arrays (x, targets, weights or None); builds the model if needed."""
         self._require_compiled("fit" if argument == "x" else argument)
+        self._choose_loss(y)
         x, t, w = data_adapter.standardize(self._objective, self.input_dim, self.dtype, self.rows(x), y, sample_weight, class_weight,
                                            argument, self.feature_names, (self.backend or backends.current()).xp)  # fmt: skip
         self._ensure_built(x.shape[1])

@@ -224,3 +224,42 @@ def test_losses_round_trip_through_model_files(tmp_path, loss):
     restored = gpunn.load_model(tmp_path / "m.gpunn")
     assert restored.loss.get_config() == model.loss.get_config()
     assert restored.evaluate(x, y, verbose=0) == pytest.approx(model.evaluate(x, y, verbose=0), rel=1e-6)
+
+
+# Keras 3 (keras/src/trainers/compile_utils.py, get_loss): "crossentropy" / "ce" are chosen from the
+# shapes -- binary if y_pred.shape[-1] == 1, else sparse if rank(y_true) < rank(y_pred) or
+# (y_true.shape[-1] == 1 and y_pred.shape[-1] > 1), else categorical.
+@pytest.mark.parametrize(
+    "units, labels, expected",
+    [
+        (1, "binary", "binary_crossentropy"),
+        (3, "indices", "sparse_categorical_crossentropy"),
+        (3, "column", "sparse_categorical_crossentropy"),
+        (3, "one_hot", "categorical_crossentropy"),
+    ],
+)
+@pytest.mark.parametrize("spelling", ["crossentropy", "ce"])
+def test_crossentropy_is_chosen_from_the_shapes_as_keras3(units, labels, expected, spelling, tmp_path):
+    r = np.random.default_rng(9)
+    x = r.normal(size=(20, 4))
+    classes = r.integers(0, max(units, 2), 20)
+    y = {"binary": lambda: classes.reshape(-1, 1).astype(float), "indices": lambda: classes,
+         "column": lambda: classes.reshape(-1, 1), "one_hot": lambda: np.eye(units)[classes]}[labels]()  # fmt: skip
+    models = []
+    for loss in (spelling, expected):
+        gpunn.set_seed(2)
+        model = gpunn.Sequential([gpunn.Input(shape=(4,)), gpunn.layers.Dense(units, activation="sigmoid" if units == 1 else "softmax")],
+                                 dtype="float64")  # fmt: skip
+        model.compile(optimizer="sgd", loss=loss, metrics=["accuracy"])
+        history = model.fit(x, y, epochs=2, batch_size=5, shuffle=False, verbose=0)
+        models.append((model, history.history))
+    (chosen, history), (named, named_history) = models
+    assert chosen._objective.loss.name == expected
+    assert chosen.loss.name == "crossentropy"  # the model keeps the user's choice, as Keras keeps the identifier
+    assert history == named_history
+    np.testing.assert_array_equal(chosen.predict(x, verbose=0), named.predict(x, verbose=0))
+    chosen.save(tmp_path / "ce.gpunn")  # saved as "crossentropy": chosen again from the next targets
+    loaded = gpunn.load_model(tmp_path / "ce.gpunn")
+    assert loaded.get_compile_config()["loss"] == {"name": "crossentropy"}
+    assert loaded.evaluate(x, y, verbose=0) == pytest.approx(named.evaluate(x, y, verbose=0), rel=1e-12)
+    assert loaded._objective.loss.name == expected
