@@ -196,6 +196,30 @@ def test_backup_every_n_batches_resumes_mid_epoch_bit_for_bit(tmp_path, shuffle,
     assert not backup.exists()
 
 
+def test_backup_every_n_batches_resumes_on_the_simulated_gpu(tmp_path):
+    """The CUDA backend (Numba's simulator) resumes mid-epoch to the uninterrupted weights too."""
+    backup = tmp_path / "backup"
+
+    def plain(seed=0):  # no metrics: the simulator runs every launch in Python
+        gpunn.set_seed(seed)
+        model = mlp([8, 1], "relu", "sigmoid", input_dim=5)
+        model.compile(optimizer=gpunn.optimizers.Adam(0.01), loss="binary_crossentropy")
+        return model
+
+    with gpunn.use_backend("cuda"):
+        reference = plain()
+        _fit_shuffled(reference, [], True, epochs=2)
+        interrupted = plain()
+        with pytest.raises(KeyboardInterrupt):
+            _fit_shuffled(interrupted, [cbs.BackupAndRestore(backup, save_freq=3), _Interrupt(1, 2)], True, epochs=2)
+        resumed = plain(seed=99)
+        callback = cbs.BackupAndRestore(backup, save_freq=3)
+        _fit_shuffled(resumed, [callback], True, epochs=2)
+    assert (callback.resume_epoch, callback.resume_step) == (1, 1)
+    for got, want in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_mid_epoch_backup_needs_the_same_batches_per_epoch(tmp_path):
     backup = tmp_path / "backup"
     with pytest.raises(KeyboardInterrupt):
