@@ -15,6 +15,8 @@ import dataclasses
 import functools
 import os
 
+from gpunn import kernel_cache
+
 try:  # numba-cuda provides numba.cuda; kernels can be *defined* without a GPU
     from numba import cuda  # noqa: F401  (re-exported for gpunn.kernels)
 
@@ -190,16 +192,142 @@ def _device_multiprocessors() -> int:
     return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
 
 
-def kernel_jit(fn, threads_per_block):
-    """``cuda.jit(fn)`` declaring that every launch uses ``threads_per_block`` threads.
+def kernel_jit(fn, threads_per_block=None, variant=None):
+    """``cuda.jit(fn)``, declaring that every launch uses ``threads_per_block`` threads
+    (when given) and caching its compiled specialisations on disk under ``variant``.
 
     The launch bound (PTX ``.maxntid``) lets ptxas budget registers for that
-    block size instead of the 1024-thread worst case.  The simulator's jit
-    has no such option and gets a plain ``cuda.jit``.
+    block size instead of the 1024-thread worst case.  ``variant`` names the
+    kernel with every compile-time parameter its factory closed over (dtype,
+    tile, activation, flags): with it, each specialisation Numba compiles is
+    kept in :mod:`gpunn.kernel_cache` and later processes load it instead of
+    compiling.  The simulator's jit has neither option and gets a plain
+    ``cuda.jit``.
     """
     if simulator_enabled():
         return cuda.jit(fn)
-    return cuda.jit(fn, launch_bounds=threads_per_block)
+    dispatcher = cuda.jit(fn) if threads_per_block is None else cuda.jit(fn, launch_bounds=threads_per_block)
+    if variant is not None:
+        # the dispatcher consults ``_cache`` before compiling a signature and
+        # offers it each kernel it compiled (numba-cuda internals, checked against 0.30)
+        dispatcher._cache = DiskKernelCache(variant, dispatcher.targetoptions)
+    return dispatcher
+
+
+def target_cc(cc=None) -> tuple:
+    """``(major, minor, suffix)`` of the cubins Numba builds for ``cc`` (default: the current
+    device's): the ``"a"`` (architecture-specific) suffix from 9.0 on, as numba-cuda keys them."""
+    if cc is None:
+        from numba.cuda import dispatcher as dispatcher_module
+
+        cc = dispatcher_module.get_current_device().compute_capability
+    major, minor = int(cc[0]), int(cc[1])
+    return (major, minor, "a" if (major, minor) >= (9, 0) else "")
+
+
+@functools.lru_cache(maxsize=1)
+def toolchain_versions() -> dict:
+    """Versions of the compiler pieces outside the Python packages (NVVM), for cache keys."""
+    try:
+        from numba.cuda.cudadrv import nvvm
+
+        return {"nvvm": ".".join(str(v) for v in nvvm.NVVM().get_version())}
+    except Exception as exc:  # the key then says so, and stays distinct from a known version
+        return {"nvvm": f"unknown ({type(exc).__name__})"}
+
+
+class DiskKernelCache:
+    """Stands in for a Numba dispatcher's cache: cubins kept in :mod:`gpunn.kernel_cache`.
+
+    ``load_overload`` returns a kernel rebuilt from a stored cubin (Numba's
+    launch path -- argument handling, streams -- is unchanged) or None;
+    ``save_overload`` stores the cubin of a kernel Numba just compiled.
+    Kernels that link extra files, use cooperative launches or were built
+    with debug info are not cached.
+    """
+
+    def __init__(self, variant, options):
+        self.variant = str(variant)
+        self.options = {k: v for k, v in options.items() if k != "device"}
+
+    @property
+    def cache_path(self):
+        root = kernel_cache.directory()
+        return None if root is None else str(root)
+
+    def key(self, argtypes, cc) -> dict:
+        return kernel_cache.entry_key(self.variant, argtypes, cc, self.options, toolchain_versions())
+
+    def load_overload(self, sig, target_context=None):
+        from numba.cuda.core import sigutils
+
+        store = kernel_cache.open_cache()
+        if store is None:
+            return None
+        argtypes, _ = sigutils.normalize_signature(sig)
+        cc = target_cc()
+        entry = store.load(self.key(argtypes, cc))
+        if entry is None:
+            return None
+        return rebuild_kernel(entry.meta["entry_name"], argtypes, cc, entry.payload)
+
+    def save_overload(self, sig, kernel):
+        from numba.cuda.core import sigutils
+
+        kernel_cache.count("compiled")
+        store = kernel_cache.open_cache()
+        library = kernel._codelibrary
+        if store is None or kernel.cooperative or kernel.debug or library._linking_files or library.needs_cudadevrt:
+            return
+        argtypes, _ = sigutils.normalize_signature(sig)
+        cc = target_cc()
+        cubin = library.get_cubin(cc=cc)
+        payload = bytes(getattr(cubin, "code", cubin))
+        store.store(self.key(argtypes, cc), {"entry_name": kernel.entry_name, "cc": list(cc)}, payload)
+
+    def flush(self):
+        """Numba's ``Dispatcher`` API; entries are removed by deleting the directory."""
+
+
+def rebuild_kernel(entry_name, argtypes, cc, cubin: bytes):
+    """A launchable Numba kernel for ``argtypes`` from a cubin built for ``cc`` (no compilation).
+
+    The same reconstruction numba-cuda's own cache performs
+    (``_Kernel._rebuild`` over a ``CUDACodeLibrary`` holding only the cubin).
+    """
+    from numba.core import types
+    from numba.core.typing import signature
+    from numba.cuda import codegen as codegen_module
+    from numba.cuda import dispatcher as dispatcher_module
+    from numba.cuda.core.callconv import _MinimalCallHelper
+    from numba.cuda.cudadrv.driver import ObjectCode
+
+    cc = tuple(cc)
+    library = codegen_module.CUDACodeLibrary._rebuild(
+        codegen=None,
+        name=entry_name,
+        entry_name=entry_name,
+        llvm_strs=None,
+        ptx_cache={},
+        cubin_cache={cc: ObjectCode.from_cubin(bytes(cubin), name=entry_name)},
+        linkerinfo_cache={},
+        max_registers=None,
+        nvvm_options={},
+        needs_cudadevrt=False,
+        nrt=False,
+        use_cooperative=False,
+        lto=False,
+    )
+    return dispatcher_module._Kernel._rebuild(
+        cooperative=False,
+        name=entry_name,
+        signature=signature(types.none, *argtypes),
+        codelibrary=library,
+        debug=False,
+        lineinfo=False,
+        call_helper=_MinimalCallHelper(),
+        extensions=[],
+    )
 
 
 def inlined_device_function(fn):
@@ -247,18 +375,25 @@ def _compiling_for(cc):
     Numba compiles a non-inlined ``cuda.jit(device=True)`` function for
     ``get_current_device().compute_capability``, which needs a driver even
     when the caller compiles for a named target.  The override replaces
-    ``numba.cuda.dispatcher.get_current_device`` (numba-cuda internals,
+    ``numba.cuda.dispatcher.get_current_device`` and the code library's
+    default target (``CUDACodeLibrary._ensure_cc``; numba-cuda internals,
     last checked against 0.30) for this block only.
     """
     from numba.cuda import dispatcher as dispatcher_module
 
+    from numba.cuda import codegen as codegen_module
+
     target = _TargetDevice(tuple(cc))
     saved = dispatcher_module.get_current_device
+    saved_cc = codegen_module.CUDACodeLibrary._ensure_cc
     dispatcher_module.get_current_device = lambda: target
+    # a code library asked for "the current device's" PTX or cubin builds the target's
+    codegen_module.CUDACodeLibrary._ensure_cc = lambda self, asked: target_cc(cc) if asked is None else asked
     try:
         yield
     finally:
         dispatcher_module.get_current_device = saved
+        codegen_module.CUDACodeLibrary._ensure_cc = saved_cc
 
 
 @contextlib.contextmanager
@@ -320,3 +455,15 @@ def compile_ptx(launch: RecordedLaunch, cc) -> str:
             launch_bounds=options.get("launch_bounds"),
         )
     return ptx
+
+
+def compile_kernel(launch: RecordedLaunch, cc):
+    """Numba's compiled kernel for a recorded launch, its cubin linked for ``cc`` (nvJitLink;
+    no GPU or driver needed): what :class:`DiskKernelCache` stores after a first launch."""
+    _offline_only()
+    from numba.cuda import dispatcher as dispatcher_module
+
+    with _compiling_for(cc):
+        kernel = dispatcher_module._Kernel(launch.dispatcher.py_func, launch.argtypes, **launch.dispatcher.targetoptions)
+        kernel._codelibrary.get_cubin(cc=target_cc(cc))
+    return kernel

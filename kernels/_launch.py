@@ -46,3 +46,17 @@ def matrix_shape(name, a):
 def check_act(act):
     """``act`` as a :class:`gpunn.codes.Act` member, or ValueError naming ``act``."""
     return codes.activation(act)
+
+
+def variant(role, *params):
+    """A kernel variant's cache name: its role and every compile-time parameter, e.g.
+    ``linear.forward/float32/128x128/RELU/True`` (see ``gpunn._cuda.kernel_jit``)."""
+    parts = [role]
+    for p in params:
+        if isinstance(p, np.dtype) or (isinstance(p, type) and issubclass(p, np.generic)):
+            parts.append(np.dtype(p).name)
+        elif hasattr(p, "name") and not isinstance(p, str):
+            parts.append(str(p.name))
+        else:
+            parts.append(str(p))
+    return "/".join(parts)

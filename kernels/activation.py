@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 
-from gpunn._cuda import cuda
+from gpunn._cuda import cuda, kernel_jit
 
 from ._device import activation, device
-from ._launch import ceil_div, check, check_act, float_dtype
+from ._launch import ceil_div, check, check_act, float_dtype, variant
 
 #: Threads per block of the grid-stride loop.
 ACT_THREADS = 256
@@ -35,7 +35,10 @@ def _activation_kernel(dtype, act):
 
     # in place gets its own signature: passing one host array twice would
     # copy the stale input back over the result (see linear.py)
-    return cuda.jit(kernel), cuda.jit(kernel_inplace)
+    return (
+        kernel_jit(kernel, ACT_THREADS, variant("activation", dtype, act)),
+        kernel_jit(kernel_inplace, ACT_THREADS, variant("activation.inplace", dtype, act)),
+    )
 
 
 def apply_activation(z, act, alpha, y, stream=0):
@@ -69,7 +72,7 @@ def _activation_backward_kernel(dtype, act):
             c = idx % cols
             dx[r, c] = dy[r, c] * derivative(y[r, c], z[r, c], alpha)
 
-    return cuda.jit(kernel)
+    return kernel_jit(kernel, ACT_THREADS, variant("activation.backward", dtype, act))
 
 
 def activation_backward(dy, y, z, act, alpha, dx, stream=0):

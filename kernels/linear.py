@@ -49,7 +49,7 @@ from gpunn import codes
 from gpunn._cuda import cuda, inlined_device_function, kernel_jit, multiprocessor_count, simulator_enabled
 
 from ._device import activation, numba_type
-from ._launch import ceil_div, check, check_act, float_dtype, matrix_shape
+from ._launch import ceil_div, check, check_act, float_dtype, matrix_shape, variant
 
 #: Bytes one vectorised shared-memory load moves (LDS.128).
 VECTOR_BYTES = 16
@@ -465,7 +465,7 @@ def _forward_kernel(dtype, tile, act, has_bias):
         mainloop(acc, bsum, As, Bs, x, x, x, w, w, w, alpha, row0, col0, 0, (x.shape[1] + BK - 1) // BK)
         epilogue(acc, y, z, b, alpha, row0, col0)
 
-    return kernel_jit(kernel, tile.threads)
+    return kernel_jit(kernel, tile.threads, variant("linear.forward", dtype, tile, act, f"bias={has_bias}"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -497,7 +497,7 @@ def _backward_data_kernel(dtype, tile, act):
                     else:
                         dx[r, c] = acc[i, j]
 
-    return kernel_jit(kernel, tile.threads)
+    return kernel_jit(kernel, tile.threads, variant("linear.backward_data", dtype, tile, act))
 
 
 @functools.lru_cache(maxsize=None)
@@ -547,7 +547,7 @@ def _backward_weight_kernel(dtype, tile, act, has_db):
                 else:
                     db[c] = s
 
-    return kernel_jit(kernel, threads)
+    return kernel_jit(kernel, threads, variant("linear.backward_weight", dtype, tile, act, f"db={has_db}"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -564,7 +564,7 @@ def _zero_kernel(dtype):
         for idx in range(start, v.shape[0], stride):
             v[idx] = T(0)
 
-    return kernel_jit(kernel, ZERO_THREADS)
+    return kernel_jit(kernel, ZERO_THREADS, variant("linear.zero", dtype))
 
 
 # --------------------------------------------------------------------------

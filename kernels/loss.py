@@ -16,10 +16,10 @@ import numpy as np
 
 from gpunn import codes
 from gpunn.codes import LossKind
-from gpunn._cuda import cuda
+from gpunn._cuda import cuda, kernel_jit
 
 from ._device import device, loss_function, numba_type
-from ._launch import ceil_div, check, float_dtype, matrix_shape
+from ._launch import ceil_div, check, float_dtype, matrix_shape, variant
 
 #: Threads per block: one row each.  A power of two (tree reduction).
 #: Shared memory: 2 * 128 * 8 B = 2,048 B in float64 (limit 48 KB).
@@ -101,7 +101,7 @@ def _loss_kernel(dtype, kind, has_weight, has_grad):
             if classification:
                 cuda.atomic.add(sums, 1, s_hits[0])
 
-    return cuda.jit(kernel)
+    return kernel_jit(kernel, LOSS_THREADS, variant("loss", dtype, kind, f"weight={has_weight}", f"grad={has_grad}"))
 
 
 def loss_grad(kind, pred, target, weight, grad, sums, param=0.0, stream=0):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import functools
 
 from gpunn import codes, opmath
-from gpunn._cuda import cuda
+from gpunn._cuda import cuda, kernel_jit
 
 from . import _device  # noqa: F401  (registers opmath for the CUDA target)
-from ._launch import ceil_div, check, float_dtype
+from ._launch import ceil_div, check, float_dtype, variant
 
 #: Threads per block; each thread strides over the buffer.
 OPT_THREADS = 256
@@ -50,7 +50,7 @@ def _optimizer_kernel(dtype, opt):
         for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
             p[i] = step(p[i], g[i], state, i, h)
 
-    return cuda.jit(kernel)
+    return kernel_jit(kernel, OPT_THREADS, variant("optimizer", dtype, codes.optimizer(opt)))
 
 
 def optimizer_update(opt, params, grads, state, hyper, stream=0):
