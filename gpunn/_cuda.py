@@ -467,3 +467,79 @@ def compile_kernel(launch: RecordedLaunch, cc):
         kernel = dispatcher_module._Kernel(launch.dispatcher.py_func, launch.argtypes, **launch.dispatcher.targetoptions)
         kernel._codelibrary.get_cubin(cc=target_cc(cc))
     return kernel
+
+
+class GraphCaptureError(RuntimeError):
+    """A CUDA graph could not be captured (the work is then run with eager launches)."""
+
+
+def graph_capture_unavailable() -> str | None:
+    """Why CUDA graphs cannot be captured in this process, or None when they can."""
+    status = cuda_status()
+    if not status.usable:
+        return status.reason
+    if status.simulator:
+        return "Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) runs kernels on the CPU and has no CUDA graphs"
+    cupy = get_cupy()
+    if not hasattr(cupy.cuda.Stream, "begin_capture"):
+        return f"CuPy {cupy.__version__} has no stream capture (needs CuPy >= 10)"
+    return None
+
+
+class CapturedGraph:
+    """A captured CUDA graph with what its replays rely on: the private memory pool that served
+    the capture's temporary allocations (their addresses are baked into the graph)."""
+
+    def __init__(self, graph, pool):
+        self._graph = graph
+        self._pool = pool
+
+    def launch(self):
+        """Replay the graph on CuPy's current stream (queued; no host synchronisation)."""
+        self._graph.launch(get_cupy().cuda.get_current_stream())
+
+
+@contextlib.contextmanager
+def graph_memory(pool):
+    """Serve CuPy allocations from ``pool`` (a :func:`graph_pool`) inside the block."""
+    with get_cupy().cuda.using_allocator(pool.malloc):
+        yield
+
+
+def graph_pool():
+    """A private CuPy memory pool for a graph's warm-up run and capture."""
+    return get_cupy().cuda.MemoryPool()
+
+
+def capture_graph(body, pool) -> CapturedGraph:
+    """Capture every launch and copy ``body()`` queues into one CUDA graph, without running them.
+
+    Work goes to a private non-blocking stream in relaxed capture mode, with
+    CuPy's allocations served from ``pool``: run ``body`` once eagerly inside
+    :func:`graph_memory` first, so the capture reuses blocks the pool already
+    holds and every address the graph bakes in stays reserved for it.  Numba
+    kernels follow CuPy's current stream (:func:`launch_stream`), so they are
+    captured too.  Anything that synchronises with the host (reading a
+    device value) fails the capture: :class:`GraphCaptureError` says why.
+    """
+    reason = graph_capture_unavailable()
+    if reason is not None:
+        raise GraphCaptureError(reason)
+    cupy = get_cupy()
+    current = cupy.cuda.get_current_stream()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    # the capture stream starts after the work queued so far (outside the graph)
+    stream.wait_event(current.record())
+    mode = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", None)
+    graph = None
+    try:
+        with stream, graph_memory(pool):
+            stream.begin_capture() if mode is None else stream.begin_capture(mode)
+            try:
+                body()
+            finally:
+                graph = stream.end_capture()
+    except Exception as exc:
+        raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
+    current.wait_event(stream.record())
+    return CapturedGraph(graph, pool)

@@ -323,12 +323,18 @@ def fused_steps(layers, acts) -> list[FusedStep]:
 
 class TrainingPhase:
     """The ``training`` argument of ``call`` during a training step: true, and carries the step
-    number (the optimizer's update count) that keys the layer's random draws."""
+    number (the optimizer's update count) that keys the layer's random draws.
 
-    __slots__ = ("step",)
+    ``step_array``: None, or the same number in a backend int64 array of shape (1,) (the
+    training step's record, ``gpunn.training.StepRecord.step``), for device code that must
+    read the current step when a captured CUDA graph is replayed.
+    """
 
-    def __init__(self, step: int):
+    __slots__ = ("step", "step_array")
+
+    def __init__(self, step: int, step_array=None):
         self.step = int(step)
+        self.step_array = step_array
 
     def __bool__(self):
         return True

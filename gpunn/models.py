@@ -152,18 +152,20 @@ class Sequential(LayerStack):
     def metrics_names(self) -> list[str]:
         return self._objective.metric_names if self.compiled else []
 
-    def make_train_step(self, batch_size, backend=None) -> TrainStep:
+    def make_train_step(self, batch_size, backend=None, graph=False) -> TrainStep:
         """A reusable training step for exactly ``batch_size`` rows (builds the model if needed).
 
         ``backend``, when given, stands in for the model's backend for every
         numeric call the step makes (gather, forward, loss, backward,
         regularization, optimizer), e.g. a timing proxy; its buffers still
-        live on the model's backend.  See :class:`gpunn.training.TrainStep`.
+        live on the model's backend.  ``graph``: capture the whole step as a
+        CUDA graph and replay it (True; "auto": only where available).  See
+        :class:`gpunn.training.TrainStep`.
         """
         self._require_compiled("make_train_step")
         batch_size = checks.positive_int(batch_size, "batch_size")
         self.build()
-        return TrainStep(self._get_trainer(), batch_size, self._standardize, backend)
+        return TrainStep(self._get_trainer(), batch_size, self._standardize, backend, graph)
 
     # ------------------------------------------------------------------- data
     def _standardize(self, x, y, sample_weight, class_weight=None, argument="x"):

@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from gpunn import activations, checks, codes, distributed
+from gpunn import activations, checks, codes, distributed, opmath
 from gpunn import metrics as metrics_mod
 from gpunn.layer_base import TrainingPhase, fused_steps, stack_output_dim
 
@@ -205,6 +205,45 @@ class Accumulators:
         return logs
 
 
+class StepRecord:
+    """The per-step scalars a training step reads on the device, in one small backend buffer that
+    the host fills with a single copy per step (:meth:`fill`):
+
+    - ``step``: int64 (1,), the optimizer's update count before the step (the number
+      ``TrainingPhase.step`` carries; it keys random draws such as Dropout masks),
+    - ``offset``: int64 (1,), the position in the bound row order where this step's batch starts
+      (``TrainStep.run_rows``),
+    - ``hyper``: (``opmath.OPTIMIZER_SCALARS``,) in the model's dtype, the optimizer's
+      ``step_scalars()`` (learning rate -- schedules included -- and bias corrections).
+
+    Kernels read these arrays instead of taking the values as launch arguments, so the launches
+    of one step can be captured once as a CUDA graph and replayed with new values.
+    """
+
+    #: bytes of the two int64 counters at the start of the buffer
+    COUNTERS = 16
+
+    def __init__(self, backend, dtype):
+        dtype = np.dtype(dtype)
+        size = self.COUNTERS + opmath.OPTIMIZER_SCALARS * dtype.itemsize
+        self.backend = backend
+        self.host = np.zeros(size, np.uint8)
+        self.buffer = backend.zeros((size,), np.uint8)
+        self.step, self.offset, self.hyper = self._views(self.buffer, dtype)
+        self._host_step, self._host_offset, self._host_hyper = self._views(self.host, dtype)
+
+    @classmethod
+    def _views(cls, buffer, dtype):
+        return buffer[0:8].view(np.int64), buffer[8:16].view(np.int64), buffer[cls.COUNTERS :].view(dtype)
+
+    def fill(self, step: int, hyper, offset: int = 0) -> None:
+        """Write this step's values and queue their copy to the device (no synchronisation)."""
+        self._host_step[0] = step
+        self._host_offset[0] = offset
+        self._host_hyper[...] = hyper
+        self.backend.upload(self.host, self.buffer)
+
+
 class Trainer:
     """The numeric machinery of one built model: forward, loss, backward and update.
 
@@ -230,6 +269,14 @@ class Trainer:
         #: None, or ``reduce(backend, grads, local_rows, global_rows)`` run between backward and
         #: the update: a distributed fit's all-reduce of the flat gradient (gpunn.distributed)
         self.gradient_reduction = None
+        self._record = None
+
+    @property
+    def record(self) -> StepRecord:
+        """The :class:`StepRecord` that ``fit``'s steps fill and read (a TrainStep has its own)."""
+        if self._record is None:
+            self._record = StepRecord(self.backend, self.dtype)
+        return self._record
 
     # -- buffers ---------------------------------------------------------------
     def _make_workspace(self, batch, training):
@@ -295,11 +342,12 @@ class Trainer:
                     reg.add_gradient(xp, w, g)
                 sums[0] += reg.penalty(xp, w) * batch
 
-    def _apply_update(self, backend):
+    def _apply_update(self, backend, hyper):
         """One optimizer update that leaves the frozen ranges -- parameters and optimizer state --
-        exactly as they were (their gradients are zeroed first, so clipping norms ignore them)."""
+        exactly as they were (their gradients are zeroed first, so clipping norms ignore them).
+        hyper: the step's scalars in the record (a backend array)."""
         if not self.frozen:
-            self.optimizer.apply(self.params, self.grads, self.segments, backend=backend)
+            self.optimizer.apply(self.params, self.grads, self.segments, backend=backend, hyper=hyper)
             return
         xp = backend.xp
         state = self.optimizer.state  # (slots, P): every optimizer slot, one row each
@@ -307,7 +355,7 @@ class Trainer:
         for start, stop in self.frozen:
             self.grads[start:stop] = 0
             kept.append((xp.copy(self.params[start:stop]), None if state is None else xp.copy(state[:, start:stop])))
-        self.optimizer.apply(self.params, self.grads, self.segments, backend=backend)
+        self.optimizer.apply(self.params, self.grads, self.segments, backend=backend, hyper=hyper)
         for (start, stop), (params, slots) in zip(self.frozen, kept):
             self.params[start:stop] = params
             if slots is not None:
@@ -324,26 +372,31 @@ class Trainer:
         for (metric, weighted_metric), state in zip(computed, acc.states):
             metric.update(backend.xp, pred, ws.t, w if weighted_metric else None, state)
 
-    def train_step(self, ws, acc, weighted, backend=None, global_rows=None):
+    def train_step(self, ws, acc, weighted, backend=None, global_rows=None, record=None):
         """Forward, loss, backward and one optimizer update on the batch held in ``ws``.
 
         global_rows: the rows of the whole batch when ``ws`` holds this
         process's slice of it (a distributed fit); ``gradient_reduction``
         then combines the slices' gradients before the update.  A slice may
-        be empty (its gradient is zero).
+        be empty (its gradient is zero).  record: a :class:`StepRecord` the
+        caller has already filled for this step; by default the trainer's
+        own, filled here.
         """
         b = backend or self.backend
+        if record is None:
+            record = self.record
+            record.fill(self.optimizer.iterations, self.optimizer.step_scalars())
         if ws.batch:
-            self._gradients(b, ws, acc, weighted)
+            self._gradients(b, ws, acc, weighted, record)
         else:
             self.grads[...] = 0
         if self.gradient_reduction is not None:
             self.gradient_reduction(b, self.grads, ws.batch, ws.batch if global_rows is None else global_rows)
-        self._apply_update(b)
+        self._apply_update(b, record.hyper)
 
-    def _gradients(self, b, ws, acc, weighted):
+    def _gradients(self, b, ws, acc, weighted, record):
         acts = self.objective.train_activations
-        out = self.forward(b, ws.x, ws, acts, TrainingPhase(self.optimizer.iterations))
+        out = self.forward(b, ws.x, ws, acts, TrainingPhase(self.optimizer.iterations, record.step))
         self.objective.loss_grad(b, out, ws.t, ws.w if weighted else None, ws.g[-1], acc.sums)
         self._update_metrics(b, out, ws, acc, weighted)
         for step in reversed(self.steps(acts)):
@@ -460,16 +513,54 @@ class Trainer:
 _BACKEND_CALLS = ("take_rows", "linear_forward", "linear_backward", "loss_grad", "xp")
 
 
+def _graph_mode(graph, model_backend, stand_in) -> bool:
+    """Whether a TrainStep captures CUDA graphs (see TrainStep's ``graph``)."""
+    if graph not in (True, False, "auto"):
+        raise ValueError(f"graph: expected True, False or 'auto', got {graph!r}")
+    if graph is False:
+        return False
+    if stand_in is not None:
+        reason = "a stand-in backend was given (its calls would run once, at capture)"
+    elif model_backend.name != "cuda":
+        reason = f"the model's backend is {model_backend.name!r}; CUDA graphs need the 'cuda' backend"
+    else:
+        from gpunn._cuda import graph_capture_unavailable
+
+        reason = graph_capture_unavailable()
+    if reason is None:
+        return True
+    if graph == "auto":
+        return False
+    raise ValueError(f"graph: CUDA graphs are unavailable here: {reason}; use graph=False (eager launches) or graph='auto'")
+
+
 class TrainStep:
     """A reusable training step for exactly ``batch_size`` rows (``Sequential.make_train_step``).
 
     ``load``/``load_rows`` fill the step's own buffers, ``run`` does forward,
     loss, backward and one optimizer update without reading anything back to
     the host, and ``logs`` reads the loss and metrics accumulated by every
-    ``run`` since the step was made.  A step belongs to one thread.
+    ``run`` since the step was made.  ``bind_rows`` + ``run_rows(start)``
+    gather each batch on the device from a bound row order instead.  A step
+    belongs to one thread.
+
+    Per-step values (the step number, the optimizer's learning rate and bias
+    corrections, the batch's start in the row order) are written by the host
+    into the step's :class:`StepRecord` -- one small copy per step -- and read
+    by the kernels from there.  With ``graph`` on, the step's launches (gather,
+    forward, loss, backward, optimizer, loss/metric sums) are captured as one
+    CUDA graph at the second run of each kind (the first runs eagerly, which
+    compiles the kernels and sizes the graph's private memory pool) and
+    replayed from then on; a step that cannot be captured (e.g. a user loss
+    or metric that reads a device value on the host) warns once and stays
+    eager.  ``graph``: False (eager launches), True (graphs; ValueError where
+    they are unavailable: NumPy backend, CUDA simulator, a stand-in backend)
+    or "auto" (graphs where available, eager otherwise).  The optimizer's
+    configuration (clipping, weight decay, the optimizer itself) is captured
+    as it is at capture time: make a new step after changing it.
     """
 
-    def __init__(self, trainer, batch_size, standardize, backend=None):
+    def __init__(self, trainer, batch_size, standardize, backend=None, graph=False):
         if backend is not None and not all(hasattr(backend, name) for name in _BACKEND_CALLS):
             raise TypeError(
                 f"backend: expected an object with the Backend methods {', '.join(_BACKEND_CALLS)}, got {type(backend).__name__}"
@@ -482,6 +573,12 @@ class TrainStep:
         self._acc = trainer.accumulators(trainer.backend)
         self._weighted = False
         self._seen = 0
+        #: the per-step values this step's kernels read (see StepRecord)
+        self.record = StepRecord(trainer.backend, trainer.dtype)
+        self._rows = None
+        self.graph = _graph_mode(graph, trainer.backend, backend)
+        self._graphs = {}
+        self._graph_pool = None
 
     def _check_rows(self, argument, rows):
         if rows != self.batch_size:
@@ -536,12 +633,103 @@ class TrainStep:
         else:
             raise TypeError(f"{argument}: expected a numeric array (the model computes in {out.dtype}), got dtype {dtype}")
 
+    def bind_rows(self, X, Y, order, sample_weight=None):
+        """Bind backend-resident ``X`` (rows, features), ``Y`` (rows, ...) targets, optional
+        per-row ``sample_weight`` and ``order`` (n,) integer row indices (e.g. an epoch's
+        shuffled permutation) for :meth:`run_rows`.  ``order`` is checked on the host
+        (NumPy arrays are copied to the backend)."""
+        ws, b = self._ws, self._trainer.backend
+        if X.ndim != 2 or X.shape[1] != ws.x.shape[1]:
+            raise ValueError(f"X: expected shape (rows, {ws.x.shape[1]}), got {tuple(X.shape)}")
+        if tuple(Y.shape[1:]) != tuple(ws.t.shape[1:]) or Y.shape[0] != X.shape[0]:
+            raise ValueError(f"Y: expected shape ({X.shape[0]}, *{tuple(ws.t.shape[1:])}), got {tuple(Y.shape)}")
+        if sample_weight is not None and tuple(sample_weight.shape) != (X.shape[0],):
+            raise ValueError(f"sample_weight: expected shape ({X.shape[0]},), got {tuple(sample_weight.shape)}")
+        host_order = b.to_numpy(order)
+        if host_order.ndim != 1 or host_order.dtype.kind not in "iu":
+            raise ValueError(f"order: expected a 1-D array of integer row indices, got {host_order.dtype} of shape {host_order.shape}")
+        if host_order.size and (host_order.min() < 0 or host_order.max() >= X.shape[0]):
+            raise ValueError(f"order: row indices must lie in [0, {X.shape[0]}), got [{host_order.min()}, {host_order.max()}]")
+        as_data = lambda a: a if a.dtype == ws.x.dtype else b.asarray(a, dtype=ws.x.dtype)  # noqa: E731
+        weights = None if sample_weight is None else as_data(sample_weight)
+        self._rows = (as_data(X), as_data(Y), weights, b.asarray(host_order.astype(np.int64)))
+        # the bound arrays' addresses are baked into a captured graph: capture again
+        self._graphs = {key: graph for key, graph in self._graphs.items() if key[0] != "rows"}
+
+    def run_rows(self, start):
+        """Gather rows ``order[start : start + batch_size]`` of the bound arrays on the device
+        (the start is read from the step's record), then :meth:`run` on them."""
+        if self._rows is None:
+            raise RuntimeError("TrainStep.run_rows: bind the data first with step.bind_rows(X, Y, order)")
+        start = checks.positive_int(start, "start", minimum=0)
+        count = self._rows[3].shape[0]
+        if start + self.batch_size > count:
+            raise ValueError(f"start: a batch of {self.batch_size} rows from {start} runs past the {count} bound row indices")
+        self._weighted = self._rows[2] is not None
+        self._run("rows", start)
+
     def run(self):
         """Forward, loss, backward and one optimizer update on the loaded batch (no host sync)."""
-        if not self._trainer.active:
+        self._run("loaded", 0)
+
+    def _run(self, kind, offset):
+        trainer = self._trainer
+        if not trainer.active:
             raise RuntimeError("TrainStep.run: the model was rebuilt or recompiled since this step was made; make a new step")
-        self._trainer.train_step(self._ws, self._acc, self._weighted, self.backend)
+        optimizer = trainer.optimizer
+        self.record.fill(optimizer.iterations, optimizer.step_scalars(), offset)
+        key = (kind, self._weighted)
+        graph = self._graphs.get(key) if self.graph else None
+        if graph is not None:
+            graph.launch()
+            optimizer.iterations += 1
+        elif self.graph and key in self._graphs:  # warmed up: capture now, then replay
+            self._graphs[key] = graph = self._capture(kind)
+            if graph is None:
+                self._eager(kind)
+            else:
+                graph.launch()
+                optimizer.iterations += 1
+        elif self.graph:
+            from gpunn._cuda import graph_memory, graph_pool
+
+            if self._graph_pool is None:
+                self._graph_pool = graph_pool()
+            with graph_memory(self._graph_pool):
+                self._eager(kind)
+            self._graphs[key] = None
+        else:
+            self._eager(kind)
         self._seen += self.batch_size
+
+    def _eager(self, kind):
+        b, ws = self.backend, self._ws
+        if kind == "rows":
+            X, Y, W, order = self._rows
+            b.gather_rows(X, order, self.record.offset, ws.x)
+            b.gather_rows(Y, order, self.record.offset, ws.t)
+            if W is not None:
+                b.gather_rows(W, order, self.record.offset, ws.w)
+        self._trainer.train_step(ws, self._acc, self._weighted, b, record=self.record)
+
+    def _capture(self, kind):
+        """The step's launches captured as a graph, or None (with a warning) when capture fails."""
+        from gpunn._cuda import GraphCaptureError, capture_graph
+
+        trainer = self._trainer
+        if trainer.gradient_reduction is not None:
+            reason = "a distributed fit's gradient all-reduce runs between backward and the update"
+        else:
+            iterations = trainer.optimizer.iterations
+            try:
+                return capture_graph(lambda: self._eager(kind), self._graph_pool)
+            except GraphCaptureError as exc:
+                reason = str(exc)
+            finally:
+                trainer.optimizer.iterations = iterations  # the capture ran nothing
+        warnings.warn(f"TrainStep: the training step could not be captured as a CUDA graph ({reason}); running eager launches", RuntimeWarning, stacklevel=3)
+        self.graph = False
+        return None
 
     def logs(self) -> dict:
         """Mean loss and metrics over every ``run`` since the step was made (Keras names)."""

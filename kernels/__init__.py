@@ -7,6 +7,7 @@ use and cached.
 """
 
 from .activation import activation_backward, apply_activation
+from .gather import gather_rows
 from .linear import linear_backward_data, linear_backward_weight, linear_forward
 from .loss import loss_grad
 from .optimizers import optimizer_update
@@ -14,6 +15,7 @@ from .optimizers import optimizer_update
 __all__ = [
     "activation_backward",
     "apply_activation",
+    "gather_rows",
     "linear_backward_data",
     "linear_backward_weight",
     "linear_forward",

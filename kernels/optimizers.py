@@ -5,7 +5,9 @@ are views into them) and the optimizer's state in one (slots, P) buffer, so
 one grid-stride kernel per optimizer reads each element's gradient and state
 once and writes the new values once.  The per-element update is
 ``opmath``'s, the same function the CPU backend inlines; the step's scalars
-(learning rate, bias corrections) come from the host, in the data's dtype.
+(learning rate, bias corrections) come from the host, in the data's dtype,
+either as launch arguments or in a small device array the host fills once
+per step (what a captured CUDA graph reads at each replay).
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ def optimizer_update(opt, params, grads, state, hyper, stream=0):
     """One optimizer step in place over flat buffers (see ``Backend.optimizer_update``).
 
     params, grads: (P,); state: (S, P) with S >= 1; hyper: the step's
-    ``opmath.OPTIMIZER_SCALARS`` floats, passed by value in the data's dtype.
+    ``opmath.OPTIMIZER_SCALARS`` scalars, either host floats (passed by
+    value in the data's dtype) or a device array (OPTIMIZER_SCALARS,) of the
+    data's dtype that the kernel reads -- the device-resident form lets a
+    captured CUDA graph see each step's learning rate and bias corrections.
     """
     opt = codes.optimizer(opt)
     dt = _check_flat(params, grads=grads)
@@ -65,7 +70,11 @@ def optimizer_update(opt, params, grads, state, hyper, stream=0):
     if state is None or state.ndim != 2 or state.shape[1] != params.shape[0] or state.shape[0] < 1:
         raise ValueError(f"state: expected a ({{slots}}, {params.shape[0]}) array, got {None if state is None else tuple(state.shape)}")
     float_dtype("state", state)
-    if len(hyper) != opmath.OPTIMIZER_SCALARS:
-        raise ValueError(f"hyper: expected {opmath.OPTIMIZER_SCALARS} scalars, got {len(hyper)}")
-    h = tuple(dt.type(v) for v in hyper)
+    if hasattr(hyper, "shape"):
+        check("hyper", hyper, (opmath.OPTIMIZER_SCALARS,), dt)
+        h = hyper
+    else:
+        if len(hyper) != opmath.OPTIMIZER_SCALARS:
+            raise ValueError(f"hyper: expected {opmath.OPTIMIZER_SCALARS} scalars, got {len(hyper)}")
+        h = tuple(dt.type(v) for v in hyper)
     _launch(_optimizer_kernel(dt, opt), params, stream, params, grads, state, h)

@@ -343,12 +343,17 @@ def test_optimizer_kernels(name, config, dtype):
         state[1] *= 0.3  # the centered form needs v - a^2 > 0
     params_ref = params.copy()
     slots_ref = {slot: state[optimizer.code.slots.index(slot)].copy() for slot in optimizer.slots}
+    # the same update reading its scalars from a device array (the step record a CUDA graph replays)
+    params_dev, state_dev = params.copy(), state.copy()
     for step in range(1, STEPS + 1):
         grads = rand(rng, (P,), dtype)
         optimizer.iterations = step - 1
         lr = optimizer.learning_rate
         kernels.optimizer_update(optimizer.code, params, grads, state, optimizer.step_scalars())
+        kernels.optimizer_update(optimizer.code, params_dev, grads, state_dev, np.asarray(optimizer.step_scalars(), dtype))
         numpy_ops.optimizer_step(name, params_ref, grads, slots_ref, lr, step, optimizer.get_config())
+    np.testing.assert_array_equal(params_dev, params)
+    np.testing.assert_array_equal(state_dev, state)
     assert_close(params, params_ref, dtype, what="params")
     for slot, value in slots_ref.items():
         assert_close(state[optimizer.code.slots.index(slot)], value, dtype, what=slot)
@@ -395,6 +400,9 @@ BAD_CALLS = [
     pytest.param(lambda: kernels.optimizer_update(codes.Opt.ADAM, _f(5), _f(5), _f(2, 5), (0.0,) * 3), "hyper",
                  id="opt-hyper"),
     pytest.param(lambda: kernels.optimizer_update(77, _f(5), _f(5), _f(2, 5), (0.0,) * 8), "opt", id="opt-code"),
+    pytest.param(lambda: kernels.optimizer_update(codes.Opt.ADAM, _f(5), _f(5), _f(2, 5), _f(7)), "hyper", id="hyper-array-size"),
+    pytest.param(lambda: kernels.optimizer_update(codes.Opt.ADAM, _f(5), _f(5), _f(2, 5), _f(8, dtype=np.float64)), "hyper",
+                 id="hyper-array-dtype"),
 ]  # fmt: skip
 
 

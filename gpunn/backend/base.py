@@ -42,10 +42,25 @@ class Backend:
     def zeros(self, shape, dtype):
         return self.xp.zeros(shape, dtype=dtype)
 
+    def upload(self, host, out):
+        """``out[...] = host`` for a host NumPy array, queued behind earlier work without waiting
+        for it (``host`` may be reused as soon as this returns).  Returns ``out``."""
+        out[...] = host
+        return out
+
     def take_rows(self, src, index, out):
         """``out[:] = src[index]`` for a 1-D integer ``index`` (a batch gather)."""
         self.xp.take(src, index, axis=0, out=out)
         return out
+
+    def gather_rows(self, src, order, offset, out):
+        """``out[:] = src[order[offset[0] : offset[0] + len(out)]]``: a batch gather whose start is
+        read from ``offset``, an integer array (1,) on the backend (so a captured CUDA graph gathers
+        the batch the host named for this step).  src (R, C) or (R,) of out's dtype; order (n,)
+        integer row indices.  Positions outside ``order`` or indices outside ``src`` give NaN rows."""
+        from gpunn.backend import numpy_ops
+
+        return numpy_ops.gather_rows(src, order, offset, out)
 
     def free_device_bytes(self):
         """Free memory on the device the arrays live on, or None when host memory is used."""
@@ -112,7 +127,9 @@ class Backend:
         opt: a :class:`gpunn.codes.Opt`.  Updated in place: params (P,) and
         state (S, P), one row per slot of ``opt.slots`` up to the last the
         optimizer uses.  Read only: grads (P,).  hyper: the step's
-        ``opmath.OPTIMIZER_SCALARS`` host floats (the Optimizer computes them).
+        ``opmath.OPTIMIZER_SCALARS`` scalars (the Optimizer computes them), as host floats
+        or as a backend array (OPTIMIZER_SCALARS,) of params' dtype (read on the device:
+        the per-step record a captured CUDA graph reads).
         """
         raise NotImplementedError
 

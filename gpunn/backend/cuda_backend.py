@@ -38,6 +38,15 @@ class CudaBackend(Backend):
             return np.asarray(a)
         return self.xp.asnumpy(a)
 
+    def upload(self, host, out):
+        if self._simulator:
+            out[...] = host
+        else:
+            # an asynchronous copy on the current stream: pageable host memory is staged by the
+            # driver before the call returns, so ``host`` may be refilled at once
+            out.set(np.ascontiguousarray(host), stream=self.xp.cuda.get_current_stream())
+        return out
+
     def take_rows(self, src, index, out):
         self.xp.take(src, index, axis=0, out=out)
         return out
@@ -121,4 +130,10 @@ class CudaBackend(Backend):
 
     def optimizer_update(self, opt, params, grads, state, hyper):
         d = self._dev
+        hyper = d(hyper) if hasattr(hyper, "shape") else hyper
         kernels.optimizer_update(opt, d(params), d(grads), d(state), hyper, stream=self._stream())
+
+    def gather_rows(self, src, order, offset, out):
+        d = self._dev
+        kernels.gather_rows(d(src), d(order), d(offset), d(out), stream=self._stream())
+        return out

@@ -363,6 +363,21 @@ _KERAS_LOSSES = {
 }
 
 
+def gather_rows(src, order, offset, out):
+    """``out[i] = src[order[offset[0] + i]]`` for every row ``i`` of out (a batch gather at an offset
+    held in a (1,) integer array).  Rows whose position ``offset[0] + i`` falls outside ``order``,
+    or whose index falls outside ``src``, are NaN.  Returns ``out``."""
+    start = int(offset[0])
+    positions = start + np.arange(out.shape[0])
+    inside = (positions >= 0) & (positions < order.shape[0])
+    rows = np.full(out.shape[0], -1, dtype=np.int64)
+    rows[inside] = order[positions[inside]]
+    valid = (rows >= 0) & (rows < src.shape[0])
+    out[...] = np.nan
+    out[valid] = src[rows[valid]]
+    return out
+
+
 def loss_grad(kind, pred, target, weight, grad, sums, param=0.0):
     """Loss and its gradient in one pass.
 

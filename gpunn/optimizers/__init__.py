@@ -126,18 +126,20 @@ class Optimizer:
     def _scalars(self, lr: float, t: int) -> tuple:
         raise NotImplementedError
 
-    def apply(self, params, grads, segments, backend=None) -> None:
+    def apply(self, params, grads, segments, backend=None, hyper=None) -> None:
         """One update of the flat ``params`` (P,) from ``grads`` (P,).
 
         segments: (start, stop) of each variable in the flat buffers, used
         by per-variable clipping.  backend: the object making the numeric
         calls (by default the one the optimizer was built on; a stand-in
-        such as a timing proxy may be passed).
+        such as a timing proxy may be passed).  hyper: None, or a backend
+        array already holding this step's :meth:`step_scalars` (the training
+        step's device-resident record), which the update then reads.
         """
         backend = backend or self._backend
         if self.clipvalue is not None or self.clipnorm is not None or self.global_clipnorm is not None:
             self._clip(grads, segments, backend)
-        h = self.step_scalars()
+        h = self.step_scalars() if hyper is None else hyper
         backend.optimizer_update(self.code, params, grads, self.state, h)
         self.iterations += 1
 
