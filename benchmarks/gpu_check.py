@@ -1,7 +1,7 @@
 """One-command check of gpunn's CUDA kernels on a real GPU, under 3 minutes.
 
     python benchmarks/gpu_check.py            # everything
-    python benchmarks/gpu_check.py --only correctness,ops,train --budget 170
+    python benchmarks/gpu_check.py --only correctness,ops,train,graphs,cache --budget 170
     python benchmarks/gpu_check.py --selftest # every path in Numba's CUDA simulator, tiny shapes (CPU only)
 
 Needs ``pip install '.[cuda12,test]'`` (CuPy, numba-cuda, pytest and the
@@ -15,7 +15,11 @@ Needs ``pip install '.[cuda12,test]'`` (CuPy, numba-cuda, pytest and the
     fraction of the FP32 peak;
 (c) train: ``gpunn.bench.gpu.time_training`` -- epochs of the reference MLP
     784-256-256-10 through ``model.make_train_step`` at batch 128, 1024 and
-    8192, against PyTorch eager FP32 on CUDA where it is installed.
+    8192, against PyTorch eager FP32 on CUDA where it is installed;
+(d) graphs: ``gpunn.bench.gpu.time_graphs`` -- the same Adam step replayed as
+    a CUDA graph (``make_train_step(batch, graph=True)``) against eager launches;
+(e) cache: ``gpunn.bench.gpu.time_first_step`` -- a fresh process's time to
+    its first training step with a cold, then a warm on-disk kernel cache.
 
 Targets reported against: fused forward >= 1.3x faster than CuPy unfused at
 batch 65536 for 64->64 and 256->256; fused forward >= 0.5x cuBLAS SGEMM at
@@ -37,12 +41,12 @@ import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests", "test_gpu_kernels.py")
-SECTIONS = ("correctness", "ops", "train")
+SECTIONS = ("correctness", "ops", "train", "graphs", "cache")
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: correctness, ops, train")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
     p.add_argument("--budget", type=float, default=170.0, help="seconds; later items are skipped past their share")
     p.add_argument("--selftest", action="store_true", help="run every code path in Numba's CUDA simulator, tiny shapes")
     args = p.parse_args(argv)
@@ -104,24 +108,30 @@ def main(argv=None) -> int:
     if "correctness" in args.sections:
         passed, correctness = run_correctness(args.selftest, max(120.0, 0.6 * args.budget))
         log(f"correctness: {correctness}")
-    ops, train, targets, notes = [], None, [], []
+    ops, train, graphs, first, targets, notes = [], None, None, None, [], []
     # in the simulator timings mean nothing: one pass through every path is enough
     policy = timing.Policy(2, 2, 10.0, 1, 0) if args.selftest else gpu.GPU_POLICY
-    for section in ("ops", "train"):
+    for section in ("cache", "ops", "train", "graphs"):  # cache first: its processes start cold
         if section not in args.sections:
             continue
         try:
             if section == "ops":
                 ops, more_targets, more_notes = gpu.time_ops(device, args.selftest, dev["peak_gflops"], over_budget, policy)
-            else:
+            elif section == "train":
                 dims, rows, more_targets, more_notes = gpu.time_training(args.selftest, over_budget, policy)
                 train = (dims, rows)
+            elif section == "graphs":
+                dims, rows, more_notes = gpu.time_graphs(args.selftest, over_budget, policy)
+                graphs, more_targets = (dims, rows), []
+            else:
+                first, more_targets, more_notes = gpu.time_first_step(args.selftest), [], []
             targets += more_targets
             notes += more_notes
+            log(f"{section}: done")
         except Exception as exc:
             notes.append(f"{section}: stopped by {type(exc).__name__}: {exc}")
             traceback.print_exc()
-    print("\n".join(gpu.summary_lines(dev, correctness, ops, train, targets, notes, machine.cpu_label(), policy)))
+    print("\n".join(gpu.summary_lines(dev, correctness, ops, train, targets, notes, machine.cpu_label(), policy, graphs, first)))
     log("done")
     return 0 if passed else 1
 

@@ -530,11 +530,10 @@ def capture_graph(body, pool) -> CapturedGraph:
     stream = cupy.cuda.Stream(non_blocking=True)
     # the capture stream starts after the work queued so far (outside the graph)
     stream.wait_event(current.record())
-    mode = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", None)
     graph = None
     try:
         with stream, graph_memory(pool):
-            stream.begin_capture() if mode is None else stream.begin_capture(mode)
+            stream.begin_capture()  # CuPy's default mode is relaxed: allocations may happen
             try:
                 body()
             finally:

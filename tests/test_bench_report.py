@@ -446,3 +446,24 @@ def test_gpu_timings_run_on_the_simulator():
     lines = "\n".join(gpu.summary_lines(dev, "passed", ops, train, targets, notes, machine.cpu_label(), once))
     assert "gpu_check summary" in lines and "Numba CUDA simulator" in lines and machine.cpu_name() in lines
     assert "UNRELIABLE" in lines and "fwd relu 64x16->16" in lines
+
+
+@pytest.mark.simulator
+def test_gpu_graph_and_first_step_timings_run_on_the_simulator():
+    """gpu_check's "graphs" and "cache" rows: their code paths on the simulator (no graph can be
+    captured there and nothing is compiled to a cubin, and the rows say so)."""
+    if not cuda_status().simulator:
+        pytest.skip("runs on Numba's CUDA simulator only")
+    from gpunn.bench import gpu
+
+    once = timing.Policy(windows=1, quorum=1, margin=1.0, retry_windows=1, retries=0)
+    dims, rows, notes = gpu.time_graphs(True, policy=once)
+    assert dims == "20-16-16-3" and [r["batch"] for r in rows] == [8]
+    assert rows[0]["captured"] is False and rows[0]["eager_step_ms"] > 0 and rows[0]["graph_step_ms"] > 0
+    assert notes == ["graphs: batch 8: no graph was captured (eager in both columns)"]
+    first = gpu.time_first_step(True, timeout_s=300)
+    assert set(first) == {"cold", "warm"} and all(first[k]["seconds"] > 0 for k in first)
+    assert all(first[k]["stats"]["compiled"] == 0 for k in first)  # the simulator compiles no cubins
+    dev = gpu.describe_device(gpu.Device())
+    lines = "\n".join(gpu.summary_lines(dev, "passed", [], None, [], notes, machine.cpu_label(), once, (dims, rows), first))
+    assert "(not captured: eager)" in lines and "cold kernel cache:" in lines and "warm kernel cache:" in lines

@@ -8,6 +8,11 @@
 * ``time_training``: epochs of the reference MLP through the public
   ``model.make_train_step`` on device-resident data, against PyTorch eager
   FP32 on CUDA (TF32 off) where it is installed.
+* ``time_graphs``: the same epochs with the whole step captured as a CUDA
+  graph and replayed (``make_train_step(batch, graph=True)``) against eager
+  launches of the same step.
+* ``time_first_step``: a fresh process's time to its first training step with
+  a cold and with a warm on-disk kernel cache (``gpunn.kernel_cache``).
 
 Both interleave their contenders and judge every figure's windows with
 :mod:`gpunn.bench.timing`.  Under Numba's CUDA simulator (``selftest``) every
@@ -18,7 +23,13 @@ tests marked ``gpu`` in ``tests/test_gpu_kernels.py``.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -355,6 +366,102 @@ def device_epoch(trainer: GpunnTrainer, x, y, batch, seed=0):
     return epoch, steps
 
 
+def bound_epoch(trainer: GpunnTrainer, x, y, batch, graph, seed=0):
+    """(epoch(), steps, step): shuffled epochs whose batches are gathered on the device at an
+    offset read from the step's record (``bind_rows`` + ``run_rows``), eager or as CUDA graphs."""
+    model = trainer.model
+    b = model.backend
+    X, Y = b.asarray(x, dtype=model.dtype), b.asarray(y, dtype=model.dtype)
+    step = model.make_train_step(batch, graph=graph)
+    n = x.shape[0]
+    steps = n // batch
+    rng = np.random.default_rng(seed)
+
+    def epoch():
+        step.bind_rows(X, Y, rng.permutation(n))
+        for i in range(steps):
+            step.run_rows(i * batch)
+        b.synchronize()
+
+    return epoch, steps, step
+
+
+def time_graphs(selftest: bool, over_budget=lambda share: False, policy=GPU_POLICY):
+    """(dims text, rows, notes): a training step replayed as a CUDA graph against eager launches.
+
+    Both contenders start from the same weights and run the same device-gather step; under the
+    simulator graphs are unavailable and both columns are eager (``graph="auto"``).
+    """
+    if selftest:
+        dims, n, batches = (20, 16, 16, 3), 16, (8,)
+    else:
+        dims, n, batches = REFERENCE_DIMS, 65536, (128, 1024, 8192)
+    x, y = synthetic_data(n, dims)
+    rows, notes = [], []
+    for batch in batches:
+        if over_budget(0.95):
+            notes.append(f"graphs: batch {batch} skipped (time budget)")
+            continue
+        eager = GpunnTrainer("cuda", dims, "adam", 1e-3)
+        graphed = GpunnTrainer("cuda", dims, "adam", 1e-3, weights=eager.weights())
+        eager_epoch, steps, _ = bound_epoch(eager, x, y, batch, graph=False)
+        graph_epoch, _, graph_step = bound_epoch(graphed, x, y, batch, graph="auto" if selftest else True)
+        eager_epoch()
+        graph_epoch()  # warm-up run, then the capture at the second step
+        got = timing.measure({"eager": _seconds(eager_epoch), "graph": _seconds(graph_epoch)}, policy)
+        rows.append({
+            "batch": batch, "steps": steps, "eager_step_ms": got["eager"].best / steps * 1e3,
+            "graph_step_ms": got["graph"].best / steps * 1e3, "speedup": got["eager"].best / got["graph"].best,
+            "captured": bool(graph_step.graph), "reliable": all(v.reliable for v in got.values()),
+        })  # fmt: skip
+        if not graph_step.graph:
+            notes.append(f"graphs: batch {batch}: no graph was captured (eager in both columns)")
+    return "-".join(map(str, dims)), rows, notes
+
+
+#: A fresh process: import gpunn, build and compile a small model, one training step, synchronise.
+FIRST_STEP_SCRIPT = textwrap.dedent(
+    """
+    import json, time
+    start = time.perf_counter()
+    import numpy as np
+    import gpunn
+    from gpunn import kernel_cache
+
+    with gpunn.use_backend("cuda"):
+        model = gpunn.Sequential([gpunn.Input(shape=(32,)), gpunn.layers.Dense(64, activation="relu"),
+                                  gpunn.layers.Dense(10, activation="softmax")], dtype="float32")
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        x = np.random.default_rng(0).standard_normal((256, 32)).astype(np.float32)
+        y = (np.arange(256) % 10).astype(np.float32)
+        model.train_on_batch(x, y)
+        model.backend.synchronize()
+    print(json.dumps({"seconds": time.perf_counter() - start, "stats": vars(kernel_cache.stats)}))
+    """
+)
+
+
+def time_first_step(selftest: bool, timeout_s=600.0):
+    """{"cold", "warm"}: each a fresh process's seconds from start to its first finished training
+    step and its kernel-cache counters, first with an empty cache directory, then with the one the
+    first process filled."""
+    env = dict(os.environ)
+    if selftest:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    else:
+        env.pop("NUMBA_ENABLE_CUDASIM", None)
+    env.pop("GPUNN_KERNEL_CACHE", None)
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="gpunn-kernel-cache-") as cache_dir:
+        env["GPUNN_KERNEL_CACHE_DIR"] = cache_dir
+        for name in ("cold", "warm"):
+            proc = subprocess.run([sys.executable, "-c", FIRST_STEP_SCRIPT], env=env, capture_output=True, text=True, timeout=timeout_s, cwd=cache_dir)
+            if proc.returncode != 0:
+                raise RuntimeError(f"first-step process ({name} cache) failed: {proc.stderr.strip().splitlines()[-1:]}")
+            result[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def _torch_cuda(selftest, notes):
     """The torch module set up for an FP32 comparison (TF32 off), or None (with a note why)."""
     try:
@@ -455,14 +562,38 @@ def train_table(dims, rows) -> list[str]:
     return lines
 
 
-def summary_lines(dev, correctness: str, ops, train, targets, notes, cpu: str, policy=GPU_POLICY) -> list[str]:
+def graph_table(dims, rows) -> list[str]:
+    lines = [f"{'graphs ' + dims + ' (adam)':28} {'batch':>6} {'steps':>6} {'eager ms/step':>14} {'graph ms/step':>14} {'eager/graph time':>17}"]
+    for r in rows:
+        flag = ("" if r["captured"] else "  (not captured: eager)") + ("" if r["reliable"] else "  UNRELIABLE")
+        lines.append(f"{'':28} {r['batch']:6d} {r['steps']:6d} {r['eager_step_ms']:14.3f} {r['graph_step_ms']:14.3f} {r['speedup']:16.2f}x{flag}")
+    return lines
+
+
+def first_step_lines(first) -> list[str]:
+    lines = ["first step of a fresh process (import, build, compile, one train_on_batch):"]
+    for name in ("cold", "warm"):
+        run = first[name]
+        st = run["stats"]
+        lines.append(
+            f"  {name} kernel cache: {run['seconds']:.2f} s  (kernels compiled {st['compiled']}, loaded from the cache {st['hits']}, stored {st['stored']})"
+        )
+    return lines
+
+
+def summary_lines(dev, correctness: str, ops, train, targets, notes, cpu: str, policy=GPU_POLICY, graphs=None, first=None) -> list[str]:
     """The closing summary of gpu_check: device, correctness verdict, tables, targets, notes."""
     lines = ["", "=" * 100, "gpu_check summary", _device_line(dev), f"host CPU: {cpu}", f"correctness: {correctness}"]
     if ops:
         lines += ["", *ops_table(ops)]
     if train:
         lines += ["", *train_table(*train)]
+    if graphs:
+        lines += ["", *graph_table(*graphs)]
+    if first:
+        lines += ["", *first_step_lines(first)]
     unreliable = sum(not r["reliable"] for r in ops) + (sum(not r["reliable"] for r in train[1]) if train else 0)
+    unreliable += sum(not r["reliable"] for r in graphs[1]) if graphs else 0
     if unreliable:
         lines += ["", f"WARNING: {unreliable} figure(s) UNRELIABLE: their {policy.quorum} fastest windows disagree by more than {policy.margin:.0%}."]
     if targets:
