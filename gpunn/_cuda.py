@@ -303,13 +303,15 @@ def rebuild_kernel(entry_name, argtypes, cc, cubin: bytes):
     from numba.cuda.cudadrv.driver import ObjectCode
 
     cc = tuple(cc)
+    image = ObjectCode.from_cubin(bytes(cubin), name=entry_name)
     library = codegen_module.CUDACodeLibrary._rebuild(
         codegen=None,
         name=entry_name,
         entry_name=entry_name,
         llvm_strs=None,
         ptx_cache={},
-        cubin_cache={cc: ObjectCode.from_cubin(bytes(cubin), name=entry_name)},
+        # keyed as numba-cuda keys the current device's cubin, with or without the "a" suffix
+        cubin_cache={cc: image, cc[:2]: image},
         linkerinfo_cache={},
         max_registers=None,
         nvvm_options={},

@@ -17,7 +17,7 @@ the cache off.  Deleting the directory is always safe.
 
 Key: the variant name, the Numba argument types, the target compute
 capability, the compile options, the gpunn / numba / numba-cuda / NVVM
-versions and a SHA-256 of the kernel sources (``gpunn/kernels/*.py``,
+versions (and those of the CUDA compiler wheels, when installed) and a SHA-256 of the kernel sources (``gpunn/kernels/*.py``,
 ``opmath.py``, ``codes.py``, ``_cuda.py``, this file).  Any change gives a new
 entry; stale entries are never read.
 
@@ -109,7 +109,8 @@ def digest_files(paths) -> str:
 def package_versions() -> dict:
     """Versions of the packages whose code generation a cached kernel depends on."""
     found = {}
-    for name in ("gpunn", "numba", "numba-cuda"):
+    # the CUDA compiler (libNVVM, nvJitLink) comes from the nvidia wheels when installed that way
+    for name in ("gpunn", "numba", "numba-cuda", "cuda-bindings", "nvidia-cuda-nvcc-cu12", "nvidia-nvjitlink-cu12", "nvidia-cuda-nvcc"):
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -58,7 +58,7 @@ def test_key_changes_with_each_input(field):
 
 def test_package_versions_change_the_key():
     versions = kernel_cache.package_versions()
-    assert set(versions) == {"gpunn", "numba", "numba-cuda"}
+    assert {"gpunn", "numba", "numba-cuda", "cuda-bindings"} <= set(versions) and versions["numba"] != "absent"
     bumped = {**versions, "numba-cuda": versions["numba-cuda"] + ".post1"}
     assert _key(versions=versions) != _key(versions=bumped)
 

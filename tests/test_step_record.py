@@ -170,6 +170,8 @@ def test_graph_switch_is_checked():
             model.make_train_step(8, graph="yes")
         assert model.make_train_step(8, graph="auto").graph is False
         assert model.make_train_step(8).graph is False
+        with pytest.raises(ValueError, match="stand-in backend"):
+            model.make_train_step(8, backend=model.backend, graph=True)
 
 
 @pytest.mark.simulator
