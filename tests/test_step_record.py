@@ -224,3 +224,107 @@ def test_graph_replay_gives_the_same_weights_as_eager_launches():
         le, lg = steps["eager"].logs(), steps["graph"].logs()
         assert le.keys() == lg.keys() and all(abs(le[k] - lg[k]) <= 1e-5 * max(1.0, abs(le[k])) for k in le)
         assert eager.optimizer.iterations == graphed.optimizer.iterations == 11
+
+
+# -- the graph bookkeeping, without a GPU: a stand-in capture with a graph's semantics -----------
+
+_STEP_CALLS = ("gather_rows", "linear_forward", "linear_backward", "loss_grad", "optimizer_update", "softmax", "softmax_backward")
+
+
+class _Replay:
+    """A "graph" of recorded backend calls: each replay runs them again with the very arguments
+    they were captured with -- host scalars frozen, arrays read as they are at replay time."""
+
+    def __init__(self, calls):
+        self.calls = calls
+        self.launches = 0
+
+    def launch(self):
+        self.launches += 1
+        for method, args, kwargs in self.calls:
+            method(*args, **kwargs)
+
+
+def _stand_in_capture(monkeypatch, backend, fail=False):
+    import contextlib
+
+    import gpunn._cuda
+    import gpunn.training
+
+    graphs = []
+
+    def capture_graph(body, pool):
+        if fail:
+            raise gpunn._cuda.GraphCaptureError("stand-in failure")
+        calls = []
+        originals = {name: getattr(backend, name) for name in _STEP_CALLS}
+        for name in _STEP_CALLS:
+            setattr(backend, name, lambda *a, _m=originals[name], **k: calls.append((_m, a, k)))
+        try:
+            body()
+        finally:
+            for name in _STEP_CALLS:
+                delattr(backend, name)
+        graphs.append(_Replay(calls))
+        return graphs[-1]
+
+    monkeypatch.setattr(gpunn.training, "_graph_mode", lambda graph, model_backend, stand_in: graph is True)
+    monkeypatch.setattr(gpunn._cuda, "capture_graph", capture_graph)
+    monkeypatch.setattr(gpunn._cuda, "graph_pool", lambda: None)
+    monkeypatch.setattr(gpunn._cuda, "graph_memory", lambda pool: contextlib.nullcontext())
+    return graphs
+
+
+def _eager_and_graphed(run_both):
+    with gpunn.use_backend("numpy"):
+        eager, graphed = _model(), _model()
+        run_both(eager, eager.make_train_step(8), graphed, graphed.make_train_step(8, graph=True))
+    return eager, graphed
+
+
+def test_replayed_steps_read_every_per_step_value_from_the_record(monkeypatch):
+    """Replays with frozen host arguments (what a CUDA graph does) give the eager weights bit for
+    bit: the schedule's learning rate, Adam's bias corrections and the batch start all change at
+    every step and reach the kernels only through the record."""
+    x, y = _data()
+    order = np.random.default_rng(4).permutation(40)
+    graphs = _stand_in_capture(monkeypatch, gpunn.backend.current())
+
+    def run_both(eager, eager_step, graphed, graph_step):
+        for model, step in ((eager, eager_step), (graphed, graph_step)):
+            step.bind_rows(model.backend.asarray(x), model.backend.asarray(y), order)
+            for start in (0, 8, 16, 24, 32, 8):
+                step.run_rows(start)
+            for start in (0, 8, 16):
+                step.load(x[start : start + 8], y[start : start + 8])
+                step.run()
+
+    eager, graphed = _eager_and_graphed(run_both)
+    assert len(graphs) == 2 and [g.launches for g in graphs] == [5, 2]  # warm-up, capture + launch, replays
+    assert {m.__name__ for g in graphs for m, _, _ in g.calls} >= {"gather_rows", "linear_forward", "linear_backward", "loss_grad", "optimizer_update"}
+    for we, wg in zip(eager.get_weights(), graphed.get_weights()):
+        np.testing.assert_array_equal(wg, we)
+    assert eager.optimizer.iterations == graphed.optimizer.iterations == 9
+
+
+def test_failed_capture_warns_once_and_runs_eager(monkeypatch):
+    x, y = _data(24)
+    _stand_in_capture(monkeypatch, gpunn.backend.current(), fail=True)
+
+    def run_both(eager, eager_step, graphed, graph_step):
+        for step in (eager_step, graph_step):
+            step.load(x[:8], y[:8])
+            if step is graph_step:
+                step.run()
+                with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph .*stand-in failure"):
+                    step.run()
+                assert step.graph is False
+                step.run()
+            else:
+                for _ in range(3):
+                    step.run()
+
+    eager, graphed = _eager_and_graphed(run_both)
+    for we, wg in zip(eager.get_weights(), graphed.get_weights()):
+        np.testing.assert_array_equal(wg, we)
+    assert eager.optimizer.iterations == graphed.optimizer.iterations == 3
