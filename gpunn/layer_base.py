@@ -71,6 +71,10 @@ class Layer:
     _counter: dict[str, int] = {}
     #: whether the layer's output size differs from its input size
     changes_width = False
+    #: whether a training step with this layer can be captured as a CUDA graph and replayed: False
+    #: for layers whose per-step values do not come from device memory (e.g. random draws keyed
+    #: on the host by ``TrainingPhase.step``; a replay would repeat the captured draw)
+    graph_safe = True
 
     def __init__(self, name=None, trainable=True, input_shape=None, input_dim=None, dtype=None):
         if name is None:

@@ -145,6 +145,9 @@ class Dropout(Layer):
             raise ValueError(f"noise_shape: gpunn's Dropout draws one mask value per feature; got {noise_shape!r}")
         self.seed = layers_ops.draw_seed() if seed is None else checks.positive_int(seed, "seed", minimum=0)
 
+    #: the mask is drawn by a generator keyed on the host (see layers_ops.uniform)
+    graph_safe = False
+
     def make_buffers(self, backend, batch, dtype, activation, training):
         return backend.empty((batch, self.input_dim), dtype) if training and self.rate > 0 else None
 
@@ -173,6 +176,9 @@ class Dropout(Layer):
 
 class GaussianNoise(Layer):
     """In training adds zero-mean Gaussian noise of standard deviation ``stddev``; identity at inference."""
+
+    #: the noise is drawn by a generator keyed on the host (see layers_ops.normal)
+    graph_safe = False
 
     def __init__(self, stddev, seed=None, **kwargs):
         super().__init__(**kwargs)

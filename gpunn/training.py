@@ -717,7 +717,10 @@ class TrainStep:
         from gpunn._cuda import GraphCaptureError, capture_graph
 
         trainer = self._trainer
-        if trainer.gradient_reduction is not None:
+        unsafe = [layer.name for layer in trainer.layers if not getattr(layer, "graph_safe", True)]
+        if unsafe:
+            reason = f"layer(s) {', '.join(unsafe)} draw per-step random numbers from host-side state, which a replay would repeat"
+        elif trainer.gradient_reduction is not None:
             reason = "a distributed fit's gradient all-reduce runs between backward and the update"
         else:
             iterations = trainer.optimizer.iterations

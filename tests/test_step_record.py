@@ -328,3 +328,29 @@ def test_failed_capture_warns_once_and_runs_eager(monkeypatch):
     for we, wg in zip(eager.get_weights(), graphed.get_weights()):
         np.testing.assert_array_equal(wg, we)
     assert eager.optimizer.iterations == graphed.optimizer.iterations == 3
+
+
+def test_layers_with_host_keyed_draws_are_not_captured(monkeypatch):
+    """Dropout and GaussianNoise draw from generators keyed on the host: a graph would replay one
+    draw, so the step refuses to capture (warning) and trains eagerly, like an eager step."""
+    x, y = _data(16)
+    graphs = _stand_in_capture(monkeypatch, gpunn.backend.current())
+    with gpunn.use_backend("numpy"):
+        weights = []
+        for graph in (False, True):
+            gpunn.utils.set_random_seed(9)
+            model = gpunn.Sequential([gpunn.layers.Input((5,)), gpunn.layers.Dense(6), gpunn.layers.Dropout(0.3), gpunn.layers.GaussianNoise(0.1), gpunn.layers.Dense(3)])
+            model.compile(optimizer="adam", loss=gpunn.losses.SparseCategoricalCrossentropy(from_logits=True))
+            step = model.make_train_step(8, graph=graph)
+            step.load(x[:8], y[:8])
+            step.run()
+            if graph:
+                with pytest.warns(RuntimeWarning, match=r"dropout(_\d+)?, gaussian_noise(_\d+)? draw per-step random numbers"):
+                    step.run()
+            else:
+                step.run()
+            step.run()
+            weights.append(model.get_weights())
+    assert not graphs
+    for we, wg in zip(*weights):
+        np.testing.assert_array_equal(wg, we)
