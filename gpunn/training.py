@@ -515,9 +515,9 @@ _BACKEND_CALLS = ("take_rows", "linear_forward", "linear_backward", "loss_grad",
 
 def _graph_mode(graph, model_backend, stand_in) -> bool:
     """Whether a TrainStep captures CUDA graphs (see TrainStep's ``graph``)."""
-    if graph not in (True, False, "auto"):
+    if not (isinstance(graph, (bool, np.bool_)) or (isinstance(graph, str) and graph == "auto")):
         raise ValueError(f"graph: expected True, False or 'auto', got {graph!r}")
-    if graph is False:
+    if graph != "auto" and not graph:
         return False
     if stand_in is not None:
         reason = "a stand-in backend was given (its calls would run once, at capture)"

@@ -166,8 +166,9 @@ def test_graph_switch_is_checked():
         model = _model()
         with pytest.raises(ValueError, match="graph: CUDA graphs are unavailable here: the model's backend is 'numpy'"):
             model.make_train_step(8, graph=True)
-        with pytest.raises(ValueError, match="graph: expected True, False or 'auto'"):
-            model.make_train_step(8, graph="yes")
+        for bad in ("yes", 0, 1, None):
+            with pytest.raises(ValueError, match="graph: expected True, False or 'auto'"):
+                model.make_train_step(8, graph=bad)
         assert model.make_train_step(8, graph="auto").graph is False
         assert model.make_train_step(8).graph is False
         with pytest.raises(ValueError, match="stand-in backend"):
