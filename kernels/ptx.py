@@ -5,8 +5,8 @@
 writes ``DIR/<variant>.ptx`` and ``DIR/index.json``, a list of
 ``{"name", "file", "role", "dtype", "threads_per_block"}``.  ``role`` is
 ``forward``, ``backward_data`` or ``backward_weight`` for the three
-matrix-product kernels, and ``activation``, ``loss``, ``optimizer`` or
-``fill`` for the others.
+matrix-product kernels, and ``activation``, ``loss``, ``optimizer``,
+``gather`` or ``fill`` for the others.
 
 The variants are not listed by hand: the package's own launch wrappers are
 called on small NumPy arrays while :func:`gpunn._cuda.record_launches`
@@ -138,6 +138,11 @@ def _other_calls(k, dt):
         yield f"optimizer-{tag}-{opt_name}", "optimizer", lambda o=opt: k.optimizer_update(
             o, arr(1000), arr(1000), arr(OPTIMIZER_STATE_ROWS, 1000), (0.01,) * opmath.OPTIMIZER_SCALARS
         )
+        # the same update reading its scalars from the training step's device record
+        yield f"optimizer-{tag}-{opt_name}-record", "optimizer", lambda o=opt: k.optimizer_update(
+            o, arr(1000), arr(1000), arr(OPTIMIZER_STATE_ROWS, 1000), arr(opmath.OPTIMIZER_SCALARS)
+        )
+    yield f"gather-{tag}", "gather", lambda: k.gather_rows(arr(M, N), np.arange(M), np.zeros(1, np.int64), arr(M, N))
 
 
 def record_variants(cc, multiprocessors):

@@ -26,7 +26,8 @@ FMA_SHARE_TARGET = 0.70
 #: ReLU, the float64 gradient kernels of both tiles (the most registers),
 #: forward kernels of the heaviest activations (their
 #: epilogue must not push the register tile to local memory), and the
-#: heaviest elementwise, loss and optimizer kernels.  All activations share
+#: heaviest elementwise, loss and optimizer kernels (Adam also reading its
+#: scalars from the step record) and the offset gather.  All activations share
 #: one main loop per (dtype, tile, role); `benchmarks/kernel_report.py` run
 #: by hand covers all ~530 variants (tens of minutes on 2 cores).  Not
 #: here, because they miss the targets (see the README's kernel section):
@@ -40,7 +41,7 @@ CI_SELECTION = (
     r"|^linear_forward-f32-gelu-128x128-bias$|^linear_forward-f32-mish-64x64-bias$"
     r"|^activation-f32-mish$"
     r"|^loss-f32-softmax_cce-weighted-grad$"
-    r"|^optimizer-f32-(adam|rmsprop)$"
+    r"|^optimizer-f32-(adam|rmsprop|adam-record)$|^gather-f32$"
     r"|^fill-f32$"
 )
 
