@@ -269,7 +269,11 @@ class DiskKernelCache:
         entry = store.load(self.key(argtypes, cc))
         if entry is None:
             return None
-        return rebuild_kernel(entry.meta["entry_name"], argtypes, cc, entry.payload)
+        try:
+            return rebuild_kernel(entry.meta["entry_name"], argtypes, cc, entry.payload)
+        except Exception as exc:  # e.g. numba-cuda internals changed: compile as if uncached
+            _cache_trouble(f"cannot rebuild a kernel from {store.path(self.key(argtypes, cc))} ({type(exc).__name__}: {exc})")
+            return None
 
     def save_overload(self, sig, kernel):
         from numba.cuda.core import sigutils
@@ -279,14 +283,24 @@ class DiskKernelCache:
         library = kernel._codelibrary
         if store is None or kernel.cooperative or kernel.debug or library._linking_files or library.needs_cudadevrt:
             return
-        argtypes, _ = sigutils.normalize_signature(sig)
-        cc = target_cc()
-        cubin = library.get_cubin(cc=cc)
-        payload = bytes(getattr(cubin, "code", cubin))
+        try:
+            argtypes, _ = sigutils.normalize_signature(sig)
+            cc = target_cc()
+            cubin = library.get_cubin(cc=cc)
+            payload = bytes(getattr(cubin, "code", cubin))
+        except Exception as exc:  # the kernel itself is compiled and usable; only caching fails
+            _cache_trouble(f"cannot take the cubin of {self.variant} ({type(exc).__name__}: {exc})")
+            return
         store.store(self.key(argtypes, cc), {"entry_name": kernel.entry_name, "cc": list(cc)}, payload)
 
     def flush(self):
         """Numba's ``Dispatcher`` API; entries are removed by deleting the directory."""
+
+
+def _cache_trouble(message):
+    import warnings
+
+    warnings.warn(f"gpunn kernel cache: {message}; compiling instead", kernel_cache.KernelCacheWarning, stacklevel=3)
 
 
 def rebuild_kernel(entry_name, argtypes, cc, cubin: bytes):

@@ -303,3 +303,18 @@ def test_second_process_reaches_its_first_step_without_jit(tmp_path):
     cold, warm = runs
     assert cold["stats"]["compiled"] > 0 and cold["stats"]["stored"] == cold["stats"]["compiled"]
     assert warm["stats"]["compiled"] == 0 and warm["stats"]["hits"] == cold["stats"]["compiled"]
+
+
+def test_a_kernel_that_cannot_be_rebuilt_is_compiled_instead(tmp_path, monkeypatch):
+    """If numba-cuda's internals change under the cache, loading warns and falls back to compiling."""
+    from gpunn import _cuda
+
+    monkeypatch.setenv(kernel_cache.DIRECTORY_VARIABLE, str(tmp_path))
+    cache = _cuda.DiskKernelCache("optimizer/float32/ADAM", {"launch_bounds": 256})
+    key = cache.key(["array(float32, 1d, C)"], (9, 0, "a"))
+    KernelCache(tmp_path).store(key, {"entry_name": "k", "cc": [9, 0, "a"]}, b"not a cubin")
+    monkeypatch.setattr(_cuda, "target_cc", lambda cc=None: (9, 0, "a"))
+    monkeypatch.setattr(_cuda, "rebuild_kernel", lambda *a: (_ for _ in ()).throw(TypeError("_rebuild() got an unexpected keyword")))
+    monkeypatch.setattr(cache, "key", lambda argtypes, cc: key)
+    with pytest.warns(KernelCacheWarning, match="cannot rebuild a kernel .*TypeError.*compiling instead"):
+        assert cache.load_overload(()) is None
