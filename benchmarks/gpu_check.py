@@ -9,7 +9,9 @@ Needs ``pip install '.[cuda12,test]'`` (CuPy, numba-cuda, pytest and the
 
 (a) correctness: the tests marked ``gpu`` in ``tests/test_gpu_kernels.py``
     (every kernel, float32 and float64, large ragged shapes, against
-    ``gpunn.backend.numpy_ops``), run by pytest;
+    ``gpunn.backend.numpy_ops``), ``tests/test_step_record.py`` (CUDA graph
+    replay gives eager's weights) and ``tests/test_kernel_cache.py`` (a second
+    process reaches its first step without JIT), run by pytest;
 (b) ops: ``gpunn.bench.gpu.time_ops`` -- the fused kernels against CuPy's
     unfused equivalents, device time on a primed queue, GFLOP/s and the
     fraction of the FP32 peak;
@@ -41,6 +43,8 @@ import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests", "test_gpu_kernels.py")
+#: also run by (a): graph replay vs eager weights, a second process's first step without JIT
+MORE_GPU_TESTS = [os.path.join(REPO, "tests", name) for name in ("test_step_record.py", "test_kernel_cache.py")]
 SECTIONS = ("correctness", "ops", "train", "graphs", "cache")
 
 
@@ -77,7 +81,7 @@ def run_correctness(selftest, timeout_s):
     """(passed, one-line verdict): pytest over the kernel tests, ``-m gpu`` (``-m simulator`` in a selftest)."""
     if importlib.util.find_spec("pytest") is None:
         return False, "not run: pytest is not installed (pip install '.[cuda12,test]')"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "simulator" if selftest else "gpu", TESTS]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "simulator" if selftest else "gpu", TESTS, *MORE_GPU_TESTS]
     # cwd tests/: the installed gpunn is imported, not the checkout's (which lacks gpunn.kernels)
     try:
         proc = subprocess.run(cmd, cwd=os.path.dirname(TESTS), capture_output=True, text=True, timeout=timeout_s)
