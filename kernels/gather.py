@@ -64,7 +64,7 @@ def gather_rows(src, order, offset, out, stream=0):
     if offset is None or tuple(offset.shape) != (1,) or np.dtype(offset.dtype).kind not in "iu":
         raise ValueError("offset: expected an integer array of shape (1,)")
     if src.ndim == 1:
-        src, out = src.reshape(-1, 1), out.reshape(-1, 1)
+        src, out = src.reshape(src.shape[0], 1), out.reshape(out.shape[0], 1)
     n = out.shape[0] * out.shape[1]
     if n:
         blocks = min(ceil_div(n, GATHER_THREADS), GATHER_MAX_BLOCKS)

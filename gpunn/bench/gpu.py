@@ -59,6 +59,8 @@ KNOWN_CLOCK_MHZ = {"H200": 1980, "H100": 1980, "A100": 1410, "L40S": 2520, "L4":
 TARGET_FUSED_VS_UNFUSED = 1.3
 TARGET_VS_SGEMM = 0.5
 TARGET_STEP_VS_TORCH = 1.5
+#: issue 11: a graph-replayed step's speed over PyTorch eager's, by batch (higher is better)
+TARGET_GRAPH_SPEEDUP_VS_TORCH = {128: 3.0, 8192: 1.0}
 
 #: Windows of a GPU figure: device times on a primed queue are steady, so 3 that agree within 5% suffice.
 GPU_POLICY = timing.Policy(windows=3, quorum=2, margin=0.05, retry_windows=2, retries=2)
@@ -387,17 +389,19 @@ def bound_epoch(trainer: GpunnTrainer, x, y, batch, graph, seed=0):
 
 
 def time_graphs(selftest: bool, over_budget=lambda share: False, policy=GPU_POLICY):
-    """(dims text, rows, notes): a training step replayed as a CUDA graph against eager launches.
+    """(dims text, rows, targets, notes): a training step replayed as a CUDA graph against eager
+    launches of the same step, and against PyTorch eager FP32 where it is installed.
 
-    Both contenders start from the same weights and run the same device-gather step; under the
-    simulator graphs are unavailable and both columns are eager (``graph="auto"``).
+    The gpunn contenders start from the same weights and run the same device-gather step; under
+    the simulator graphs are unavailable and both columns are eager (``graph="auto"``).
     """
     if selftest:
         dims, n, batches = (20, 16, 16, 3), 16, (8,)
     else:
         dims, n, batches = REFERENCE_DIMS, 65536, (128, 1024, 8192)
     x, y = synthetic_data(n, dims)
-    rows, notes = [], []
+    rows, targets, notes = [], [], []
+    torch = _torch_cuda(selftest, notes)
     for batch in batches:
         if over_budget(0.95):
             notes.append(f"graphs: batch {batch} skipped (time budget)")
@@ -408,15 +412,27 @@ def time_graphs(selftest: bool, over_budget=lambda share: False, policy=GPU_POLI
         graph_epoch, _, graph_step = bound_epoch(graphed, x, y, batch, graph="auto" if selftest else True)
         eager_epoch()
         graph_epoch()  # warm-up run, then the capture at the second step
-        got = timing.measure({"eager": _seconds(eager_epoch), "graph": _seconds(graph_epoch)}, policy)
-        rows.append({
+        runners = {"eager": _seconds(eager_epoch), "graph": _seconds(graph_epoch)}
+        if torch is not None:
+            t = TorchTrainer("cpu" if selftest else "cuda", dims, "adam", 1e-3, weights=eager.weights())
+            t.epoch(x, y, batch)
+            runners["torch"] = _seconds(lambda t=t, batch=batch: t.epoch(x, y, batch))
+        got = timing.measure(runners, policy)
+        row = {
             "batch": batch, "steps": steps, "eager_step_ms": got["eager"].best / steps * 1e3,
             "graph_step_ms": got["graph"].best / steps * 1e3, "speedup": got["eager"].best / got["graph"].best,
             "captured": bool(graph_step.graph), "reliable": all(v.reliable for v in got.values()),
-        })  # fmt: skip
+        }  # fmt: skip
+        if "torch" in got:
+            row["torch_step_ms"] = got["torch"].best / steps * 1e3
+            row["vs_torch"] = got["torch"].best / got["graph"].best
+            wanted = TARGET_GRAPH_SPEEDUP_VS_TORCH.get(batch)
+            if wanted is not None and row["captured"]:
+                targets.append((f"graph-replayed step at batch {batch} (adam): {row['vs_torch']:.2f}x PyTorch eager's speed (target >= {wanted})", row["vs_torch"] >= wanted))
+        rows.append(row)
         if not graph_step.graph:
             notes.append(f"graphs: batch {batch}: no graph was captured (eager in both columns)")
-    return "-".join(map(str, dims)), rows, notes
+    return "-".join(map(str, dims)), rows, targets, notes
 
 
 #: A fresh process: import gpunn, build and compile a small model, one training step, synchronise.
@@ -563,10 +579,14 @@ def train_table(dims, rows) -> list[str]:
 
 
 def graph_table(dims, rows) -> list[str]:
-    lines = [f"{'graphs ' + dims + ' (adam)':28} {'batch':>6} {'steps':>6} {'eager ms/step':>14} {'graph ms/step':>14} {'eager/graph time':>17}"]
+    lines = [f"{'graphs ' + dims + ' (adam)':28} {'batch':>6} {'steps':>6} {'eager ms/step':>14} {'graph ms/step':>14} {'eager/graph time':>17} {'torch ms/step':>14} {'torch/graph time':>17}"]
     for r in rows:
         flag = ("" if r["captured"] else "  (not captured: eager)") + ("" if r["reliable"] else "  UNRELIABLE")
-        lines.append(f"{'':28} {r['batch']:6d} {r['steps']:6d} {r['eager_step_ms']:14.3f} {r['graph_step_ms']:14.3f} {r['speedup']:16.2f}x{flag}")
+        torch_ms = f"{r['torch_step_ms']:.3f}" if "torch_step_ms" in r else "-"
+        vs_torch = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else "-"
+        lines.append(
+            f"{'':28} {r['batch']:6d} {r['steps']:6d} {r['eager_step_ms']:14.3f} {r['graph_step_ms']:14.3f} {r['speedup']:16.2f}x {torch_ms:>14} {vs_torch:>17}{flag}"
+        )
     return lines
 
 
