@@ -396,7 +396,7 @@ def time_graphs(selftest: bool, over_budget=lambda share: False, policy=GPU_POLI
     the simulator graphs are unavailable and both columns are eager (``graph="auto"``).
     """
     if selftest:
-        dims, n, batches = (20, 16, 16, 3), 16, (8,)
+        dims, n, batches = (20, 16, 16, 3), 8, (8,)
     else:
         dims, n, batches = REFERENCE_DIMS, 65536, (128, 1024, 8192)
     x, y = synthetic_data(n, dims)
