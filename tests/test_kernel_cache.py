@@ -231,6 +231,8 @@ _OFFLINE = textwrap.dedent(
 
 
 def _offline(mode, cache_dir):
+    # cwd outside the checkout: `python -c` puts the working directory first on sys.path, where
+    # the source gpunn/ (no kernels/ inside) would shadow a non-editable install
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env[kernel_cache.DIRECTORY_VARIABLE] = str(cache_dir)
     env.pop(kernel_cache.SWITCH_VARIABLE, None)
@@ -257,7 +259,7 @@ def test_second_process_loads_the_offline_compiled_kernel_without_compiling(tmp_
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env[kernel_cache.DIRECTORY_VARIABLE] = str(tmp_path)
     probe = _OFFLINE.replace("kernel = launch.dispatcher.compile(launch.argtypes)", "kernel = None; print(json.dumps({'loaded': launch.dispatcher._cache.load_overload(launch.argtypes) is not None, 'stats': vars(kernel_cache.stats)})); sys.exit(0)")
-    run = subprocess.run([sys.executable, "-W", "always", "-c", probe, "second"], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-W", "always", "-c", probe, "second"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result == {"loaded": False, "stats": {"hits": 0, "misses": 0, "corrupt": 1, "compiled": 0, "stored": 0}}
@@ -297,7 +299,7 @@ def test_second_process_reaches_its_first_step_without_jit(tmp_path):
     env[kernel_cache.DIRECTORY_VARIABLE] = str(tmp_path)
     runs = []
     for _ in range(2):
-        run = subprocess.run([sys.executable, "-c", _STEP], env=env, capture_output=True, text=True, timeout=600)
+        run = subprocess.run([sys.executable, "-c", _STEP], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         runs.append(json.loads(run.stdout.strip().splitlines()[-1]))
     cold, warm = runs
