@@ -1,6 +1,7 @@
 """CPU inference in row blocks on the backend's own threads: same outputs whatever the
 batch size or thread count, first bad row named, BLAS thread setting left as found."""
 
+import os
 import threading
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import gpunn
-from gpunn.backend.numpy_backend import NumpyBackend
+from gpunn.backend.numpy_backend import NumpyBackend, _equal_blocks
 
 FEATURES = 300  # wide enough that a few hundred rows make several inference blocks
 
@@ -44,6 +45,28 @@ def x():
 def test_blocks_span_several_and_ragged(model, x):
     block = model.backend.inference_block_rows([FEATURES, 600, 33, 5])
     assert 1 < -(-len(x) // block) and len(x) % block
+
+
+@pytest.mark.parametrize("rows, most, cores", [(1, 1024, 2), (5, 2, 4), (103, 10, 2), (1500, 1024, 2), (100_000, 1024, 2), (4097, 1024, 3), (10, 1024, 16)])
+def test_equal_blocks_cover_the_rows_evenly_in_a_multiple_of_the_cores(rows, most, cores):
+    blocks = _equal_blocks(rows, most, cores)
+    assert blocks[0][0] == 0 and blocks[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    sizes = [hi - lo for lo, hi in blocks]
+    assert max(sizes) <= most and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    fewest = -(-rows // most)
+    if fewest > 1:
+        assert len(blocks) % cores == 0 or len(blocks) == rows
+        assert len(blocks) < fewest + cores
+    else:
+        assert len(blocks) == 1
+
+
+def test_inference_blocks_are_tall_whatever_the_widths():
+    backend = NumpyBackend()
+    assert backend.inference_block_rows([784, 512, 10]) == 1024
+    assert backend.inference_block_rows([784, 4096, 10]) == 512
+    assert backend.inference_block_rows([10, 1 << 20, 10]) == 256
 
 
 def test_predict_is_the_same_whatever_the_batch_size_and_threads(model, x):
@@ -109,14 +132,17 @@ def test_run_row_blocks_visits_each_block_once_and_raises_the_lowest_failure():
 
     with threadpool_limits(limits=2):
         backend.run_row_blocks(record, 103, 10)
-    assert sorted(seen) == [(lo, min(103, lo + 10)) for lo in range(0, 103, 10)]
+    assert sorted(seen) == _equal_blocks(103, 10, len(os.sched_getaffinity(0)))
+    assert all(hi - lo <= 10 for lo, hi in seen)
+
+    starts = [lo for lo, _ in sorted(seen)]
 
     def fail(lo, hi):
-        if lo in (30, 70):
+        if lo in (starts[3], starts[7]):
             raise KeyError(lo)
 
     with threadpool_limits(limits=2):
-        with pytest.raises(KeyError, match="30"):
+        with pytest.raises(KeyError, match=str(starts[3])):
             backend.run_row_blocks(fail, 103, 10)
 
 
