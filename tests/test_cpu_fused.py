@@ -123,3 +123,26 @@ def test_optimizer_updates_match_reference(dtype, case, size):
     np.testing.assert_allclose(params, expected, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
     for slot, value in slots.items():
         np.testing.assert_allclose(optimizer.slots[slot], value, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
+
+
+def test_compiled_passes_are_looked_up_by_layout_and_writability():
+    """Each array layout (C, F, strided) and read-only input gets its own compiled version:
+    a version compiled for one layout must never be handed an array of another."""
+    from gpunn.backend import cpu_fused
+
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((6, 10)).astype(np.float32)
+    readonly = base.copy()
+    readonly.flags.writeable = False
+    inputs = [base, np.asfortranarray(base), base[:, ::2], base.T, readonly]
+    for z in inputs:
+        want = poisoned(z.shape, np.float32)
+        reference.apply_activation(np.array(z), codes.Act.TANH, 0.0, want)
+        got = poisoned(z.shape, np.float32)
+        cpu_fused.apply_activation(z, codes.Act.TANH, np.float32(0), got)
+        np.testing.assert_allclose(got, want, **tolerance(np.float32))
+    z = base[:, ::2]
+    cpu_fused.apply_activation(np.asfortranarray(base[:, :5]), codes.Act.RELU, np.float32(0), poisoned((6, 5), np.float32))
+    got = poisoned(z.shape, np.float32)
+    cpu_fused.apply_activation(z, codes.Act.RELU, np.float32(0), got)  # strided after F: not the F version
+    np.testing.assert_array_equal(got, np.maximum(z, 0))
