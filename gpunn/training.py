@@ -461,7 +461,7 @@ class Trainer:
 
         ``convert(lo, hi)`` returns rows ``lo:hi`` checked and cast to the
         model's dtype.  A backend with row-block threads (NumPy) takes the rows
-        in blocks sized for its caches (``inference_block_rows``), whatever
+        in tall blocks of equal size (``inference_block_rows``), whatever
         ``batch_size``: in inference every layer works row by row (BatchNormalization
         uses its moving statistics, Dropout and GaussianNoise pass rows through),
         so the outputs do not depend on the blocking;
