@@ -47,7 +47,7 @@ def test_blocks_span_several_and_ragged(model, x):
     assert 1 < -(-len(x) // block) and len(x) % block
 
 
-@pytest.mark.parametrize("rows, most, cores", [(1, 1024, 2), (5, 2, 4), (103, 10, 2), (1500, 1024, 2), (100_000, 1024, 2), (4097, 1024, 3), (10, 1024, 16)])
+@pytest.mark.parametrize("rows, most, cores", [(1, 1024, 2), (5, 2, 4), (103, 10, 2), (1500, 1024, 2), (100_000, 1024, 2), (4097, 1024, 3), (10, 1024, 16), (2000, 1024, 64), (9000, 1024, 4)])
 def test_equal_blocks_cover_the_rows_evenly_in_a_multiple_of_the_cores(rows, most, cores):
     blocks = _equal_blocks(rows, most, cores)
     assert blocks[0][0] == 0 and blocks[-1][1] == rows
@@ -55,11 +55,11 @@ def test_equal_blocks_cover_the_rows_evenly_in_a_multiple_of_the_cores(rows, mos
     sizes = [hi - lo for lo, hi in blocks]
     assert max(sizes) <= most and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
     fewest = -(-rows // most)
-    if fewest > 1:
+    if fewest > cores:
         assert len(blocks) % cores == 0 or len(blocks) == rows
-        assert len(blocks) < fewest + cores
+        assert len(blocks) < fewest + cores and min(sizes) >= most // 2
     else:
-        assert len(blocks) == 1
+        assert len(blocks) == fewest
 
 
 def test_inference_blocks_are_tall_whatever_the_widths():

@@ -129,10 +129,11 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
 
 
 def _equal_blocks(rows, most, cores):
-    """``[lo, hi)`` bounds of the fewest blocks of at most ``most`` rows covering ``range(rows)``
-    whose count is a multiple of ``cores`` (when there is more than one block), sizes within one row."""
+    """``[lo, hi)`` bounds of blocks of at most ``most`` rows covering ``range(rows)``, sizes
+    within one row: the fewest such blocks, their count rounded up to a multiple of ``cores``
+    when there are more blocks than cores (so no block is smaller than about ``most / 2``)."""
     count = -(-rows // max(1, most))
-    if count > 1:
+    if count > cores:
         count = min(rows, -(-count // cores) * cores)
     size, extra = divmod(rows, max(1, count))
     bounds = [0]
@@ -207,11 +208,12 @@ class NumpyBackend(Backend):
         """Call ``fn(lo, hi)`` for each block ``[lo, hi)`` of ``range(rows)``, blocks of at most
         ``block_rows`` rows.
 
-        The blocks are of equal size (within one row) and their number is a
-        multiple of the process's cores, so that threads finish together; it
-        depends on ``rows``, ``block_rows`` and the cores, never on the thread
-        count.  Blocks go to as many threads as NumPy's BLAS may use (and the
-        process has cores for), each taking the next block when done, with BLAS
+        The blocks are of equal size (within one row) and, when there are more
+        blocks than the process has cores, their number is a multiple of the
+        cores, so that threads finish together; the blocks depend on ``rows``,
+        ``block_rows`` and the cores, never on the thread count.
+        Blocks go to as many threads as NumPy's BLAS may use (and the process
+        has cores for), each taking the next block when done, with BLAS
         at one thread per call meanwhile; ``fn`` must only touch its own rows.
         The error of the lowest failing block is raised after the others stop.
         """
