@@ -51,6 +51,17 @@ class Act(enum.IntEnum):
     def math_name(self) -> str:
         return self.name.lower()
 
+    @property
+    def keeps_z(self) -> bool:
+        """Whether a fused forward pass needs a second (M, N) buffer ``z`` for its backward pass.
+
+        True for the activations that need the pre-activation, and for those
+        whose derivative from ``y`` costs a transcendental function per
+        element (softplus): a backend may store ``act'(z)`` itself there in
+        the forward epilogue, so that backward needs one multiply per element.
+        """
+        return self.needs_preactivation or self in _DERIVATIVE_WORTH_STORING
+
 
 class LossKind(enum.IntEnum):
     """Fused loss kinds: each folds the output non-linearity (when any) into the loss.
@@ -135,6 +146,12 @@ OPT_SGD, OPT_ADAM, OPT_ADAMW, OPT_RMSPROP = Opt.SGD, Opt.ADAM, Opt.ADAMW, Opt.RM
 
 #: Activations whose derivative needs the pre-activation ``z``.
 ACT_NEEDS_PREACTIVATION = frozenset(a for a in Act if a.needs_preactivation)
+
+#: Activations whose derivative from y needs exp/log (softplus: -expm1(-y)).
+_DERIVATIVE_WORTH_STORING = frozenset({Act.SOFTPLUS})
+
+#: Activations whose fused forward pass keeps a z buffer (``Act.keeps_z``).
+ACT_KEEPS_Z = frozenset(a for a in Act if a.keeps_z)
 
 #: Loss kinds whose targets are integer class indices of shape (M,).
 SPARSE_LOSSES = frozenset(k for k in LossKind if k.sparse)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba.extending import overload
 
 from gpunn.codes import EPSILON, Act, LossKind, Opt
@@ -685,3 +686,71 @@ def ftrl_step(p, g, state, k, h):
 def optimizer_step(opt):
     """The scalar step function of optimizer code ``opt``."""
     return globals()[Opt(opt).step]
+
+
+# ----------------------------------------------------------------------------
+# Dropout masks: a counter-based generator, so a mask element is a pure
+# function of (layer seed, training step, element index) -- the same on every
+# backend, in any order, with nothing stored between steps.
+#
+# Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+# SC 2011; Random123's philox4x32_R with R = 10).  32-bit words are held in
+# uint64 and masked after every operation: the code then runs unchanged as
+# Python on NumPy uint64 scalars or arrays (the reference), under njit and in
+# CUDA kernels (where the product of two masked words compiles to a
+# 32 x 32 -> 64-bit multiply).
+# ----------------------------------------------------------------------------
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
+_SHIFT8 = np.uint64(8)
+_PHILOX_M0 = np.uint64(0xD2511F53)
+_PHILOX_M1 = np.uint64(0xCD9E8D57)
+_PHILOX_W0 = np.uint64(0x9E3779B9)
+_PHILOX_W1 = np.uint64(0xBB67AE85)
+#: uint32 -> uniform in [0, 1): the top 24 bits times 2^-24 (exact in float32).
+UNIFORM_BITS = 24
+
+
+@scalar
+def philox_round(c0, c1, c2, c3, k0, k1):
+    """One Philox4x32 round: two 32 x 32 -> 64-bit products, their halves xored with the key."""
+    p0 = _PHILOX_M0 * c0
+    p1 = _PHILOX_M1 * c2
+    return (
+        (p1 >> _SHIFT32) ^ c1 ^ k0,
+        p1 & _MASK32,
+        (p0 >> _SHIFT32) ^ c3 ^ k1,
+        p0 & _MASK32,
+    )
+
+
+@scalar
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1): four uint32 words (in uint64)."""
+    for _ in range(9):
+        c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1)
+        k0 = (k0 + _PHILOX_W0) & _MASK32
+        k1 = (k1 + _PHILOX_W1) & _MASK32
+    return philox_round(c0, c1, c2, c3, k0, k1)
+
+
+@scalar
+def dropout_bits(index, step, seed):
+    """The top ``UNIFORM_BITS`` bits of Philox4x32-10's first word for dropout element ``index``.
+
+    Counter = (index low, index high, step low, step high) 32-bit words, key =
+    (seed low, seed high); all three are uint64.  ``index`` is the element's
+    row-major position ``r * N + c`` in the layer's (M, N) output.  The
+    element's uniform draw is ``bits * 2**-24`` (exact in float32).
+    """
+    word = philox4x32_10(index & _MASK32, index >> _SHIFT32, step & _MASK32, step >> _SHIFT32,
+                         seed & _MASK32, seed >> _SHIFT32)[0]  # fmt: skip
+    return word >> _SHIFT8
+
+
+@scalar
+def dropout_keep(index, step, seed, threshold):
+    """Whether dropout keeps element ``index``: its uniform draw ``u >= rate``, i.e. (as
+    ``u * 2**24`` is an integer) ``bits >= threshold = ceil(rate * 2**24)``.  uint64 arguments."""
+    return dropout_bits(index, step, seed) >= threshold

@@ -8,6 +8,8 @@ backend (and the same initial weights on every backend).
 from __future__ import annotations
 
 import contextlib
+import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -44,3 +46,46 @@ def seeded(seed: int):
     finally:
         _generator = saved_generator
         np.random.set_state(saved_legacy)
+
+
+class DropoutSpec(NamedTuple):
+    """Inverted dropout applied to a fused layer's output (``backend.linear_forward(..., dropout=)``).
+
+    rate: the probability of dropping an element, in [0, 1).  seed: the
+    layer's seed (an int in [0, 2**64)).  step: a backend int64 array of
+    shape (1,) holding the training step; it stays on the device and is read
+    by the kernels when they run, so the caller updates it in place (and a
+    captured CUDA graph sees the current value at every replay).
+
+    Element (r, c) of an (M, N) output is kept when its uniform draw
+    ``u = dropout_bits(r * N + c, step, seed) * 2**-24`` (``gpunn.opmath``,
+    Philox4x32-10) is ``>= rate``; kept elements are scaled by
+    ``1 / (1 - rate)``, dropped ones are 0.
+    """
+
+    rate: float
+    seed: int
+    step: object
+
+    @property
+    def threshold(self) -> int:
+        """``ceil(rate * 2**24)``: an element is kept when its 24 random bits are >= this."""
+        return math.ceil(self.rate * (1 << 24))
+
+    def scale(self, dtype):
+        """``1 / (1 - rate)`` in ``dtype`` (the factor of kept elements)."""
+        return np.dtype(dtype).type(1.0 / (1.0 - self.rate))
+
+    def check(self, argument="dropout"):
+        """ValueError naming ``argument`` unless rate, seed and step are as documented."""
+        rate = self.rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)) or not 0 <= rate < 1:
+            raise ValueError(f"{argument}: rate must be a number in [0, 1), got {rate!r}")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
+            raise ValueError(f"{argument}: seed must be an int in [0, 2**64), got {seed!r}")
+        step = self.step
+        if getattr(step, "shape", None) != (1,) or getattr(step, "dtype", None) != np.int64:
+            got = f"shape {getattr(step, 'shape', None)}, dtype {getattr(step, 'dtype', None)}"
+            raise ValueError(f"{argument}: step must be a backend int64 array of shape (1,), got {got}")
+        return self

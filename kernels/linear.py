@@ -10,6 +10,17 @@ All three are one tiled matrix product ``C = A @ B`` (``A``: rows x red,
 where ``g = dy * act'(.)`` is formed while ``dy`` is loaded (never written
 back to global memory).
 
+What the forward leaves in ``z`` for backward (``z`` is private to this
+pair of kernels): nothing for activations whose derivative is cheap from
+``y`` (ReLU, sigmoid, ...), which backward evaluates per loaded ``dy``
+element; ``d = act'(z)`` for the activations of ``codes.ACT_KEEPS_Z``
+(GELU, swish, mish, softplus: exp/erf/tanh per element would cost the
+backward main loop a third of its issue slots); and with dropout ``d =
+act'(z) * m`` for every activation, where ``m`` is the dropout scale or 0.
+Then backward forms ``g = dy * d`` with one multiply.  Dropout's mask is
+generated in the forward epilogue from ``opmath.dropout_keep`` (Philox, a
+pure function of seed, step and element index) and never stored apart.
+
 Main loop (one per :class:`Tile`): a block of ``threads`` threads computes a
 ``BM x BN`` tile of C, walking the reduction in ``BK``-deep slices.  Each
 slice is staged in shared memory as ``As[k, m]`` and ``Bs[k, n]`` (reduction
@@ -45,7 +56,7 @@ import functools
 
 import numpy as np
 
-from gpunn import codes
+from gpunn import codes, opmath
 from gpunn._cuda import cuda, inlined_device_function, kernel_jit, multiprocessor_count, simulator_enabled
 
 from ._device import activation, numba_type
@@ -136,6 +147,16 @@ SPLIT_BLOCKS_PER_SM = 2
 
 ZERO_THREADS = 256
 
+# How a loader forms g from the dy it reads (the loaders' ``apply_grad``).
+GRAD_NONE = 0  # the operand is not dy
+GRAD_DERIVATIVE = 1  # g = dy * act'(.) evaluated from y (and z)
+GRAD_STORED = 2  # g = dy * z, the derivative the forward stored in z
+
+
+def stores_derivative(act, dropout) -> bool:
+    """Whether the forward kernel stores ``act'(z)`` (times the dropout scale) in ``z``."""
+    return dropout is not None or act in codes.ACT_KEEPS_Z
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -213,8 +234,9 @@ def _loader(dtype, tile, outer, transposed, act, apply_grad, checked):
     them into ``S[buf, k, o]``.  ``transposed``: ``src`` is (outer, red)
     (x in forward, g and w in backward data), else (red, outer); either way
     the fast thread index runs along ``src``'s contiguous axis, so global
-    reads coalesce.  ``apply_grad``: ``src`` is dy, multiplied by ``act'``
-    from ``y`` (or ``z``).  ``checked``: out-of-range elements read as 0
+    reads coalesce.  ``apply_grad``: GRAD_NONE, or ``src`` is dy, multiplied
+    by ``act'`` from ``y`` (and ``z``) (GRAD_DERIVATIVE) or by the stored
+    ``z`` (GRAD_STORED).  ``checked``: out-of-range elements read as 0
     (edge tiles and the last slice); else every element is in range.
     """
     T = np.dtype(dtype).type
@@ -245,7 +267,9 @@ def _loader(dtype, tile, outer, transposed, act, apply_grad, checked):
                 ui = np.uint64(i)
                 uj = np.uint64(j)
                 v = src[ui, uj]
-                if apply_grad:
+                if apply_grad == GRAD_STORED:
+                    v = v * z[ui, uj]
+                elif apply_grad == GRAD_DERIVATIVE:
                     zz = ZERO
                     if needs_z:
                         zz = z[ui, uj]
@@ -416,46 +440,70 @@ def _shared_shapes(dtype, tile):
 
 
 def _unrolled_over_tile(tile, element):
-    """Device function ``each(acc, y, z, b, alpha, row0, col0)`` calling
-    ``element(acc[i, j], i, j, y, z, b, alpha, row0, col0)`` for every entry
-    of the register tile, as straight-line code.
+    """Device function ``each(acc, y, z, b, alpha, row0, col0, seed, step, threshold, scale)``
+    calling ``element(acc[i, j], i, j, y, z, b, alpha, row0, col0, seed, step,
+    threshold, scale)`` for every entry of the register tile, as straight-line code.
 
     A loop over ``acc`` whose body is too large for the compiler to unroll
     (an activation with transcendental functions) indexes ``acc``
     dynamically, which moves the whole register tile to local memory.
     """
-    lines = ["def each(acc, y, z, b, alpha, row0, col0):"]
+    args = "y, z, b, alpha, row0, col0, seed, step, threshold, scale"
+    lines = [f"def each(acc, {args}):"]
     for i in range(tile.tm):
         for j in range(tile.tn):
-            lines.append(f"    element(acc[{i}, {j}], {i}, {j}, y, z, b, alpha, row0, col0)")
+            lines.append(f"    element(acc[{i}, {j}], {i}, {j}, {args})")
     namespace = {"element": element}
     exec(compile("\n".join(lines), f"<gpunn.kernels.linear epilogue {tile.name}>", "exec"), namespace)
     return inlined_device_function(namespace["each"])
 
 
+def _read_step(dropout):
+    """Device function ``read(step) -> uint64``: the training step (0 without dropout, whose
+    kernels are passed an unrelated stand-in array and must not read it)."""
+    if dropout:
+        return inlined_device_function(lambda step: np.uint64(step[0]))
+    return inlined_device_function(lambda step: np.uint64(0))
+
+
 @functools.lru_cache(maxsize=None)
-def _forward_kernel(dtype, tile, act, has_bias):
+def _forward_kernel(dtype, tile, act, has_bias, dropout):
+    """``y = act(x @ w + b)`` (times the dropout mask); z receives what backward needs (module doc)."""
     nbt = numba_type(dtype)
-    forward, _ = activation(dtype, act)
-    needs_z = act in codes.ACT_NEEDS_PREACTIVATION
+    T = np.dtype(dtype).type
+    ZERO = T(0)
+    forward, derivative = activation(dtype, act)
+    store = stores_derivative(act, True if dropout else None)
     TM, TN, BM, BN, BK = tile.tm, tile.tn, tile.bm, tile.bn, tile.bk
     # A = x (M, K) is (outer, red); B = w (K, N) is (red, outer)
-    mainloop = _mainloop(dtype, tile, act, (True, False), (False, False), False)
+    mainloop = _mainloop(dtype, tile, act, (True, GRAD_NONE), (False, GRAD_NONE), False)
     index = _epilogue_index(dtype, tile)
     a_shape, b_shape, align = _shared_shapes(dtype, tile)
+    read_step = _read_step(dropout)
+    keep_element = opmath.dropout_keep
 
-    def element(v, i, j, y, z, b, alpha, row0, col0):
+    def element(v, i, j, y, z, b, alpha, row0, col0, seed, step, threshold, scale):
         r, c = index(i, j, row0, col0)
         if r < y.shape[0] and c < y.shape[1]:
             if has_bias:
                 v += b[c]
-            if needs_z:
-                z[r, c] = v
-            y[r, c] = forward(v, alpha)
+            a = forward(v, alpha)
+            if dropout:
+                flat = np.uint64(r) * np.uint64(y.shape[1]) + np.uint64(c)
+                if keep_element(flat, step, seed, threshold):
+                    y[r, c] = a * scale
+                    z[r, c] = derivative(a, v, alpha) * scale
+                else:
+                    y[r, c] = ZERO
+                    z[r, c] = ZERO
+            else:
+                if store:
+                    z[r, c] = derivative(a, v, alpha)
+                y[r, c] = a
 
     epilogue = _unrolled_over_tile(tile, inlined_device_function(element))
 
-    def kernel(x, w, b, y, z, alpha):
+    def kernel(x, w, b, y, z, alpha, seed, step, threshold, scale):
         As = cuda.shared.array(a_shape, nbt, alignment=align)
         Bs = cuda.shared.array(b_shape, nbt, alignment=align)
         acc = cuda.local.array((TM, TN), nbt)
@@ -463,17 +511,17 @@ def _forward_kernel(dtype, tile, act, has_bias):
         row0 = cuda.blockIdx.x * BM
         col0 = cuda.blockIdx.y * BN
         mainloop(acc, bsum, As, Bs, x, x, x, w, w, w, alpha, row0, col0, 0, (x.shape[1] + BK - 1) // BK)
-        epilogue(acc, y, z, b, alpha, row0, col0)
+        epilogue(acc, y, z, b, alpha, row0, col0, seed, read_step(step), threshold, scale)
 
     return kernel_jit(kernel, tile.threads, variant("linear.forward", dtype, tile, act, f"bias={has_bias}"))
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_data_kernel(dtype, tile, act):
+def _backward_data_kernel(dtype, tile, act, grad):
     nbt = numba_type(dtype)
     TM, TN, BM, BN, BK = tile.tm, tile.tn, tile.bm, tile.bn, tile.bk
     # A = g (M, N) and B = w.T, read from w (K, N): both are (outer, red)
-    mainloop = _mainloop(dtype, tile, act, (True, True), (True, False), False)
+    mainloop = _mainloop(dtype, tile, act, (True, grad), (True, GRAD_NONE), False)
     index = _epilogue_index(dtype, tile)
     a_shape, b_shape, align = _shared_shapes(dtype, tile)
 
@@ -501,12 +549,12 @@ def _backward_data_kernel(dtype, tile, act):
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_weight_kernel(dtype, tile, act, has_db):
+def _backward_weight_kernel(dtype, tile, act, grad, has_db):
     nbt = numba_type(dtype)
     TM, TN, BM, BN, BK = tile.tm, tile.tn, tile.bm, tile.bn, tile.bk
     threads = tile.threads
     # A = x.T, read from x (M, K), and B = g (M, N): both are (red, outer)
-    mainloop = _mainloop(dtype, tile, act, (False, False), (False, True), has_db)
+    mainloop = _mainloop(dtype, tile, act, (False, GRAD_NONE), (False, grad), has_db)
     index = _epilogue_index(dtype, tile)
     a_shape, b_shape, align = _shared_shapes(dtype, tile)
     # B's loader gives thread t column t % BN and rows t // BN + p * k_rows
@@ -583,28 +631,44 @@ def _zero(dt, a, v, stream):
     _zero_kernel(dt)[blocks, ZERO_THREADS, stream](a, v)
 
 
-def _check_y_z(act, y, z, shape, dt, stand_in):
-    """z checked when the activation needs it, else ``stand_in`` for it.
+def _check_y_z(act, y, z, shape, dt, stand_in, dropout=None):
+    """z checked when the kernels use it, else ``stand_in`` for it.
 
+    The kernels use z when the activation's derivative needs the
+    pre-activation or is stored (``codes.ACT_KEEPS_Z``), and with dropout.
     Kernels specialised on an absent optional array never touch the array
     passed in its place; it is always one of the *inputs* (never an output):
     a launch on host NumPy arrays copies every argument back afterwards, so
     an output passed twice would be overwritten by its stale twin.
     """
     check("y", y, shape, dt)
-    if act in codes.ACT_NEEDS_PREACTIVATION:
+    if act in codes.ACT_KEEPS_Z or dropout is not None:
+        if z is None:
+            why = "dropout" if dropout is not None else f"activation {act.name.lower()}"
+            raise ValueError(f"z: {why} needs the z buffer of shape {tuple(shape)}, got None")
         check("z", z, shape, dt)
         return z
     return stand_in
 
 
-def linear_forward(x, w, b, act, alpha, y, z=None, stream=0, *, tile=None):
-    """``z = x @ w + b``; ``y = act(z)`` in one kernel.
+def _dropout_args(dropout, dt, stand_in):
+    """``(seed, step, threshold, scale)`` kernel arguments of a DropoutSpec (or zeros and the stand-in)."""
+    if dropout is None:
+        return np.uint64(0), stand_in, np.uint64(0), dt.type(0)
+    dropout.check()
+    return np.uint64(dropout.seed), dropout.step, np.uint64(dropout.threshold), dropout.scale(dt)
 
-    x: (M, K), w: (K, N), b: (N,) or None, y: (M, N) output; z: (M, N)
-    output, required (and written) only for activations in
-    ``codes.ACT_NEEDS_PREACTIVATION``.  All arrays float32 or all float64.
-    ``tile`` (a tile name in ``TILES[dtype]``) overrides :func:`plan`'s choice.
+
+def linear_forward(x, w, b, act, alpha, y, z=None, dropout=None, stream=0, *, tile=None):
+    """``y = act(x @ w + b)`` in one kernel, times the dropout mask when ``dropout`` is given.
+
+    x: (M, K), w: (K, N), b: (N,) or None, y: (M, N) output.  z: (M, N)
+    output, private to :func:`linear_backward_data`/:func:`linear_backward_weight`
+    (see the module doc), required for activations in ``codes.ACT_KEEPS_Z``
+    and with dropout.  dropout: None or a :class:`gpunn.random.DropoutSpec`
+    whose ``step`` is a device int64 array of shape (1,), read by the kernel.
+    All float arrays float32 or all float64.  ``tile`` (a tile name in
+    ``TILES[dtype]``) overrides :func:`plan`'s choice.
     """
     M, K = matrix_shape("x", x)
     dt = float_dtype("x", x)
@@ -613,61 +677,74 @@ def linear_forward(x, w, b, act, alpha, y, z=None, stream=0, *, tile=None):
     if b is not None:
         check("b", b, (N,), dt)
     act = check_act(act)
-    z = _check_y_z(act, y, z, (M, N), dt, x)
+    z = _check_y_z(act, y, z, (M, N), dt, x, dropout)
+    seed, step, threshold, scale = _dropout_args(dropout, dt, x)
     p = plan(M, N, K, multiprocessor_count(), splittable=False, dtype=dt, tile=tile)
-    kernel = _forward_kernel(dt, p.tile, act, b is not None)
+    kernel = _forward_kernel(dt, p.tile, act, b is not None, dropout is not None)
     grid = (ceil_div(M, p.tile.bm), ceil_div(N, p.tile.bn))
-    _launch(kernel, grid, p.tile.threads, stream, x, w, w[0] if b is None else b, y, z, dt.type(alpha))
+    bias = w[0] if b is None else b
+    _launch(kernel, grid, p.tile.threads, stream, x, w, bias, y, z, dt.type(alpha), seed, step, threshold, scale)
     return y
 
 
-def linear_backward_data(dy, w, y, z, act, alpha, dx, stream=0, *, tile=None):
+def _grad_mode(act, dropout):
+    """(GRAD_STORED or GRAD_DERIVATIVE, the activation the kernel is specialised on)."""
+    if stores_derivative(act, dropout):
+        return GRAD_STORED, codes.Act.LINEAR  # one kernel whatever the activation
+    return GRAD_DERIVATIVE, act
+
+
+def linear_backward_data(dy, w, y, z, act, alpha, dx, dropout=None, stream=0, *, tile=None):
     """``dx = (dy * act'(.)) @ w.T``; dy is left unchanged.
 
-    dy, y: (M, N); z: (M, N) pre-activation (GELU) or None; w: (K, N);
-    dx: (M, K) output.  When :func:`plan` splits the reduction, dx is zeroed
-    and the blocks add into it atomically (the last bits may then vary from
-    run to run).
+    dy, y: (M, N); z: (M, N), what :func:`linear_forward` left there, or
+    None when it needs none; w: (K, N); dx: (M, K) output; dropout: the
+    forward's DropoutSpec or None.  When :func:`plan` splits the reduction, dx
+    is zeroed and the blocks add into it atomically (the last bits may then
+    vary from run to run).
     """
     M, N = matrix_shape("dy", dy)
     dt = float_dtype("dy", dy)
     K = matrix_shape("w", w)[0]
     check("w", w, (K, N), dt)
     act = check_act(act)
-    z = _check_y_z(act, y, z, (M, N), dt, dy)
+    z = _check_y_z(act, y, z, (M, N), dt, dy, dropout)
     check("dx", dx, (M, K), dt)
+    grad, kernel_act = _grad_mode(act, dropout)
     p = plan(M, K, N, multiprocessor_count(), splittable=True, dtype=dt, tile=tile)
     grid = (ceil_div(M, p.tile.bm), ceil_div(K, p.tile.bn), p.splits)
     if p.splits > 1 and M * K > 0:
         _zero(dt, dx, dx[0], stream)  # dx's first row stands in for the vector
-    kernel = _backward_data_kernel(dt, p.tile, act)
+    kernel = _backward_data_kernel(dt, p.tile, kernel_act, grad)
     _launch(kernel, grid, p.tile.threads, stream, dy, y, z, w, dx, dt.type(alpha), p.slices_per_split)
     return dx
 
 
-def linear_backward_weight(x, dy, y, z, act, alpha, dw, db, stream=0, *, tile=None):
+def linear_backward_weight(x, dy, y, z, act, alpha, dw, db, dropout=None, stream=0, *, tile=None):
     """``g = dy * act'(.)``; ``dw = x.T @ g``; ``db = sum_batch g`` in one kernel.
 
-    x: (M, K); dy, y: (M, N); z: (M, N) pre-activation (GELU) or None;
-    dw: (K, N) output; db: (N,) output or None (skipped).  dy is unchanged.
-    Large batches are split over blocks that add into dw/db atomically, so
-    the result's last bits may vary from run to run.
+    x: (M, K); dy, y: (M, N); z: (M, N) as in :func:`linear_backward_data`;
+    dw: (K, N) output; db: (N,) output or None (skipped); dropout: the
+    forward's DropoutSpec or None.  dy is unchanged.  Large batches are split
+    over blocks that add into dw/db atomically, so the result's last bits
+    may vary from run to run.
     """
     M, K = matrix_shape("x", x)
     dt = float_dtype("x", x)
     N = matrix_shape("dy", dy)[1]
     check("dy", dy, (M, N), dt)
     act = check_act(act)
-    z = _check_y_z(act, y, z, (M, N), dt, dy)
+    z = _check_y_z(act, y, z, (M, N), dt, dy, dropout)
     check("dw", dw, (K, N), dt)
     if db is not None:
         check("db", db, (N,), dt)
+    grad, kernel_act = _grad_mode(act, dropout)
     db_arg = dy[0] if db is None else db
     p = plan(K, N, M, multiprocessor_count(), splittable=True, dtype=dt, tile=tile)
     if p.splits > 1 and K * N > 0:
         # without db, dw's own first row stands in (it is zeroed either way)
         _zero(dt, dw, dw[0] if db is None else db, stream)
     grid = (ceil_div(K, p.tile.bm), ceil_div(N, p.tile.bn), p.splits)
-    kernel = _backward_weight_kernel(dt, p.tile, act, db is not None)
+    kernel = _backward_weight_kernel(dt, p.tile, kernel_act, grad, db is not None)
     _launch(kernel, grid, p.tile.threads, stream, x, dy, y, z, dw, db_arg, dt.type(alpha), p.slices_per_split)
     return dw

@@ -83,8 +83,11 @@ def _linear_calls(k, dt):
     def arr(*shape):
         return np.ones(shape, dt)
 
+    from gpunn.random import DropoutSpec
+
+    dropout = DropoutSpec(0.25, 7, np.zeros(1, np.int64))
     for act_name, act in activations().items():
-        z = arr(M, N) if act in codes.ACT_NEEDS_PREACTIVATION else None
+        z = arr(M, N) if act in codes.ACT_KEEPS_Z else None
         for tile in linear.TILES[dt]:
             base = f"{tag}-{act_name}-{tile.name}"
             for bias in (True, False):
@@ -93,6 +96,13 @@ def _linear_calls(k, dt):
                     "forward",
                     lambda b=bias, t=tile.name, act=act, z=z: k.linear_forward(
                         arr(M, K), arr(K, N), arr(N) if b else None, act, _ALPHA, arr(M, N), z, tile=t
+                    ),
+                )
+                yield (
+                    f"linear_forward-{base}-{'bias' if bias else 'nobias'}-dropout",
+                    "forward",
+                    lambda b=bias, t=tile.name, act=act: k.linear_forward(
+                        arr(M, K), arr(K, N), arr(N) if b else None, act, _ALPHA, arr(M, N), arr(M, N), dropout, tile=t
                     ),
                 )
                 yield (
@@ -109,6 +119,24 @@ def _linear_calls(k, dt):
                     arr(M, N), arr(K, N), arr(M, N), z, act, _ALPHA, arr(M, K), tile=t
                 ),
             )
+    # with dropout (and for ACT_KEEPS_Z) backward multiplies dy by the stored z: one kernel per tile
+    for tile in linear.TILES[dt]:
+        for bias in (True, False):
+            yield (
+                f"linear_backward_weight-{tag}-dropout-{tile.name}-{'db' if bias else 'nodb'}",
+                "backward_weight",
+                lambda b=bias, t=tile.name: k.linear_backward_weight(
+                    arr(M, K), arr(M, N), arr(M, N), arr(M, N), codes.Act.RELU, _ALPHA, arr(K, N),
+                    arr(N) if b else None, dropout, tile=t,
+                ),
+            )
+        yield (
+            f"linear_backward_data-{tag}-dropout-{tile.name}",
+            "backward_data",
+            lambda t=tile.name: k.linear_backward_data(
+                arr(M, N), arr(K, N), arr(M, N), arr(M, N), codes.Act.RELU, _ALPHA, arr(M, K), dropout, tile=t
+            ),
+        )
 
 
 def _other_calls(k, dt):

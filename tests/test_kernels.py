@@ -18,6 +18,7 @@ import pytest
 from gpunn import codes
 from gpunn._cuda import cuda_status
 from gpunn.backend import numpy_ops
+from gpunn.random import DropoutSpec
 
 _STATUS = cuda_status()
 
@@ -66,45 +67,69 @@ def assert_close(actual, expected, dtype, reduction=1, what=""):
     np.testing.assert_allclose(actual, expected, err_msg=what, **tolerance(dtype, reduction))
 
 
-def linear_inputs(seed, m, k, n, act, dtype):
-    """x, w, b, dy and the reference forward's y, z for one layer."""
+def dropout_spec(dropout, step=3):
+    """None, or a DropoutSpec of ``rate = dropout`` at training step ``step`` (host step array)."""
+    if dropout is None:
+        return None
+    return DropoutSpec(dropout, 12345, np.array([step], np.int64))
+
+
+def z_buffer(act, dropout, shape, dtype):
+    """A NaN-poisoned z when the kernels need one, else None."""
+    return poisoned(shape, dtype) if act in codes.ACT_KEEPS_Z or dropout is not None else None
+
+
+def linear_inputs(seed, m, k, n, act, dtype, dropout=None):
+    """x, w, b, dy and the reference forward's y, z (the pre-activation) for one layer."""
     rng = np.random.default_rng(seed)
     x = rand(rng, (m, k), dtype)
     w = rand(rng, (k, n), dtype, -1 / np.sqrt(k), 1 / np.sqrt(k))
     b = rand(rng, (n,), dtype)
     dy = rand(rng, (m, n), dtype)
     y = np.empty((m, n), dtype)
-    z = np.empty((m, n), dtype) if act in codes.ACT_NEEDS_PREACTIVATION else None
-    numpy_ops.linear_forward(x, w, b, act, ALPHA, y, z)
+    z = np.empty((m, n), dtype) if act in codes.ACT_KEEPS_Z or dropout is not None else None
+    numpy_ops.linear_forward(x, w, b, act, ALPHA, y, z, dropout_spec(dropout))
     return x, w, b, dy, y, z
 
 
-def check_forward(m, k, n, act, dtype, bias, seed, tile=None):
-    x, w, b, _, y_ref, z_ref = linear_inputs(seed, m, k, n, act, dtype)
+def check_forward(m, k, n, act, dtype, bias, seed, tile=None, dropout=None):
+    """y against the reference; z (private to the kernels) holds act'(z) (times the mask) where stored."""
+    spec = dropout_spec(dropout)
+    x, w, b, _, y_ref, z_ref = linear_inputs(seed, m, k, n, act, dtype, dropout)
     b = b if bias else None
     if not bias:
         y_ref = np.empty_like(y_ref)
-        numpy_ops.linear_forward(x, w, None, act, ALPHA, y_ref, z_ref)
+        numpy_ops.linear_forward(x, w, None, act, ALPHA, y_ref, z_ref, spec)
     y = poisoned((m, n), dtype)
-    z = poisoned((m, n), dtype) if z_ref is not None else None
-    kernels.linear_forward(x, w, b, act, ALPHA, y, z, tile=tile)
+    z = z_buffer(act, dropout, (m, n), dtype)
+    kernels.linear_forward(x, w, b, act, ALPHA, y, z, spec, tile=tile)
     assert_close(y, y_ref, dtype, k, "y")
-    if z is not None:
-        assert_close(z, z_ref, dtype, k, "z")
+    if linear_mod.stores_derivative(act, spec):
+        stored = numpy_ops.activation_derivative(y_ref, z_ref, act, ALPHA)
+        if spec is not None:
+            stored = stored * numpy_ops.dropout_mask(spec, (m, n), dtype)
+            # dropped elements are exactly 0 in both outputs
+            dropped = ~numpy_ops.dropout_keep(spec, (m, n))
+            assert (y[dropped] == 0).all() and (z[dropped] == 0).all()
+        assert_close(z, stored, dtype, k, "z (stored derivative)")
 
 
-def check_backward(m, k, n, act, dtype, bias, seed, tile=None):
-    x, w, _, dy, y, z = linear_inputs(seed, m, k, n, act, dtype)
+def check_backward(m, k, n, act, dtype, bias, seed, tile=None, dropout=None):
+    """Gradients from the kernels' own forward (y, z) against the reference's."""
+    spec = dropout_spec(dropout)
+    x, w, b, dy, y_ref, z_ref = linear_inputs(seed, m, k, n, act, dtype, dropout)
     dy_before = dy.copy()
     dx_ref, dw_ref = np.empty((m, k), dtype), np.empty((k, n), dtype)
     db_ref = np.empty(n, dtype) if bias else None
-    numpy_ops.linear_backward_data(dy, w, y, z, act, ALPHA, dx_ref)
-    numpy_ops.linear_backward_weight(x, dy, y, z, act, ALPHA, dw_ref, db_ref)
+    numpy_ops.linear_backward_data(dy, w, y_ref, z_ref, act, ALPHA, dx_ref, spec)
+    numpy_ops.linear_backward_weight(x, dy, y_ref, z_ref, act, ALPHA, dw_ref, db_ref, spec)
 
+    y, z = poisoned((m, n), dtype), z_buffer(act, dropout, (m, n), dtype)
+    kernels.linear_forward(x, w, b, act, ALPHA, y, z, spec, tile=tile)
     dx, dw = poisoned((m, k), dtype), poisoned((k, n), dtype)
     db = poisoned(n, dtype) if bias else None
-    kernels.linear_backward_data(dy, w, y, z, act, ALPHA, dx, tile=tile)
-    kernels.linear_backward_weight(x, dy, y, z, act, ALPHA, dw, db, tile=tile)
+    kernels.linear_backward_data(dy, w, y, z, act, ALPHA, dx, spec, tile=tile)
+    kernels.linear_backward_weight(x, dy, y, z, act, ALPHA, dw, db, spec, tile=tile)
     np.testing.assert_array_equal(dy, dy_before, err_msg="dy must be left unchanged")
     assert_close(dx, dx_ref, dtype, n, "dx")
     assert_close(dw, dw_ref, dtype, m, "dw")
@@ -179,6 +204,34 @@ def test_linear_every_tile_on_ragged_shapes(tile, dtype):
     m, k, n = tile.bm + 3, 2 * tile.bk + 3, tile.bn + 5
     check_forward(m, k, n, codes.ACT_GELU, dtype, True, seed=450, tile=tile.name)
     check_backward(m, k, n, codes.ACT_GELU, dtype, True, seed=451, tile=tile.name)
+
+
+DROPOUT_CASES = [
+    pytest.param((5, 20, 7), codes.Act.RELU, np.float32, 0.5, None, id="5x20x7-relu-f32-0.5"),
+    pytest.param((5, 20, 7), codes.Act.SIGMOID, np.float64, 0.3, None, id="5x20x7-sigmoid-f64-0.3"),
+    pytest.param((3, 9, 11), codes.Act.GELU, np.float32, 0.2, None, id="3x9x11-gelu-f32-0.2"),
+    pytest.param((3, 9, 11), codes.Act.LINEAR, np.float64, 0.7, None, id="3x9x11-linear-f64-0.7"),
+    pytest.param((67, 19, 66), codes.Act.SOFTPLUS, np.float32, 0.4, "64x64", id="67x19x66-softplus-f32-edges"),
+    pytest.param((35, 19, 33), codes.Act.MISH, np.float64, 0.25, "32x32-f64", id="35x19x33-mish-f64-edges"),
+]
+
+
+@pytest.mark.parametrize("shape,act,dtype,rate,tile", DROPOUT_CASES)
+def test_linear_dropout_against_reference(shape, act, dtype, rate, tile):
+    """The mask made in the forward epilogue (and reused through z in backward) is the reference's."""
+    seed = 600 + sum(shape)
+    check_forward(*shape, act, dtype, True, seed, tile=tile, dropout=rate)
+    check_backward(*shape, act, dtype, True, seed + 1, tile=tile, dropout=rate)
+
+
+def test_linear_dropout_needs_z_and_a_step_array():
+    x, w, y = np.ones((3, 4), np.float32), np.ones((4, 2), np.float32), np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match="z"):
+        kernels.linear_forward(x, w, None, codes.Act.RELU, 0.0, y, None, dropout_spec(0.5))
+    with pytest.raises(ValueError, match="step"):
+        kernels.linear_forward(x, w, None, codes.Act.RELU, 0.0, y, y.copy(), DropoutSpec(0.5, 1, np.zeros(1, np.int32)))
+    with pytest.raises(ValueError, match="rate"):
+        kernels.linear_forward(x, w, None, codes.Act.RELU, 0.0, y, y.copy(), DropoutSpec(1.0, 1, np.zeros(1, np.int64)))
 
 
 def test_linear_rejects_unknown_tile():
@@ -440,7 +493,8 @@ def test_cuda_backend_matches_numpy_backend():
         params, state = be.asarray(w.copy().ravel()), be.zeros((2, 72), np.float64)
         be.optimizer_update(codes.Opt.ADAM, params, dw.ravel(), state, (1.0, 0.01, 0.1, 0.001, 1e-7, 0.0, 0.0, 0.0))
         be.synchronize()
-        out[be.name] = [be.to_numpy(a) for a in (y, z, dx, dw, db, p, g, sums, grad, params)]
+        # z is private to each backend's linear_backward (CUDA stores GELU's derivative there)
+        out[be.name] = [be.to_numpy(a) for a in (y, dx, dw, db, p, g, sums, grad, params)]
     for got, want in zip(out["cuda"], out["numpy"]):
         assert_close(got, want, np.float64, 20)
 
@@ -471,5 +525,6 @@ def test_large_ragged_problem_on_gpu(dtype):
     numpy_ops.linear_backward_data(dy, w, y_ref, z_ref, act, ALPHA, dx_ref)
     numpy_ops.linear_backward_weight(x, dy, y_ref, z_ref, act, ALPHA, dw_ref, db_ref)
     loose = {"rtol": 1e-3, "atol": 1e-3} if dtype == np.float32 else {"rtol": 1e-9, "atol": 1e-9}
-    for got, want in ((y, y_ref), (z, z_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+    stored = numpy_ops.activation_derivative(y_ref, z_ref, act, ALPHA)  # what the forward keeps in z for GELU
+    for got, want in ((y, y_ref), (z, stored), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):
         np.testing.assert_allclose(got.copy_to_host(), want, **loose)

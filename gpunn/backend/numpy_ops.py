@@ -184,59 +184,97 @@ def multiply_activation_grad(g, y, z, act, alpha):
 # --------------------------------------------------------------------------
 
 
-def linear_forward(x, w, b, act, alpha, y, z=None):
-    """``z = x @ w + b``; ``y = act(z)``.
+def dropout_keep(spec, shape):
+    """Boolean (M, N) mask of the elements :class:`gpunn.random.DropoutSpec` ``spec`` keeps.
+
+    The one place this module uses :mod:`gpunn.opmath`: the mask is defined
+    as the output of the shared Philox4x32-10 (an integer function, checked
+    word for word against Random123's published answers), evaluated here on
+    whole uint64 arrays.  ``spec.step`` is read on the host.
+    """
+    from gpunn import opmath
+
+    m, n = shape
+    index = np.arange(m * n, dtype=np.uint64)
+    step = np.uint64(int(np.asarray(spec.step).reshape(-1)[0]))
+    keep = opmath.dropout_keep(index, step, np.uint64(spec.seed), np.uint64(spec.threshold))
+    return np.asarray(keep, dtype=bool).reshape(m, n)
+
+
+def dropout_mask(spec, shape, dtype):
+    """(M, N) array of ``1 / (1 - rate)`` where ``spec`` keeps an element, 0 where it drops it."""
+    scale = spec.scale(dtype)
+    return np.where(dropout_keep(spec, shape), scale, np.dtype(dtype).type(0))
+
+
+def _requires_z(act, z, dropout):
+    if z is None and (act in codes.ACT_NEEDS_PREACTIVATION or dropout is not None):
+        why = "dropout" if dropout is not None else "this activation"
+        raise ValueError(f"z: {why} needs the pre-activation buffer, got None")
+
+
+def linear_forward(x, w, b, act, alpha, y, z=None, dropout=None):
+    """``z = x @ w + b``; ``y = act(z)``, times the dropout mask when ``dropout`` is given.
 
     x: (M, K), w: (K, N), b: (N,) or None, y: (M, N) output.
-    z: (M, N) output, required only when ``act`` is in
-    ``codes.ACT_NEEDS_PREACTIVATION`` (``Act.needs_preactivation``); pass None otherwise.
+    z: (M, N) output (the pre-activation), required when ``act`` is in
+    ``codes.ACT_NEEDS_PREACTIVATION`` or ``dropout`` is given; else None.
+    dropout: None or a :class:`gpunn.random.DropoutSpec`: ``y = act(z) *
+    1/(1 - rate)`` where its mask keeps an element, 0 where it drops it.
     """
-    if act in codes.ACT_NEEDS_PREACTIVATION:
-        if z is None:
-            raise ValueError("z: this activation needs the pre-activation buffer, got None")
-        np.matmul(x, w, out=z)
-        if b is not None:
-            z += b
-        apply_activation(z, act, alpha, y)
-    else:
-        np.matmul(x, w, out=y)
-        if b is not None:
-            y += b
-        apply_activation(y, act, alpha, y)
+    _requires_z(act, z, dropout)
+    pre = z if z is not None else y
+    np.matmul(x, w, out=pre)
+    if b is not None:
+        pre += b
+    apply_activation(pre, act, alpha, y)
+    if dropout is not None:
+        keep = dropout_keep(dropout, y.shape)
+        np.copyto(y, np.where(keep, y * dropout.scale(y.dtype), y.dtype.type(0)))
     return y
 
 
-def linear_backward_data(dy, w, y, z, act, alpha, dx):
+def _linear_grad(dy, y, z, act, alpha, dropout):
+    """``g = dy * act'(z)``, or ``dy * (act'(z) * mask)`` with dropout (z the pre-activation)."""
+    if dropout is None:
+        return multiply_activation_grad(dy.copy(), y, z, act, alpha)
+    _requires_z(act, z, dropout)
+    derivative = activation_derivative(y, z, act, alpha)
+    return dy * (derivative * dropout_mask(dropout, dy.shape, dy.dtype))
+
+
+def linear_backward_data(dy, w, y, z, act, alpha, dx, dropout=None):
     """``dx = (dy * act'(.)) @ w.T``; ``dy`` (M, N) is left unchanged.
 
     w: (K, N), y: (M, N) forward output, z: (M, N) pre-activation or None,
-    dx: (M, K) output.
+    dx: (M, K) output; dropout: the forward's :class:`gpunn.random.DropoutSpec`
+    or None (then ``g = dy * (act'(z) * mask)``).
     """
-    g = multiply_activation_grad(dy.copy(), y, z, act, alpha)
-    np.matmul(g, w.T, out=dx)
+    np.matmul(_linear_grad(dy, y, z, act, alpha, dropout), w.T, out=dx)
     return dx
 
 
-def linear_backward_weight(x, dy, y, z, act, alpha, dw, db):
+def linear_backward_weight(x, dy, y, z, act, alpha, dw, db, dropout=None):
     """``g = dy * act'(.)``; ``dw = x.T @ g``; ``db = sum_batch g``.
 
-    x: (M, K), dy/y/z: (M, N), dw: (K, N) output, db: (N,) output or None.
-    ``dy`` is left unchanged.
+    x: (M, K), dy/y/z: (M, N), dw: (K, N) output, db: (N,) output or None;
+    dropout as in :func:`linear_backward_data`.  ``dy`` is left unchanged.
     """
-    g = multiply_activation_grad(dy.copy(), y, z, act, alpha)
+    g = _linear_grad(dy, y, z, act, alpha, dropout)
     np.matmul(x.T, g, out=dw)
     if db is not None:
         np.sum(g, axis=0, out=db)
     return dw
 
 
-def linear_backward(x, w, dy, y, z, act, alpha, dx, dw, db):
+def linear_backward(x, w, dy, y, z, act, alpha, dx, dw, db, dropout=None):
     """Both gradients of the fused layer at once (the Backend contract); ``dy`` is left unchanged.
 
-    g = dy * act'(.); dx = g @ w.T (skipped when dx is None, e.g. the first
-    layer); dw = x.T @ g; db = sum_batch g (skipped when db is None).
+    g = dy * act'(.) (times the dropout mask when ``dropout`` is given); dx =
+    g @ w.T (skipped when dx is None, e.g. the first layer); dw = x.T @ g;
+    db = sum_batch g (skipped when db is None).
     """
-    g = multiply_activation_grad(dy.copy(), y, z, act, alpha)
+    g = _linear_grad(dy, y, z, act, alpha, dropout)
     np.matmul(x.T, g, out=dw)
     if db is not None:
         np.sum(g, axis=0, out=db)
