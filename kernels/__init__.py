@@ -7,6 +7,7 @@ use and cached.
 """
 
 from .activation import activation_backward, apply_activation
+from .dropout import dropout
 from .gather import gather_rows
 from .linear import linear_backward_data, linear_backward_weight, linear_forward
 from .loss import loss_grad
@@ -15,6 +16,7 @@ from .optimizers import optimizer_update
 __all__ = [
     "activation_backward",
     "apply_activation",
+    "dropout",
     "gather_rows",
     "linear_backward_data",
     "linear_backward_weight",

@@ -16,6 +16,7 @@ from helpers import backend_params, make_backend
 from gpunn.backend import numpy_ops
 from gpunn.backend.numpy_backend import NumpyBackend
 from gpunn.codes import Act, LossKind
+from gpunn.random import DropoutSpec
 
 
 
@@ -59,58 +60,95 @@ class Arrays:
             assert not np.isnan(self.out(name)).any(), f"{name} is an output but was not fully written"
 
 
-@pytest.mark.parametrize("act", [Act.LINEAR, Act.RELU, Act.GELU, Act.ELU], ids=lambda a: a.name.lower())
-def test_linear_forward_contract(backend, act):
+def _spec(backend, rate, step=7):
+    return None if rate is None else DropoutSpec(rate, 99, backend.asarray(np.array([step], np.int64)))
+
+
+def _z_buffer(act, rate):
+    return np.full((M, N), np.nan, DTYPE) if act.keeps_z or rate is not None else None
+
+
+@pytest.mark.parametrize("rate", [None, 0.4], ids=["plain", "dropout"])
+@pytest.mark.parametrize("act", [Act.LINEAR, Act.RELU, Act.GELU, Act.ELU, Act.SOFTPLUS], ids=lambda a: a.name.lower())
+def test_linear_forward_contract(backend, act, rate):
     rng = np.random.default_rng(int(act))
-    needs_z = act.needs_preactivation
     a = Arrays(
         backend,
         x=_rand(rng, (M, K)),
         w=_rand(rng, (K, N)),
         b=_rand(rng, (N,)),
         y=np.full((M, N), np.nan, DTYPE),
-        z=np.full((M, N), np.nan, DTYPE) if needs_z else None,
+        z=_z_buffer(act, rate),
     )
-    backend.linear_forward(a["x"], a["w"], a["b"], act, act.default_alpha, a["y"], a["z"])
+    spec = _spec(backend, rate)
+    backend.linear_forward(a["x"], a["w"], a["b"], act, act.default_alpha, a["y"], a["z"], spec)
     backend.synchronize()
     a.assert_unchanged("x", "w", "b")
-    a.assert_written("y", *(["z"] if needs_z else []))
+    a.assert_written("y")  # z is private to the backend's linear_backward: no value is promised
     y_ref = np.empty((M, N), DTYPE)
-    z_ref = np.empty((M, N), DTYPE) if needs_z else None
-    numpy_ops.linear_forward(a.host["x"], a.host["w"], a.host["b"], act, act.default_alpha, y_ref, z_ref)
+    z_ref = _z_buffer(act, rate)
+    host_spec = None if spec is None else spec._replace(step=backend.to_numpy(spec.step))
+    numpy_ops.linear_forward(a.host["x"], a.host["w"], a.host["b"], act, act.default_alpha, y_ref, z_ref, host_spec)
     np.testing.assert_allclose(a.out("y"), y_ref, **TOL)
-    if needs_z:
-        np.testing.assert_allclose(a.out("z"), z_ref, **TOL)
+    if spec is not None:
+        assert backend.to_numpy(spec.step).tolist() == [7], "the step array is read only"
 
 
-@pytest.mark.parametrize("act", [Act.LINEAR, Act.SIGMOID, Act.SWISH], ids=lambda a: a.name.lower())
+@pytest.mark.parametrize("rate", [None, 0.5], ids=["plain", "dropout"])
+@pytest.mark.parametrize("act", [Act.LINEAR, Act.SIGMOID, Act.SWISH, Act.SOFTPLUS], ids=lambda a: a.name.lower())
 @pytest.mark.parametrize("with_dx_db", [True, False], ids=["dx-db", "no-dx-db"])
-def test_linear_backward_contract_leaves_dy_unchanged(backend, act, with_dx_db):
+def test_linear_backward_contract_leaves_dy_unchanged(backend, act, with_dx_db, rate):
+    """Backward from what the same backend's forward left in y and z (z is backend-private)."""
     rng = np.random.default_rng(10 + int(act))
     x, w, b = _rand(rng, (M, K)), _rand(rng, (K, N)), _rand(rng, (N,))
-    z = x @ w + b
-    y = np.empty((M, N), DTYPE)
-    numpy_ops.apply_activation(z, act, act.default_alpha, y)
+    spec = _spec(backend, rate)
+    host_spec = None if spec is None else spec._replace(step=np.array([7], np.int64))
+    y_ref, z_ref = np.empty((M, N), DTYPE), _z_buffer(act, rate)
+    numpy_ops.linear_forward(x, w, b, act, act.default_alpha, y_ref, z_ref, host_spec)
+    fwd = Arrays(backend, x=x, w=w, b=b, y=np.empty((M, N), DTYPE), z=_z_buffer(act, rate))
+    backend.linear_forward(fwd["x"], fwd["w"], fwd["b"], act, act.default_alpha, fwd["y"], fwd["z"], spec)
+    backend.synchronize()
     a = Arrays(
         backend,
         x=x,
         w=w,
         dy=_rand(rng, (M, N)),
-        y=y,
-        z=z if act.needs_preactivation else None,
+        y=fwd.out("y"),
+        z=None if fwd["z"] is None else fwd.out("z"),
         dx=np.full((M, K), np.nan, DTYPE) if with_dx_db else None,
         dw=np.full((K, N), np.nan, DTYPE),
         db=np.full((N,), np.nan, DTYPE) if with_dx_db else None,
     )
-    backend.linear_backward(a["x"], a["w"], a["dy"], a["y"], a["z"], act, act.default_alpha, a["dx"], a["dw"], a["db"])
+    backend.linear_backward(a["x"], a["w"], a["dy"], a["y"], a["z"], act, act.default_alpha, a["dx"], a["dw"], a["db"], spec)
     backend.synchronize()
-    a.assert_unchanged("x", "w", "dy", "y", *(["z"] if act.needs_preactivation else []))
+    a.assert_unchanged("x", "w", "dy", "y", *(["z"] if a["z"] is not None else []))
     outputs = ["dw"] + (["dx", "db"] if with_dx_db else [])
     a.assert_written(*outputs)
     ref = {"dx": np.empty((M, K), DTYPE), "dw": np.empty((K, N), DTYPE), "db": np.empty((N,), DTYPE)}
-    numpy_ops.linear_backward(x, w, a.host["dy"], y, z, act, act.default_alpha, ref["dx"], ref["dw"], ref["db"])
+    numpy_ops.linear_backward(x, w, a.host["dy"], y_ref, z_ref, act, act.default_alpha, ref["dx"], ref["dw"], ref["db"], host_spec)
     for name in outputs:
         np.testing.assert_allclose(a.out(name), ref[name], **TOL, err_msg=name)
+
+
+def test_dropout_contract(backend):
+    rng = np.random.default_rng(8)
+    a = Arrays(backend, x=_rand(rng, (M, N)), y=np.full((M, N), np.nan, DTYPE), mask=np.full((M, N), np.nan, DTYPE))
+    spec = _spec(backend, 0.3, step=11)
+    backend.dropout(a["x"], a["y"], a["mask"], spec)
+    backend.synchronize()
+    a.assert_unchanged("x")
+    a.assert_written("y", "mask")
+    y_ref, mask_ref = np.empty((M, N), DTYPE), np.empty((M, N), DTYPE)
+    numpy_ops.dropout(a.host["x"], y_ref, mask_ref, spec._replace(step=np.array([11], np.int64)))
+    np.testing.assert_array_equal(a.out("mask"), mask_ref)
+    np.testing.assert_array_equal(a.out("y"), y_ref)
+
+
+def test_linear_forward_with_dropout_needs_z(backend):
+    rng = np.random.default_rng(9)
+    a = Arrays(backend, x=_rand(rng, (M, K)), w=_rand(rng, (K, N)), y=np.zeros((M, N), DTYPE))
+    with pytest.raises(ValueError, match="z"):
+        backend.linear_forward(a["x"], a["w"], None, Act.RELU, 0.0, a["y"], None, _spec(backend, 0.5))
 
 
 def test_linear_backward_refuses_missing_preactivation(backend):

@@ -73,24 +73,42 @@ class Backend:
         """Wait until queued work is done (no-op on the CPU)."""
 
     # -- numerics (see numpy_ops for the exact values) --------------------------
-    def linear_forward(self, x, w, b, act, alpha, y, z=None):
-        """``y = act(x @ w + b)``; returns ``y``.
+    def linear_forward(self, x, w, b, act, alpha, y, z=None, dropout=None):
+        """``y = act(x @ w + b)``, times the dropout mask when ``dropout`` is given; returns ``y``.
 
-        Read only: x (M, K), w (K, N), b (N,) or None.  Written: y (M, N); z
-        (M, N) receives ``x @ w + b`` and is required when
-        ``act.needs_preactivation`` (pass None otherwise; a backend may then
-        use y as its scratch).
+        Read only: x (M, K), w (K, N), b (N,) or None.  Written: y (M, N).
+        z (M, N) is *backend-private*: it receives what this backend's
+        :meth:`linear_backward` needs (NumPy keeps the pre-activation; CUDA
+        stores ``act'(x @ w + b)``, times the mask with dropout), and nothing
+        else may read it.  z is required when ``act.keeps_z`` or ``dropout``
+        is given (pass None otherwise; a backend may then use y as scratch).
+        dropout: None or a :class:`gpunn.random.DropoutSpec`; its ``step`` is
+        a backend int64 array of shape (1,), read when the work runs (never
+        on the host by a GPU backend).  ``y = act(.) * 1/(1 - rate)`` where the
+        mask keeps an element, 0 where it drops it (``numpy_ops.dropout_keep``).
         """
         raise NotImplementedError
 
-    def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db):
-        """Gradients of the fused layer, with ``g = dy * act'(.)`` formed internally.
+    def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db, dropout=None):
+        """Gradients of the fused layer, with ``g = dy * act'(.)`` (times the mask) formed internally.
 
         Read only (left unchanged): x (M, K), w (K, N), dy (M, N) dL/dy, y
-        (M, N) the forward output, z (M, N) the pre-activation or None (it
-        must be given when ``act.needs_preactivation``).  Written:
-        dw (K, N) ``= x.T @ g``; db (N,) ``= sum over the batch of g``, skipped
-        when None; dx (M, K) ``= g @ w.T``, skipped when None (the first layer).
+        (M, N) the forward output, z (M, N) exactly as this backend's
+        :meth:`linear_forward` left it (required when it was), dropout the
+        forward's DropoutSpec or None.  Written: dw (K, N) ``= x.T @ g``; db
+        (N,) ``= sum over the batch of g``, skipped when None; dx (M, K)
+        ``= g @ w.T``, skipped when None (the first layer).  With dropout
+        ``g = dy * (act'(.) * mask)``.
+        """
+        raise NotImplementedError
+
+    def dropout(self, x, y, mask, dropout):
+        """Dropout on its own (a Dropout layer not folded into its Dense); returns ``y``.
+
+        Read only: x (M, N).  Written: mask (M, N) ``1/(1 - rate)`` where
+        DropoutSpec ``dropout`` keeps an element, else 0 (the mask
+        :meth:`linear_forward` applies); y (M, N), not aliasing x, ``x *
+        1/(1 - rate)`` where kept, else 0.
         """
         raise NotImplementedError
 

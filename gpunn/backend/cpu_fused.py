@@ -252,6 +252,60 @@ def activation_grad(g, dy, y, z, act, alpha, db, has_db):
                 db[j] += gij
 
 
+@_specialised(2)
+def bias_activation_dropout(z, b, act, alpha, y, seed, step, threshold, scale):
+    """Fused forward epilogue with dropout: for ``v = z + b`` (z holds x @ w on entry),
+    ``y = act(v) * m`` and ``z = act'(v) * m``, where ``m`` is ``scale`` if
+    ``opmath.dropout_keep(i * N + j, step, seed, threshold)`` else 0 (uint64
+    seed, step, threshold).  z then holds what :func:`stored_grad` needs.
+    """
+    numba.literally(act)
+    m, n = z.shape
+    zero = z.dtype.type(0)
+    for i in range(m):
+        for j in range(n):
+            v = z[i, j] + b[j]
+            a = act_forward(act, v, alpha)
+            if opmath.dropout_keep(np.uint64(i * n + j), step, seed, threshold):
+                y[i, j] = a * scale
+                z[i, j] = act_derivative(act, a, v, alpha) * scale
+            else:
+                y[i, j] = zero
+                z[i, j] = zero
+
+
+@numba.njit(**_JIT)
+def stored_grad(g, dy, d, db, has_db):
+    """``g = dy * d`` over (M, N), d the derivative the forward stored; with ``has_db``
+    also ``db[j] = sum_i g[i, j]`` in the same pass."""
+    m, n = g.shape
+    if has_db:
+        for j in range(n):
+            db[j] = 0
+    for i in range(m):
+        for j in range(n):
+            gij = dy[i, j] * d[i, j]
+            g[i, j] = gij
+            if has_db:
+                db[j] += gij
+
+
+@numba.njit(**_JIT)
+def dropout_apply(x, y, mask, seed, step, threshold, scale):
+    """Dropout on its own: ``mask = scale`` where kept, else 0, and ``y = x * scale`` or 0,
+    over (M, N), with the mask of :func:`bias_activation_dropout`."""
+    m, n = x.shape
+    zero = x.dtype.type(0)
+    for i in range(m):
+        for j in range(n):
+            if opmath.dropout_keep(np.uint64(i * n + j), step, seed, threshold):
+                y[i, j] = x[i, j] * scale
+                mask[i, j] = scale
+            else:
+                y[i, j] = zero
+                mask[i, j] = zero
+
+
 @numba.njit(**_JIT)
 def column_sums(g, out):
     """``out[j] = sum_i g[i, j]`` (the bias gradient), accumulated row by row."""

@@ -92,19 +92,29 @@ class CudaBackend(Backend):
         return 0 if self._simulator else launch_stream()
 
     # -- numerics (see numpy_ops for the exact meaning) ----------------------
-    def linear_forward(self, x, w, b, act, alpha, y, z=None):
+    def _dropout(self, dropout):
+        """The DropoutSpec with its step array as the kernels see it."""
+        return None if dropout is None else dropout._replace(step=self._dev(dropout.step))
+
+    def linear_forward(self, x, w, b, act, alpha, y, z=None, dropout=None):
         d = self._dev
-        kernels.linear_forward(d(x), d(w), d(b), act, alpha, d(y), d(z), stream=self._stream())
+        kernels.linear_forward(d(x), d(w), d(b), act, alpha, d(y), d(z), self._dropout(dropout), stream=self._stream())
         return y
 
-    def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db):
+    def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db, dropout=None):
         """dw, db and (unless dx is None) dx; dy is left unchanged (the Backend contract)."""
         d = self._dev
         stream = self._stream()
         x, dy, y, z = d(x), d(dy), d(y), d(z)
-        kernels.linear_backward_weight(x, dy, y, z, act, alpha, d(dw), d(db), stream=stream)
+        dropout = self._dropout(dropout)
+        kernels.linear_backward_weight(x, dy, y, z, act, alpha, d(dw), d(db), dropout, stream=stream)
         if dx is not None:
-            kernels.linear_backward_data(dy, d(w), y, z, act, alpha, d(dx), stream=stream)
+            kernels.linear_backward_data(dy, d(w), y, z, act, alpha, d(dx), dropout, stream=stream)
+
+    def dropout(self, x, y, mask, dropout):
+        d = self._dev
+        kernels.dropout(d(x), d(y), d(mask), self._dropout(dropout), stream=self._stream())
+        return y
 
     def apply_activation(self, z, act, alpha, y):
         # y is z (in place) stays one object through the view cache

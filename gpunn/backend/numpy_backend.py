@@ -142,6 +142,13 @@ def _equal_blocks(rows, most, cores):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _dropout_scalars(dropout, dtype):
+    """(seed, step, threshold, scale) of a DropoutSpec for the compiled passes (step read on the host)."""
+    dropout.check()
+    step = np.uint64(int(dropout.step[0]))
+    return np.uint64(dropout.seed), step, np.uint64(dropout.threshold), dropout.scale(dtype)
+
+
 def _c(a):
     """The array itself when C-contiguous (the compiled loops are specialised for that layout)."""
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
@@ -167,11 +174,18 @@ class NumpyBackend(Backend):
         np.take(src, index, axis=0, out=out, mode="clip")
         return out
 
-    def linear_forward(self, x, w, b, act, alpha, y, z=None):
+    def linear_forward(self, x, w, b, act, alpha, y, z=None, dropout=None):
         bias = self._zeros(y.shape[1], y.dtype) if b is None else b
         act = Act(act)
         slope = y.dtype.type(alpha)
-        if act.needs_preactivation:
+        if dropout is not None:
+            # z keeps act'(x @ w + b) times the mask: backward is then one multiply per element
+            if z is None:
+                raise ValueError("z: dropout needs the z buffer, got None")
+            seed, step, threshold, scale = _dropout_scalars(dropout, y.dtype)
+            np.matmul(x, w, out=z)
+            cpu_fused.bias_activation_dropout(z, bias, act, slope, y, seed, step, threshold, scale)
+        elif act.needs_preactivation:
             if z is None:
                 raise ValueError("z: this activation needs the pre-activation buffer, got None")
             np.matmul(x, w, out=z)
@@ -182,9 +196,14 @@ class NumpyBackend(Backend):
                 cpu_fused.bias_activation_inplace(y, bias, act, slope)
         return y
 
-    def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db):
+    def linear_backward(self, x, w, dy, y, z, act, alpha, dx, dw, db, dropout=None):
         act = Act(act)
-        if act == Act.LINEAR:
+        if dropout is not None:
+            if z is None:
+                raise ValueError("z: dropout needs the z buffer of the forward pass, got None")
+            g = self._scratch(dy.shape, dy.dtype)
+            cpu_fused.stored_grad(g, dy, z, dw[0] if db is None else db, db is not None)
+        elif act == Act.LINEAR:
             g = dy
             if db is not None:
                 cpu_fused.column_sums(dy, db)
@@ -193,12 +212,18 @@ class NumpyBackend(Backend):
                 raise ValueError(f"z: the derivative of {act.name.lower()} needs the pre-activation, got None")
             g = self._scratch(dy.shape, dy.dtype)
             cpu_fused.activation_grad(
-                g, dy, y, y if z is None else z, act, dy.dtype.type(alpha),
+                g, dy, y, y if z is None or not act.needs_preactivation else z, act, dy.dtype.type(alpha),
                 dw[0] if db is None else db, db is not None,
             )  # fmt: skip
         np.matmul(x.T, g, out=dw)
         if dx is not None:
             np.matmul(g, w.T, out=dx)
+
+    def dropout(self, x, y, mask, dropout):
+        """Dropout on its own (see Backend.dropout)."""
+        seed, step, threshold, scale = _dropout_scalars(dropout, y.dtype)
+        cpu_fused.dropout_apply(_c(x), y, mask, seed, step, threshold, scale)
+        return y
 
     def inference_block_rows(self, widths) -> int:
         """Most rows per inference block for layers of these widths (input first); see _BLOCK_ROWS."""

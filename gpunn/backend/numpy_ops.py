@@ -207,6 +207,17 @@ def dropout_mask(spec, shape, dtype):
     return np.where(dropout_keep(spec, shape), scale, np.dtype(dtype).type(0))
 
 
+def dropout(x, y, mask, dropout):
+    """Dropout on its own: ``mask`` = :func:`dropout_mask`, ``y = x * 1/(1 - rate)`` where kept, else 0.
+
+    x, y, mask: (M, N); dropout: a :class:`gpunn.random.DropoutSpec`.
+    """
+    keep = dropout_keep(dropout, x.shape)
+    np.copyto(mask, np.where(keep, dropout.scale(x.dtype), x.dtype.type(0)))
+    np.copyto(y, np.where(keep, x * dropout.scale(x.dtype), x.dtype.type(0)))
+    return y
+
+
 def _requires_z(act, z, dropout):
     if z is None and (act in codes.ACT_NEEDS_PREACTIVATION or dropout is not None):
         why = "dropout" if dropout is not None else "this activation"
