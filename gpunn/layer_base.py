@@ -249,6 +249,11 @@ class Layer:
         ``dx`` (B, in), skipped when None.  ``dy`` (B, out) may be used as scratch."""
         raise NotImplementedError
 
+    def folds(self, layer, activation) -> bool:
+        """Whether this layer's training ``call``/``backward`` can also do the work of ``layer``,
+        the next one, when given it as ``folded=`` (``activation``: this layer's, as trained)."""
+        return False
+
     def activate(self, backend, z, out):
         """``out = activation(z)`` for this layer's own activation (e.g. logits to probabilities)."""
         act = self.activation
@@ -302,16 +307,20 @@ class FusedStep:
     """Layers ``first`` .. ``last`` of a stack run as one ``call`` (and one ``backward``) of layer
     ``first`` with ``activation``: e.g. ``Dense(linear)`` then ``Activation("gelu")`` is one fused
     linear + GELU kernel.  The step reads layer ``first``'s input and writes layer ``last``'s
-    output; the absorbed layers' own buffers stay unused."""
+    output; the absorbed layers' own buffers stay unused.  ``folded``: None, or layer ``last``
+    when its training work is done by layer ``first``'s call given ``folded=`` (a Dropout after a
+    Dense, see :meth:`Layer.folds`); at inference such a layer is the identity."""
 
     first: int
     last: int
     activation: object
+    folded: object = None
 
 
 def fused_steps(layers, acts) -> list[FusedStep]:
     """The stack ``layers`` (each running ``acts[i]``) as fused steps: a layer absorbs the layers
-    after it for as long as its ``absorb`` accepts them (see :meth:`Layer.absorb`)."""
+    after it for as long as its ``absorb`` accepts them (see :meth:`Layer.absorb`), then folds
+    the next one in when its ``folds`` accepts it."""
     steps, i = [], 0
     while i < len(layers):
         last, act = i, acts[i]
@@ -320,7 +329,11 @@ def fused_steps(layers, acts) -> list[FusedStep]:
             if folded is None:
                 break
             last, act = last + 1, folded
-        steps.append(FusedStep(i, last, act))
+        dropout = None
+        if last + 1 < len(layers) and layers[i].folds(layers[last + 1], act):
+            last += 1
+            dropout = layers[last]
+        steps.append(FusedStep(i, last, act, dropout))
         i = last + 1
     return steps
 

@@ -112,8 +112,8 @@ class Dense(Layer):
     # -- computation ------------------------------------------------------------
     @staticmethod
     def needs_preactivation(activation) -> bool:
-        """Whether running ``activation`` keeps the pre-activation ``z`` for the backward pass."""
-        return activation.code in codes.ACT_NEEDS_PREACTIVATION
+        """Whether running ``activation`` keeps a ``z`` buffer for the backward pass (``Act.keeps_z``)."""
+        return activation.code in codes.ACT_KEEPS_Z
 
     def absorb(self, activation, following, following_activation):
         """A linear Dense followed by an activation layer (Activation, ReLU, LeakyReLU, Softmax) runs
@@ -123,24 +123,34 @@ class Dense(Layer):
         return None
 
     def make_buffers(self, backend, batch, dtype, activation, training):
-        """The pre-activation ``z`` (B, units) where the activation's derivative needs it."""
+        """The backend-private ``z`` (B, units) where the activation keeps one."""
         return backend.empty((batch, self.units), dtype) if self.needs_preactivation(activation) else None
 
-    def call(self, backend, x, y, z, activation=None, training=False):
+    def folds(self, layer, activation) -> bool:
+        """A Dropout right after this layer is applied inside its fused training call: the mask
+        is made in the forward epilogue and reused by backward (not under a softmax, which
+        runs after the fused call)."""
+        return isinstance(layer, Dropout) and layer.rate > 0 and not activation.is_softmax
+
+    def call(self, backend, x, y, z, activation=None, training=False, folded=None):
         """Forward: ``y = act(x @ kernel + bias)`` into preallocated ``y`` (B, units).
 
-        x: (B, in).  z: (B, units) receives ``x @ kernel + bias`` when
-        :meth:`needs_preactivation`, else None.  ``activation`` overrides the
-        layer's own (a fused output layer runs "linear" in training: the loss
-        applies the activation).  Softmax normalises each row of ``y``.
+        x: (B, in).  z: (B, units), the backend-private buffer its
+        ``linear_backward`` reads, where :meth:`needs_preactivation` or a
+        Dropout is folded in, else None.  ``activation`` overrides the layer's
+        own (a fused output layer runs "linear" in training: the loss applies
+        the activation).  Softmax normalises each row of ``y``.  ``folded``:
+        the Dropout layer after this one whose mask this call applies
+        (training only, see :meth:`folds`).
         """
         act = self.activation if activation is None else activation
-        backend.linear_forward(x, self.kernel, self.bias if self.use_bias else None, act.code, act.alpha, y, z)
+        dropout = None if folded is None else folded.dropout_spec(backend, training)
+        backend.linear_forward(x, self.kernel, self.bias if self.use_bias else None, act.code, act.alpha, y, z, dropout)
         if act.is_softmax:
             backend.softmax(y, y)
         return y
 
-    def backward(self, backend, x, dy, y, z, dx, activation=None):
+    def backward(self, backend, x, dy, y, z, dx, activation=None, folded=None, training=False):
         """Backward through :meth:`call`: gradients into ``kernel_grad``, ``bias_grad`` and ``dx``.
 
         dy: (B, units), dL/dy.  x, y, z: the forward's input, output and
@@ -155,9 +165,11 @@ class Dense(Layer):
         if act.is_softmax:
             backend.softmax_backward(dy, y)
             code = codes.ACT_LINEAR
+        dropout = None if folded is None else folded.dropout_spec(backend, training)
         backend.linear_backward(
-            x, self.kernel, dy, y, z, code, act.alpha, dx, self.kernel_grad, self.bias_grad if self.use_bias else None
-        )
+            x, self.kernel, dy, y, z, code, act.alpha, dx, self.kernel_grad, self.bias_grad if self.use_bias else None,
+            dropout,
+        )  # fmt: skip
 
     def get_config(self):
         base = super().get_config()

@@ -8,8 +8,11 @@ input itself (no copy).
 
 from __future__ import annotations
 
+import numpy as np
+
 from gpunn import activations, checks, layers_ops
 from gpunn.layer_base import Layer
+from gpunn.random import DropoutSpec
 
 
 def _copy_into(backend, src, dst):
@@ -133,9 +136,13 @@ class Dropout(Layer):
     """Inverted dropout: in training each input is zeroed with probability ``rate`` and the
     rest scaled by ``1 / (1 - rate)``; at inference the layer is the identity.
 
-    The mask is drawn from a stream keyed by (``seed``, training step), so
-    ``gpunn.set_seed`` (which fixes the default seed) makes runs repeat, and
-    it is kept for the backward pass (``dx = dy * mask``).
+    Element (r, c) of a batch is kept when ``opmath.dropout_keep`` -- a
+    Philox4x32-10 draw keyed by (``seed``, training step, ``r * features +
+    c``) -- says so; ``gpunn.set_seed`` (which fixes the default seed) makes
+    runs repeat, on either backend and whether or not the Dense before it
+    applies the mask in its own fused call (it does in training, see
+    ``Dense.folds``).  On its own the layer keeps the mask for the backward
+    pass (``dx = dy * mask``).
     """
 
     def __init__(self, rate, noise_shape=None, seed=None, **kwargs):
@@ -145,22 +152,23 @@ class Dropout(Layer):
             raise ValueError(f"noise_shape: gpunn's Dropout draws one mask value per feature; got {noise_shape!r}")
         self.seed = layers_ops.draw_seed() if seed is None else checks.positive_int(seed, "seed", minimum=0)
 
-    #: the mask is drawn by a generator keyed on the host (see layers_ops.uniform)
-    graph_safe = False
+    #: the mask is a pure function of the device step (TrainingPhase.step_array): replays draw anew
+    graph_safe = True
 
     def make_buffers(self, backend, batch, dtype, activation, training):
         return backend.empty((batch, self.input_dim), dtype) if training and self.rate > 0 else None
 
+    def dropout_spec(self, backend, training) -> DropoutSpec:
+        """The mask of this training step: rate, seed and the step as a backend int64 (1,) array."""
+        step = getattr(training, "step_array", None)
+        if step is None:
+            step = backend.asarray(np.array([int(training.step)], np.int64))
+        return DropoutSpec(self.rate, self.seed, step)
+
     def call(self, backend, x, y, mask, activation=None, training=False):
         if not training or self.rate == 0:
             return x
-        xp = backend.xp
-        layers_ops.uniform(backend, self.seed, training.step, mask)
-        keep = mask.dtype.type(1.0 / (1.0 - self.rate))
-        # mask <- keep-scale where u >= rate, else 0
-        xp.greater_equal(mask, mask.dtype.type(self.rate), out=y)
-        xp.multiply(y, keep, out=mask)
-        return xp.multiply(x, mask, out=y)
+        return backend.dropout(x, y, mask, self.dropout_spec(backend, training))
 
     def backward(self, backend, x, dy, y, mask, dx, activation=None):
         if dx is None:

@@ -8,8 +8,9 @@ things need more than that:
   backward): the compiled CPU pass on the NumPy backend, gpunn's CUDA kernel
   on the CUDA backend -- both use the activation's one definition in
   :mod:`gpunn.opmath`;
-* random numbers for ``Dropout`` and ``GaussianNoise``, reproducible under
-  ``gpunn.set_seed`` and resumable: on the CPU each training step draws from
+* random numbers for ``GaussianNoise``, reproducible under
+  ``gpunn.set_seed`` and resumable (``Dropout``'s mask is a counter-based
+  draw of its own, see ``Backend.dropout``): on the CPU each training step draws from
   a stream keyed by (the layer's seed, the step number), so a run resumed
   from a saved model draws what the uninterrupted run would have (on a GPU,
   CuPy's generator, restarted from (seed, step) whenever steps are not consecutive).
@@ -35,16 +36,6 @@ def activation_backward(backend, dy, y, z, act, alpha, dx):
 
     kernels.activation_backward(dy, y, z, code, alpha, dx, stream=launch_stream())
     return dx
-
-
-def uniform(backend, seed, step, out):
-    """Fill ``out`` with U[0, 1) draws for training step ``step`` of a layer seeded ``seed``."""
-    xp = backend.xp
-    if xp is np:
-        np.random.default_rng([seed, step]).random(out=out.reshape(-1), dtype=out.dtype.type)
-        return out
-    out[...] = _device_generator(xp, seed, step).random_sample(out.shape, dtype=out.dtype)
-    return out
 
 
 def normal(backend, seed, step, out):

@@ -120,10 +120,18 @@ class Workspace:
         self.batch = batch
         training = target_shape is not None
         step_acts = list(acts)
-        for step in fused_steps(layers, acts):
+        steps = fused_steps(layers, acts)
+        for step in steps:
             step_acts[step.first] = step.activation
         self.y = [backend.empty((batch, layer.output_dim), dtype) for layer in layers]
         self.aux = [layer.make_buffers(backend, batch, dtype, act, training) for layer, act in zip(layers, step_acts)]
+        for step in steps:
+            if training and step.folded is not None:
+                # the fused call with dropout writes its backend-private z; the folded layer keeps nothing
+                first = layers[step.first]
+                if self.aux[step.first] is None:
+                    self.aux[step.first] = backend.empty((batch, first.output_dim), dtype)
+                self.aux[step.last] = None
         self.out = list(self.y)
         if training:
             self.x = backend.empty((batch, input_dim), dtype)
@@ -329,7 +337,10 @@ class Trainer:
         are one call); ``training`` is False or a :class:`TrainingPhase`."""
         a = x
         for step in self.steps(acts):
-            a = ws.out[step.last] = self.layers[step.first].call(backend, a, ws.y[step.last], ws.aux[step.first], step.activation, training)
+            # a folded layer (Dropout) is done by the step's first layer in training only
+            fold = {"folded": step.folded} if training and step.folded is not None else {}
+            layer = self.layers[step.first]
+            a = ws.out[step.last] = layer.call(backend, a, ws.y[step.last], ws.aux[step.first], step.activation, training, **fold)
         return a
 
     def _regularization(self, backend, sums, batch, gradients):
@@ -396,7 +407,8 @@ class Trainer:
 
     def _gradients(self, b, ws, acc, weighted, record):
         acts = self.objective.train_activations
-        out = self.forward(b, ws.x, ws, acts, TrainingPhase(self.optimizer.iterations, record.step))
+        phase = TrainingPhase(self.optimizer.iterations, record.step)
+        out = self.forward(b, ws.x, ws, acts, phase)
         self.objective.loss_grad(b, out, ws.t, ws.w if weighted else None, ws.g[-1], acc.sums)
         self._update_metrics(b, out, ws, acc, weighted)
         for step in reversed(self.steps(acts)):
@@ -405,7 +417,8 @@ class Trainer:
                 break
             x = ws.x if i == 0 else ws.out[i - 1]
             dx = ws.g[i - 1] if i > self.first_trained else None
-            self.layers[i].backward(b, x, ws.g[step.last], ws.out[step.last], ws.aux[i], dx, step.activation)
+            fold = {"folded": step.folded, "training": phase} if step.folded is not None else {}
+            self.layers[i].backward(b, x, ws.g[step.last], ws.out[step.last], ws.aux[i], dx, step.activation, **fold)
         self._regularization(b, acc.sums, ws.batch, gradients=True)
 
     def test_step(self, ws, acc, weighted):

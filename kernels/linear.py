@@ -487,7 +487,9 @@ def _forward_kernel(dtype, tile, act, has_bias, dropout):
         if r < y.shape[0] and c < y.shape[1]:
             if has_bias:
                 v += b[c]
-            a = forward(v, alpha)
+            # the output's own type: as compiled code does, and as the simulator does not
+            # (math.tanh of a float32 is a Python float there)
+            a = T(forward(v, alpha))
             if dropout:
                 flat = np.uint64(r) * np.uint64(y.shape[1]) + np.uint64(c)
                 if keep_element(flat, step, seed, threshold):

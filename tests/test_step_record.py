@@ -229,7 +229,7 @@ def test_graph_replay_gives_the_same_weights_as_eager_launches():
 
 # -- the graph bookkeeping, without a GPU: a stand-in capture with a graph's semantics -----------
 
-_STEP_CALLS = ("gather_rows", "linear_forward", "linear_backward", "loss_grad", "optimizer_update", "softmax", "softmax_backward")
+_STEP_CALLS = ("gather_rows", "linear_forward", "linear_backward", "loss_grad", "optimizer_update", "softmax", "softmax_backward", "dropout")
 
 
 class _Replay:
@@ -331,9 +331,30 @@ def test_failed_capture_warns_once_and_runs_eager(monkeypatch):
     assert eager.optimizer.iterations == graphed.optimizer.iterations == 3
 
 
+def test_dropout_masks_follow_the_step_record_in_replays(monkeypatch):
+    """Dropout's Philox mask is keyed by the record's device step: replays draw each step's own
+    masks, folded into the Dense before it or on its own (after the input), as eager steps do."""
+    x, y = _data(16)
+    graphs = _stand_in_capture(monkeypatch, gpunn.backend.current())
+    with gpunn.use_backend("numpy"):
+        weights = []
+        for graph in (False, True):
+            gpunn.utils.set_random_seed(9)
+            model = gpunn.Sequential([gpunn.layers.Input((5,)), gpunn.layers.Dropout(0.2), gpunn.layers.Dense(6), gpunn.layers.Dropout(0.3), gpunn.layers.Dense(3)])
+            model.compile(optimizer="adam", loss=gpunn.losses.SparseCategoricalCrossentropy(from_logits=True))
+            step = model.make_train_step(8, graph=graph)
+            for start in (0, 8, 0, 8, 0):
+                step.load(x[start : start + 8], y[start : start + 8])
+                step.run()
+            weights.append(model.get_weights())
+    assert len(graphs) == 1  # captured once, replayed three times
+    for we, wg in zip(*weights):
+        np.testing.assert_array_equal(wg, we)
+
+
 def test_layers_with_host_keyed_draws_are_not_captured(monkeypatch):
-    """Dropout and GaussianNoise draw from generators keyed on the host: a graph would replay one
-    draw, so the step refuses to capture (warning) and trains eagerly, like an eager step."""
+    """GaussianNoise draws from a generator keyed on the host: a graph would replay one draw, so
+    the step refuses to capture (warning) and trains eagerly, like an eager step."""
     x, y = _data(16)
     graphs = _stand_in_capture(monkeypatch, gpunn.backend.current())
     with gpunn.use_backend("numpy"):
@@ -346,7 +367,7 @@ def test_layers_with_host_keyed_draws_are_not_captured(monkeypatch):
             step.load(x[:8], y[:8])
             step.run()
             if graph:
-                with pytest.warns(RuntimeWarning, match=r"dropout(_\d+)?, gaussian_noise(_\d+)? draw per-step random numbers"):
+                with pytest.warns(RuntimeWarning, match=r"gaussian_noise(_\d+)? draw per-step random numbers"):
                     step.run()
             else:
                 step.run()
