@@ -125,9 +125,16 @@ def act_slope(y64, z64, act):
 # --------------------------------------------------------------------------
 
 
+def _derivative(z, act):
+    y = numpy_ops.apply_activation(z, act, ALPHA, np.empty_like(z))
+    return numpy_ops.activation_derivative(y, z, act, ALPHA)
+
+
 def check_linear_forward(place, act, dtype, bias=True):
+    """y against the float64 reference; z, private to the kernels, holds act'(pre-activation)
+    for the activations in codes.ACT_KEEPS_Z (see kernels/linear.py)."""
     tol = tolerances(dtype)
-    needs_z = act in codes.ACT_NEEDS_PREACTIVATION
+    needs_z = act in codes.ACT_KEEPS_Z
     for m, k, n in SIZES[place]["linear"]:
         rng = np.random.default_rng(m + k + n)
         x, w, b = rand(rng, (m, k), dtype), rand(rng, (k, n), dtype, 1 / math.sqrt(k)), rand(rng, (n,), dtype, 0.5)
@@ -135,9 +142,7 @@ def check_linear_forward(place, act, dtype, bias=True):
         kernels.linear_forward(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b) if bias else None, act, ALPHA, y, z)
         x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64) if bias else None
         y_ref, z_ref = np.empty((m, n)), np.empty((m, n))
-        numpy_ops.linear_forward(x64, w64, b64, act, ALPHA, y_ref, z_ref if needs_z else None)
-        if not needs_z:  # the pre-activation, for the error bound (numpy_ops only writes z where it is needed)
-            numpy_ops.linear_forward(x64, w64, b64, codes.ACT_LINEAR, 0.0, z_ref)
+        numpy_ops.linear_forward(x64, w64, b64, act, ALPHA, y_ref, z_ref)
         magnitude = np.abs(x64) @ np.abs(w64) + (np.abs(b64) if bias else 0)
         z_bound = tol["gemm"] * magnitude + tol["abs"]
         shape = f"{np.dtype(dtype).name} {_id(act)} bias={bias} M={m} K={k} N={n}"
@@ -146,7 +151,10 @@ def check_linear_forward(place, act, dtype, bias=True):
         slope = np.maximum.reduce([act_slope(*_shifted(z_ref, dz, act), act) for dz in (-z_bound, 0, z_bound)])
         assert_within(y.copy_to_host(), y_ref, slope * z_bound + tol["elem"] * np.abs(y_ref) + tol["abs"], f"linear_forward y {shape}")
         if needs_z:
-            assert_within(z.copy_to_host(), z_ref, z_bound, f"linear_forward z {shape}")
+            d_ref = _derivative(z_ref, act)
+            d_error = np.maximum.reduce([np.abs(_derivative(z_ref + dz, act) - d_ref) for dz in (-z_bound, z_bound)])
+            d_bound = d_error + tol["elem"] * np.abs(d_ref) + tol["abs"]
+            assert_within(z.copy_to_host(), d_ref, d_bound, f"linear_forward z (stored derivative) {shape}")
 
 
 def _shifted(z, dz, act):
@@ -156,8 +164,9 @@ def _shifted(z, dz, act):
 
 
 def check_linear_backward(place, act, dtype, bias=True):
+    """From y and the z the forward kernel stores (act'(pre-activation) for codes.ACT_KEEPS_Z)."""
     tol = tolerances(dtype)
-    needs_z = act in codes.ACT_NEEDS_PREACTIVATION
+    needs_z = act in codes.ACT_KEEPS_Z
     for m, k, n in SIZES[place]["linear"]:
         rng = np.random.default_rng(m + 2 * k + n)
         x, w = rand(rng, (m, k), dtype), rand(rng, (k, n), dtype, 1 / math.sqrt(k))
@@ -165,12 +174,12 @@ def check_linear_backward(place, act, dtype, bias=True):
         y_in = numpy_ops.apply_activation(z_in.astype(np.float64), act, ALPHA, np.empty((m, n))).astype(dtype)
         dy = rand(rng, (m, n), dtype)
         d_x, d_w, d_y, d_yin = (cuda.to_device(a) for a in (x, w, dy, y_in))
-        d_z = cuda.to_device(z_in) if needs_z else None
+        d_z = cuda.to_device(_derivative(z_in.astype(np.float64), act).astype(dtype)) if needs_z else None
         dx, dw, db = poisoned((m, k), dtype), poisoned((k, n), dtype), poisoned((n,), dtype) if bias else None
         kernels.linear_backward_data(d_y, d_w, d_yin, d_z, act, ALPHA, dx)
         kernels.linear_backward_weight(d_x, d_y, d_yin, d_z, act, ALPHA, dw, db)
         f64 = {name: a.astype(np.float64) for name, a in dict(x=x, w=w, dy=dy, y=y_in, z=z_in).items()}
-        z64 = f64["z"] if needs_z else None
+        z64 = f64["z"] if act in codes.ACT_NEEDS_PREACTIVATION else None
         dx_ref, dw_ref, db_ref = np.empty((m, k)), np.empty((k, n)), np.empty(n) if bias else None
         numpy_ops.linear_backward_data(f64["dy"].copy(), f64["w"], f64["y"], z64, act, ALPHA, dx_ref)
         numpy_ops.linear_backward_weight(f64["x"], f64["dy"].copy(), f64["y"], z64, act, ALPHA, dw_ref, db_ref)
