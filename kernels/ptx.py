@@ -105,6 +105,8 @@ def _linear_calls(k, dt):
                         arr(M, K), arr(K, N), arr(N) if b else None, act, _ALPHA, arr(M, N), arr(M, N), dropout, tile=t
                     ),
                 )
+                if act in codes.ACT_KEEPS_Z:
+                    continue  # backward multiplies by the stored derivative: the "stored" kernels below
                 yield (
                     f"linear_backward_weight-{base}-{'db' if bias else 'nodb'}",
                     "backward_weight",
@@ -112,6 +114,8 @@ def _linear_calls(k, dt):
                         arr(M, K), arr(M, N), arr(M, N), z, act, _ALPHA, arr(K, N), arr(N) if b else None, tile=t
                     ),
                 )
+            if act in codes.ACT_KEEPS_Z:
+                continue
             yield (
                 f"linear_backward_data-{base}",
                 "backward_data",
@@ -119,11 +123,12 @@ def _linear_calls(k, dt):
                     arr(M, N), arr(K, N), arr(M, N), z, act, _ALPHA, arr(M, K), tile=t
                 ),
             )
-    # with dropout (and for ACT_KEEPS_Z) backward multiplies dy by the stored z: one kernel per tile
+    # with dropout, and for the activations of ACT_KEEPS_Z, backward multiplies dy by the
+    # derivative the forward stored in z: one kernel per tile and role, whatever the activation
     for tile in linear.TILES[dt]:
         for bias in (True, False):
             yield (
-                f"linear_backward_weight-{tag}-dropout-{tile.name}-{'db' if bias else 'nodb'}",
+                f"linear_backward_weight-{tag}-stored-{tile.name}-{'db' if bias else 'nodb'}",
                 "backward_weight",
                 lambda b=bias, t=tile.name: k.linear_backward_weight(
                     arr(M, K), arr(M, N), arr(M, N), arr(M, N), codes.Act.RELU, _ALPHA, arr(K, N),
@@ -131,7 +136,7 @@ def _linear_calls(k, dt):
                 ),
             )
         yield (
-            f"linear_backward_data-{tag}-dropout-{tile.name}",
+            f"linear_backward_data-{tag}-stored-{tile.name}",
             "backward_data",
             lambda t=tile.name: k.linear_backward_data(
                 arr(M, N), arr(K, N), arr(M, N), arr(M, N), codes.Act.RELU, _ALPHA, arr(M, K), dropout, tile=t

@@ -22,23 +22,23 @@ REPORT = os.path.join(REPO, "benchmarks", "kernel_report.py")
 MATRIX_ROLES = {"forward", "backward_data", "backward_weight"}
 FMA_SHARE_TARGET = 0.70
 
-#: What CI compiles: every float32 matrix-product role, tile and option for
-#: ReLU, the float64 gradient kernels of both tiles (the most registers),
-#: forward kernels of the heaviest activations (their
-#: epilogue must not push the register tile to local memory), and the
-#: heaviest elementwise, loss and optimizer kernels (Adam also reading its
-#: scalars from the step record) and the offset gather.  All activations share
-#: one main loop per (dtype, tile, role); `benchmarks/kernel_report.py` run
-#: by hand covers all ~530 variants (tens of minutes on 2 cores).  Not
-#: here, because they miss the targets (see the README's kernel section):
-#: the backward kernels of activations whose derivative needs
-#: transcendental functions of z (GELU, mish, ...), whose per-element
-#: derivative work lowers the main loop's FMA share, and their float64
-#: variants, which spill a few bytes.
+#: What CI compiles: float32 ReLU forward (bias) and gradient (db) kernels of
+#: both tiles; the gradient kernels that multiply dy by the derivative the
+#: forward stored in z (the backward of GELU, swish, mish and softplus, and of
+#: every activation under dropout), float32 both tiles and float64 64x64
+#: (where GELU's backward once spilled), and float64 ReLU 64x64; forward
+#: kernels with the heaviest epilogues (GELU storing its derivative, mish
+#: with the Philox dropout mask: the epilogue must not push the register
+#: tile to local memory); and the heaviest elementwise, loss and optimizer
+#: kernels (Adam also reading its scalars from the step record) and the
+#: offset gather.  All activations share one main loop per (dtype, tile, role);
+#: `benchmarks/kernel_report.py` run by hand covers all ~610 variants (tens
+#: of minutes on 2 cores).
 CI_SELECTION = (
-    r"^linear_.*-f32-relu-"
-    r"|^linear_backward_.*-f64-relu-.*(-db|f64)$"
-    r"|^linear_forward-f32-gelu-128x128-bias$|^linear_forward-f32-mish-64x64-bias$"
+    r"^linear_forward-f32-relu-.*-bias$"
+    r"|^linear_backward_.*-f32-(relu|stored)-.*(-db|x64|x128)$"
+    r"|^linear_backward_.*-f64-(relu|stored)-64x64-f64(-db)?$"
+    r"|^linear_forward-f32-gelu-128x128-bias$|^linear_forward-f32-mish-64x64-bias-dropout$"
     r"|^activation-f32-mish$"
     r"|^loss-f32-softmax_cce-weighted-grad$"
     r"|^optimizer-f32-(adam|rmsprop|adam-record)$|^gather-f32$"
@@ -69,8 +69,11 @@ def test_ptx_tool_enumerates_every_code_from_gpunn_codes():
     for tag in ("f32", "f64"):
         for act in codes.Act:
             key = f"-{tag}-{act.name.lower()}-"
+            assert any(n.startswith("linear_forward") and key in n and n.endswith("-dropout") for n in names), act
             for role in ("linear_forward", "linear_backward_data", "linear_backward_weight"):
-                assert any(n.startswith(role) and key in n for n in names), (role, tag, act.name)
+                # backward of ACT_KEEPS_Z activations is the shared kernel multiplying by the stored z
+                wanted = f"-{tag}-stored-" if role != "linear_forward" and act.keeps_z else key
+                assert any(n.startswith(role) and wanted in n for n in names), (role, tag, act.name)
             assert f"activation-{tag}-{act.name.lower()}" in names
         for kind in codes.LossKind:
             assert any(n.startswith(f"loss-{tag}-{kind.name.lower()}-") for n in names), kind.name
@@ -105,6 +108,7 @@ def test_kernel_report_meets_its_targets(tmp_path):
         ptx = (ptx_dir / entry["file"]).read_text()
         assert ".target sm_90" in ptx and ".entry" in ptx
     forward = next(e for e in index if e["name"] == "linear_forward-f32-relu-64x64-bias")
+    assert {"linear_backward_data-f32-stored-128x128", "linear_forward-f32-mish-64x64-bias-dropout"} <= {e["name"] for e in index}
     assert forward["role"] == "forward" and forward["dtype"] == "float32" and forward["threads_per_block"] == 64
     assert {r["role"] for r in rows} >= MATRIX_ROLES | {"activation", "loss", "optimizer"}
     for r in rows:
