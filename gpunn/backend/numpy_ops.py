@@ -5,7 +5,8 @@ kernel (:mod:`gpunn.kernels`) is tested against the function of the same
 name here.  The code is deliberately independent of :mod:`gpunn.opmath`
 (whole-array NumPy/SciPy expressions, not the shared scalar functions), so
 that a slip in the shared math cannot hide in both the implementation and
-its reference; it is written for clarity, not speed, and no training step
+its reference -- except the dropout mask, which *is* defined as opmath's
+Philox4x32-10 draw (checked against Random123's known answers instead); it is written for clarity, not speed, and no training step
 runs it.  All arrays share one floating dtype (float32 or float64); outputs
 are preallocated by the caller and written in place.
 
