@@ -144,8 +144,9 @@ class Dense(Layer):
         (training only, see :meth:`folds`).
         """
         act = self.activation if activation is None else activation
-        dropout = None if folded is None else folded.dropout_spec(backend, training)
-        backend.linear_forward(x, self.kernel, self.bias if self.use_bias else None, act.code, act.alpha, y, z, dropout)
+        # dropout= only when folded: a backend written before it existed still runs the rest
+        extra = {} if folded is None else {"dropout": folded.dropout_spec(backend, training)}
+        backend.linear_forward(x, self.kernel, self.bias if self.use_bias else None, act.code, act.alpha, y, z, **extra)
         if act.is_softmax:
             backend.softmax(y, y)
         return y
@@ -154,8 +155,9 @@ class Dense(Layer):
         """Backward through :meth:`call`: gradients into ``kernel_grad``, ``bias_grad`` and ``dx``.
 
         dy: (B, units), dL/dy.  x, y, z: the forward's input, output and
-        pre-activation.  dx: (B, in) receives dL/dx, or None for the first
-        layer.  For softmax the Jacobian is applied to ``dy`` in place first
+        backend-private buffer.  dx: (B, in) receives dL/dx, or None for the
+        first layer.  ``folded``/``training``: as given to :meth:`call` (the
+        folded Dropout's mask is the one the forward applied).  For softmax the Jacobian is applied to ``dy`` in place first
         (``dz = y * (dy - sum(dy * y))`` per row) and the rest is a linear
         layer's backward; otherwise ``dy`` is left unchanged (the backend's
         ``linear_backward`` contract).
@@ -165,10 +167,10 @@ class Dense(Layer):
         if act.is_softmax:
             backend.softmax_backward(dy, y)
             code = codes.ACT_LINEAR
-        dropout = None if folded is None else folded.dropout_spec(backend, training)
+        extra = {} if folded is None else {"dropout": folded.dropout_spec(backend, training)}
         backend.linear_backward(
             x, self.kernel, dy, y, z, code, act.alpha, dx, self.kernel_grad, self.bias_grad if self.use_bias else None,
-            dropout,
+            **extra,
         )  # fmt: skip
 
     def get_config(self):
