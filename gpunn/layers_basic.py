@@ -168,7 +168,8 @@ class Dropout(Layer):
     def call(self, backend, x, y, mask, activation=None, training=False):
         if not training or self.rate == 0:
             return x
-        return backend.dropout(x, y, mask, self.dropout_spec(backend, training))
+        backend.dropout(x, y, mask, self.dropout_spec(backend, training))
+        return y
 
     def backward(self, backend, x, dy, y, mask, dx, activation=None):
         if dx is None:
