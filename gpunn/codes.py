@@ -56,9 +56,10 @@ class Act(enum.IntEnum):
         """Whether a fused forward pass needs a second (M, N) buffer ``z`` for its backward pass.
 
         True for the activations that need the pre-activation, and for those
-        whose derivative from ``y`` costs a transcendental function per
-        element (softplus): a backend may store ``act'(z)`` itself there in
-        the forward epilogue, so that backward needs one multiply per element.
+        whose derivative from ``y`` costs the GPU's backward loop too much
+        (softplus, ELU, SELU, relu6, hard_sigmoid): a backend may store
+        ``act'(z)`` itself there in the forward epilogue, so that backward
+        needs one multiply per element.
         """
         return self.needs_preactivation or self in _DERIVATIVE_WORTH_STORING
 
@@ -147,8 +148,10 @@ OPT_SGD, OPT_ADAM, OPT_ADAMW, OPT_RMSPROP = Opt.SGD, Opt.ADAM, Opt.ADAMW, Opt.RM
 #: Activations whose derivative needs the pre-activation ``z``.
 ACT_NEEDS_PREACTIVATION = frozenset(a for a in Act if a.needs_preactivation)
 
-#: Activations whose derivative from y needs exp/log (softplus: -expm1(-y)).
-_DERIVATIVE_WORTH_STORING = frozenset({Act.SOFTPLUS})
+#: Activations whose derivative from y costs more than the backward main loop can hide: softplus
+#: (-expm1(-y)), and the two-sided tests of ELU, SELU, relu6 and hard_sigmoid (an add or a second
+#: compare per element left the 64x64 backward-data loop at a 0.6995 FMA share, offline sm_90).
+_DERIVATIVE_WORTH_STORING = frozenset({Act.SOFTPLUS, Act.ELU, Act.SELU, Act.RELU6, Act.HARD_SIGMOID})
 
 #: Activations whose fused forward pass keeps a z buffer (``Act.keeps_z``).
 ACT_KEEPS_Z = frozenset(a for a in Act if a.keeps_z)

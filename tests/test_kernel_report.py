@@ -24,8 +24,9 @@ FMA_SHARE_TARGET = 0.70
 
 #: What CI compiles: float32 ReLU forward (bias) and gradient (db) kernels of
 #: both tiles; the gradient kernels that multiply dy by the derivative the
-#: forward stored in z (the backward of GELU, swish, mish and softplus, and of
-#: every activation under dropout), float32 both tiles and float64 64x64
+#: forward stored in z (the backward of codes.ACT_KEEPS_Z -- GELU, swish,
+#: mish, softplus, ELU, SELU, relu6, hard_sigmoid -- and of every activation
+#: under dropout), float32 both tiles and float64 64x64
 #: (where GELU's backward once spilled), and float64 ReLU 64x64; forward
 #: kernels with the heaviest epilogues (GELU storing its derivative, mish
 #: with the Philox dropout mask: the epilogue must not push the register

@@ -130,7 +130,7 @@ def test_cuda_kernels_match_cpu_passes_bit_for_bit(act, kernel_path):
         zeros = np.zeros(z.shape[1], np.float32)
         cpu_z = (z @ eye).astype(np.float32)
         cpu_fused.bias_activation(cpu_z, zeros, act, alpha, cpu)
-        kernels.linear_forward(z, eye, zeros, act, alpha, gpu, np.full_like(z, np.nan) if act.needs_preactivation else None)
+        kernels.linear_forward(z, eye, zeros, act, alpha, gpu, np.full_like(z, np.nan) if act.keeps_z else None)
     np.testing.assert_array_equal(gpu, cpu)
 
 
