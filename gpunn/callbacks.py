@@ -32,17 +32,35 @@ class Callback:
     def set_params(self, params):
         self.params = params
 
+    # Keras 3's hooks; fit, evaluate and predict call each with a ``logs`` dict (empty when there is nothing to report)
     def on_train_begin(self, logs=None): ...
     def on_train_end(self, logs=None): ...
     def on_epoch_begin(self, epoch, logs=None): ...
     def on_epoch_end(self, epoch, logs=None): ...
-    def on_train_batch_begin(self, batch, logs=None): ...
-    def on_train_batch_end(self, batch, logs=None): ...
+    def on_batch_begin(self, batch, logs=None): ...
+    def on_batch_end(self, batch, logs=None): ...
+    def on_test_begin(self, logs=None): ...
+    def on_test_end(self, logs=None): ...
+    def on_predict_begin(self, logs=None): ...
+    def on_predict_end(self, logs=None): ...
+    def on_test_batch_begin(self, batch, logs=None): ...
+    def on_test_batch_end(self, batch, logs=None): ...
+    def on_predict_batch_begin(self, batch, logs=None): ...
+    def on_predict_batch_end(self, batch, logs=None): ...
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # as in Keras, the training-batch hooks default to the older on_batch_* names
+        self.on_batch_begin(batch, logs=logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.on_batch_end(batch, logs=logs)
 
     @property
     def wants_batch_logs(self) -> bool:
-        """True when this callback overrides on_train_batch_end (which then costs a host sync per batch)."""
-        return type(self).on_train_batch_end is not Callback.on_train_batch_end
+        """True when this callback overrides on_train_batch_end or on_batch_end (which then costs a
+        host sync per batch)."""
+        cls = type(self)
+        return cls.on_train_batch_end is not Callback.on_train_batch_end or cls.on_batch_end is not Callback.on_batch_end
 
 
 class History(Callback):
@@ -60,6 +78,10 @@ class History(Callback):
 
 
 class CallbackList:
+    """Calls a hook on every callback, in order, as Keras's CallbackList does: every hook gets a
+    ``logs`` dict (``{}`` when none is given), the same object for every callback, so what one
+    callback adds (e.g. ``learning_rate``) the next ones see."""
+
     def __init__(self, callbacks, model, params):
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
@@ -69,13 +91,25 @@ class CallbackList:
             cb.set_params(params)
         self.wants_batch_logs = any(cb.wants_batch_logs for cb in self.callbacks)
 
-    def __getattr__(self, hook):
-        if not hook.startswith("on_"):
-            raise AttributeError(hook)
+    def overrides(self, hook) -> bool:
+        """Whether any callback has its own ``hook`` (not the base class's no-op)."""
+        return any(getattr(type(cb), hook) is not getattr(Callback, hook) or hook in vars(cb) for cb in self.callbacks)
 
-        def call(*args, **kwargs):
+    def __getattr__(self, hook):
+        if not hook.startswith("on_") or not callable(getattr(Callback, hook, None)):
+            raise AttributeError(hook)
+        numbered = hook.startswith("on_epoch_") or hook.endswith(("batch_begin", "batch_end"))
+
+        def call(*args, logs=None):
+            # the epoch or batch number, then the logs (positional: a user's hook may name it anything)
+            if len(args) > (1 if numbered else 0):
+                *args, logs = args
+            logs = {} if logs is None else logs
             for cb in self.callbacks:
-                getattr(cb, hook)(*args, **kwargs)
+                if hook.endswith(("batch_begin", "batch_end")):
+                    getattr(cb, hook)(*args, logs=logs)  # Keras passes the batch hooks' logs by keyword
+                else:
+                    getattr(cb, hook)(*args, logs)
 
         return call
 
@@ -596,4 +630,4 @@ class LambdaCallback(Callback):
 
     @property
     def wants_batch_logs(self):
-        return "on_train_batch_end" in self.__dict__
+        return "on_train_batch_end" in self.__dict__ or "on_batch_end" in self.__dict__

@@ -266,6 +266,7 @@ def _fit(model, trainer, data, val_data, settings, replicas) -> History:
     progress = progbar.progress if progbar is not None else EpochProgress(verbose, epochs, plan.steps)
     model.stop_training = False
     cbs.on_train_begin()
+    logs = {}
     first_epoch, first_step = settings["initial_epoch"], 0
     for cb in user_callbacks:  # a restored backup says where the interrupted fit stopped
         if isinstance(cb, BackupAndRestore) and cb.resume_epoch is not None:
@@ -279,11 +280,11 @@ def _fit(model, trainer, data, val_data, settings, replicas) -> History:
         logs, done = run_epoch(trainer, model, data, order, plan, cbs, progress, divergence, epoch, replicas, first_step)
         first_step = 0
         if val_data is not None and (epoch + 1 - settings["initial_epoch"]) % settings["validation_freq"] == 0:
-            logs.update(trainer.evaluate(val_data, settings["validation_batch_size"], prefix="val_"))
+            logs.update(trainer.evaluate(val_data, settings["validation_batch_size"], prefix="val_", callbacks=cbs))
         cbs.on_epoch_end(epoch, logs)
         progress.epoch_end(epoch, done, logs)
         model.stop_training = replicas.any_true(model.stop_training)
-    cbs.on_train_end()
+    cbs.on_train_end(logs)  # the last epoch's logs, as in Keras
     return history
 
 

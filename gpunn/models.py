@@ -22,6 +22,7 @@ import numpy as np
 
 from gpunn import arrays, checks, data_adapter, device_memory, fit_loop, losses, onnx_export, optimizers, saving, training
 from gpunn import backend as backends
+from gpunn import callbacks as callbacks_mod
 from gpunn import metrics as metrics_mod
 from gpunn.model_layers import LayerStack
 from gpunn.progress import summary_line
@@ -206,16 +207,24 @@ class Sequential(LayerStack):
 
     # -------------------------------------------------------- evaluate/predict
     @_guard_memory
-    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, return_dict=False):
-        """Loss (and metrics) on ``x, y``: a scalar, a list ``[loss, *metrics]``, or a dict."""
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, steps=None, callbacks=None,
+                 return_dict=False):  # fmt: skip
+        """Loss (and metrics) on ``x, y``: a scalar, a list ``[loss, *metrics]``, or a dict.
+
+        ``callbacks`` get Keras's ``on_test_*`` hooks; ``steps`` (Keras: the number of batches
+        to draw from a dataset) must be None for arrays, which are evaluated whole.
+        """
         batch_size = checks.positive_int(batch_size, "batch_size", allow_none_default=32)
         verbose = checks.verbose(verbose)
+        _arrays_take_no_steps(steps, "evaluate")
         self._require_compiled("evaluate")
         x, t, w = self._standardize(x, y, sample_weight, argument="x")
+        batches = -(-x.shape[0] // batch_size)
+        cbs = _callback_list(callbacks, self, {"epochs": 1, "steps": batches, "verbose": verbose})
         started = time.perf_counter()
-        logs = self._get_trainer().evaluate(data_adapter.place(self.backend, x, t, w), batch_size)
+        logs = self._get_trainer().evaluate(data_adapter.place(self.backend, x, t, w), batch_size, callbacks=cbs)
         if verbose:
-            summary_line(-(-x.shape[0] // batch_size), time.perf_counter() - started, logs)
+            summary_line(batches, time.perf_counter() - started, logs)
         return training.format_result(logs, return_dict)
 
     @_guard_memory
@@ -227,18 +236,40 @@ class Sequential(LayerStack):
         return training.format_result(logs, return_dict)
 
     @_guard_memory
-    def predict(self, x, batch_size=None, verbose="auto", return_device_array=False):
-        """Outputs (M, outputs) in batches: a NumPy array, or with ``return_device_array`` the backend's own array."""
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None, return_device_array=False):
+        """Outputs (M, outputs) in batches: a NumPy array, or with ``return_device_array`` the backend's own array.
+
+        ``callbacks`` get Keras's ``on_predict_*`` hooks (with batch hooks, ``on_predict_batch_end``
+        gets ``{"outputs": that batch's outputs}`` and the batches run one after another);
+        ``steps`` must be None for arrays.
+        """
         batch_size = checks.positive_int(batch_size, "batch_size", allow_none_default=32)
         verbose = checks.verbose(verbose)
+        _arrays_take_no_steps(steps, "predict")
         if not self.layers:
             raise ValueError("predict: the model has no layers")
         started = time.perf_counter()
         x = checks.feature_rows(self.rows(x), self.input_dim, "x", self.feature_names, (self.backend or backends.current()).xp, self.dtype)
         self._ensure_built(x.shape[1])
-        result = data_adapter.predict(self._get_trainer(), self.backend, x, self.dtype, batch_size, return_device_array)
+        batches = -(-x.shape[0] // batch_size)
+        cbs = _callback_list(callbacks, self, {"epochs": 1, "steps": batches, "verbose": verbose})
+        trainer = self._get_trainer()
+        if cbs is None:
+            result = data_adapter.predict(trainer, self.backend, x, self.dtype, batch_size, return_device_array)
+        else:
+            cbs.on_predict_begin()
+            if cbs.overrides("on_predict_batch_begin") or cbs.overrides("on_predict_batch_end"):
+                parts = []
+                for batch, lo in enumerate(range(0, x.shape[0], batch_size)):
+                    cbs.on_predict_batch_begin(batch)
+                    parts.append(data_adapter.predict(trainer, self.backend, x[lo : lo + batch_size], self.dtype, batch_size, return_device_array))
+                    cbs.on_predict_batch_end(batch, {"outputs": parts[-1]})
+                result = (self.backend.xp if return_device_array else np).concatenate(parts)
+            else:
+                result = data_adapter.predict(trainer, self.backend, x, self.dtype, batch_size, return_device_array)
+            cbs.on_predict_end()
         if verbose:
-            summary_line(-(-x.shape[0] // batch_size), time.perf_counter() - started, {})
+            summary_line(batches, time.perf_counter() - started, {})
         return result
 
     def __call__(self, x):
@@ -264,6 +295,23 @@ class Sequential(LayerStack):
 
     def __repr__(self):
         return f"<Sequential {self.name!r}: {len(self.layers)} layers, built={self.built}>"
+
+
+def _callback_list(callbacks, model, params):
+    """``callbacks`` (a list of :class:`gpunn.callbacks.Callback`, or None) as a CallbackList, or None."""
+    if callbacks is None:
+        return None
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks: expected a list of callbacks, got {type(callbacks).__name__}")
+    return callbacks_mod.CallbackList(callbacks, model, params) if callbacks else None
+
+
+def _arrays_take_no_steps(steps, method):
+    if steps is not None:
+        raise ValueError(
+            f"steps: {method} on arrays runs over all the rows given (steps is for datasets and generators, "
+            f"which gpunn does not take); pass steps=None and slice x instead, got steps={steps!r}"
+        )
 
 
 def load_model(filepath, compile=True, custom_objects=None, safe_mode=True) -> Sequential:

@@ -429,21 +429,36 @@ class Trainer:
         self._regularization(b, acc.sums, ws.batch, gradients=False)
 
     # -- whole passes ----------------------------------------------------------
-    def evaluate(self, data, batch_size, prefix=""):
+    def evaluate(self, data, batch_size, prefix="", callbacks=None):
         """Logs of the loss and metrics over all of ``data`` (a data_adapter source); in a
-        distributed run on sharded data, over every process's ``data``."""
+        distributed run on sharded data, over every process's ``data``.
+
+        callbacks: a :class:`gpunn.callbacks.CallbackList` whose ``on_test_*`` hooks run (the
+        running logs reach ``on_test_batch_end`` only when a callback overrides it: reading
+        them costs a host sync per batch).
+        """
         n = data.rows
         acc = self.accumulators(combine=distributed.replicas().combine_evaluation)
         index = data.batch_index(np.arange(n))
-        for start in range(0, n, batch_size):
+        batch_logs = callbacks is not None and callbacks.overrides("on_test_batch_end")
+        if callbacks is not None:
+            callbacks.on_test_begin()
+        for batch, start in enumerate(range(0, n, batch_size)):
             stop = min(n, start + batch_size)
+            if callbacks is not None:
+                callbacks.on_test_batch_begin(batch)
             ws = self.take_workspace(stop - start)
             try:
                 data.gather(self.backend, index[start:stop], ws)
                 self.test_step(ws, acc, data.weighted)
             finally:
                 self.give_workspace(ws)
-        return acc.read(n, prefix)
+            if callbacks is not None:
+                callbacks.on_test_batch_end(batch, acc.read(stop) if batch_logs else None)
+        logs = acc.read(n, prefix)
+        if callbacks is not None:
+            callbacks.on_test_end({k[len(prefix):]: v for k, v in logs.items()})
+        return logs
 
     def train_on_batch(self, data):
         """One step on all of ``data`` (a data_adapter source) as one batch; returns its logs."""

@@ -243,3 +243,91 @@ def test_progbar_logger_is_the_one_display(capsys, verbose, lines):
     assert len(out) == lines
     if lines:
         assert out[0].startswith("Epoch 1/3 - 2/2") and "auc" in out[0]
+
+
+# ------------------------------------------------------------- Keras's hook protocol
+class _Recorder(cbs.Callback):
+    """Written as Keras users write callbacks: ``logs`` is a required positional parameter and the
+    per-batch hook is the older ``on_batch_end``."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def on_train_begin(self, logs):
+        self.calls.append(("train_begin", dict(logs)))
+
+    def on_train_end(self, logs):
+        self.calls.append(("train_end", dict(logs)))
+
+    def on_epoch_begin(self, epoch, logs):
+        self.calls.append(("epoch_begin", dict(logs)))
+
+    def on_batch_end(self, batch, logs):
+        self.calls.append(("batch_end", batch, logs["loss"]))
+
+    def on_test_begin(self, logs):
+        self.calls.append(("test_begin", dict(logs)))
+
+    def on_test_batch_end(self, batch, logs):
+        self.calls.append(("test_batch_end", batch, logs["loss"]))
+
+    def on_test_end(self, logs):
+        self.calls.append(("test_end", dict(logs)))
+
+    def on_predict_begin(self, logs):
+        self.calls.append(("predict_begin", dict(logs)))
+
+    def on_predict_batch_end(self, batch, logs):
+        self.calls.append(("predict_batch_end", batch, logs["outputs"].copy()))
+
+    def on_predict_end(self, logs):
+        self.calls.append(("predict_end", dict(logs)))
+
+
+def test_fit_calls_every_hook_with_a_logs_dict_as_keras_does():
+    x, y = binary_data(0, n=24)
+    model, rec = _model(), _Recorder()
+    history = model.fit(x, y, epochs=2, batch_size=10, verbose=0, validation_data=(x[:15], y[:15]), callbacks=[rec])
+    kinds = [c[0] for c in rec.calls]
+    epoch = ["epoch_begin", "batch_end", "batch_end", "batch_end", "test_begin", "test_batch_end", "test_batch_end", "test_end"]
+    assert kinds == ["train_begin", *epoch, *epoch, "train_end"]
+    assert [c[1] for c in rec.calls if c[0] == "batch_end"] == [0, 1, 2, 0, 1, 2]
+    assert all(np.isfinite(c[2]) for c in rec.calls if c[0] == "batch_end")
+    last = {k: v[-1] for k, v in history.history.items()}
+    assert rec.calls[-1][1] == pytest.approx(last)  # on_train_end gets the last epoch's logs
+    # on_test_end gets the validation logs without the val_ prefix; the last batch's running loss is their loss
+    assert rec.calls[-2][1] == pytest.approx({k[4:]: v for k, v in last.items() if k.startswith("val_")})
+    assert rec.calls[-3][2] == pytest.approx(last["val_loss"])
+
+
+def test_evaluate_and_predict_take_callbacks():
+    x, y = binary_data(1, n=23)
+    model, rec = _model(), _Recorder()
+    result = model.evaluate(x, y, batch_size=10, verbose=0, return_dict=True, callbacks=[rec])
+    assert [c[0] for c in rec.calls] == ["test_begin", "test_batch_end", "test_batch_end", "test_batch_end", "test_end"]
+    assert rec.calls[-1][1] == pytest.approx(result)
+    rec.calls.clear()
+    out = model.predict(x, batch_size=10, verbose=0, callbacks=[rec])
+    assert [c[0] for c in rec.calls] == ["predict_begin", "predict_batch_end", "predict_batch_end", "predict_batch_end", "predict_end"]
+    assert [c[2].shape[0] for c in rec.calls[1:4]] == [10, 10, 3]
+    np.testing.assert_array_equal(np.concatenate([c[2] for c in rec.calls[1:4]]), out)
+    np.testing.assert_array_equal(out, model.predict(x, verbose=0))
+
+
+def test_lambda_callback_on_batch_end_gets_the_batch_logs():
+    x, y = binary_data(2, n=20)
+    losses = []
+    _model().fit(x, y, epochs=1, batch_size=5, verbose=0, callbacks=[cbs.LambdaCallback(on_batch_end=lambda batch, logs: losses.append(logs["loss"]))])
+    assert len(losses) == 4 and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("method", ["evaluate", "predict"])
+def test_steps_with_arrays_is_refused_naming_it(method):
+    x, y = binary_data(3, n=12)
+    model = _model()
+    call = model.evaluate if method == "evaluate" else lambda x, y, **kw: model.predict(x, **kw)
+    with pytest.raises(ValueError, match="steps"):
+        call(x, y, steps=2, verbose=0)
+    with pytest.raises(TypeError, match="callbacks"):
+        call(x, y, callbacks=_Recorder(), verbose=0)
