@@ -21,7 +21,7 @@ from gpunn import backend
 from gpunn.backend import get_backend, set_backend, use_backend
 from gpunn.config import floatx, set_floatx
 from gpunn.layers import Input
-from gpunn.models import DeviceMemoryError, NonFiniteLossError, Sequential, load_model
+from gpunn.models import DeviceMemoryError, Model, NonFiniteLossError, Sequential, load_model
 from gpunn.random import set_seed
 from gpunn.saving import MODEL_SUFFIX, ModelFileError
 
@@ -33,6 +33,7 @@ __all__ = [
     "MODEL_SUFFIX",
     "DeviceMemoryError",
     "Input",
+    "Model",
     "ModelFileError",
     "NonFiniteLossError",
     "Sequential",

@@ -114,6 +114,15 @@ class CallbackList:
         return call
 
 
+def callback_list(callbacks, model, params):
+    """``callbacks`` (a list of :class:`Callback`, or None) as a CallbackList, or None."""
+    if callbacks is None:
+        return None
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks: expected a list of callbacks, got {type(callbacks).__name__}")
+    return CallbackList(callbacks, model, params) if callbacks else None
+
+
 def _monitor_op(monitor, mode, argument="mode"):
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"{argument}: expected 'auto', 'min' or 'max', got {mode!r}")

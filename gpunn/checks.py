@@ -18,8 +18,12 @@ from gpunn import arrays
 
 
 def describe(value) -> str:
+    """A short account of ``value`` for an error message (arrays and sequences of them by shape)."""
     if isinstance(value, np.ndarray):
         return f"an array of shape {value.shape} and dtype {value.dtype}"
+    if isinstance(value, (tuple, list)) and any(hasattr(v, "shape") for v in value):
+        parts = [f"shape {tuple(v.shape)}" if hasattr(v, "shape") else type(v).__name__ for v in value[:4]]
+        return f"{type(value).__name__} of {len(value)} ({', '.join(parts)}{', ...' if len(value) > 4 else ''})"
     return f"{type(value).__name__} {value!r}"[:200]
 
 
@@ -255,3 +259,31 @@ def lookup(argument: str, what: str, name, table: dict):
     if key not in table:
         raise unknown_name_error(argument, what, name, table.keys())
     return table[key]
+
+
+def compile_execution_settings(loss_weights, run_eagerly, steps_per_execution, jit_compile, auto_scale_loss):
+    """Check compile's Keras execution arguments (see ``Sequential.compile``)."""
+    boolean(run_eagerly, "run_eagerly")
+    boolean(auto_scale_loss, "auto_scale_loss")
+    positive_int(steps_per_execution, "steps_per_execution")
+    if jit_compile != "auto":
+        boolean(jit_compile, "jit_compile")
+    weights = loss_weights
+    if isinstance(weights, dict):
+        weights = list(weights.values())
+    if isinstance(weights, (list, tuple)) and len(weights) == 1:
+        weights = weights[0]
+    if weights is not None and (isinstance(weights, bool) or not isinstance(weights, numbers.Real) or weights != 1):
+        raise ValueError(
+            f"loss_weights: a gpunn model has one output, so its loss weight is 1 (scale the loss with "
+            f"sample_weight or the learning rate instead); got {loss_weights!r}"
+        )
+
+
+def arrays_take_no_steps(steps, method):
+    """Refuse Keras's ``steps=`` (batches drawn from a dataset) for array input."""
+    if steps is not None:
+        raise ValueError(
+            f"steps: {method} on arrays runs over all the rows given (steps is for datasets and generators, "
+            f"which gpunn does not take); pass steps=None and slice x instead, got steps={steps!r}"
+        )

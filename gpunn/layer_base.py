@@ -229,6 +229,27 @@ class Layer:
             value = checks.as_float_array(value, f"weights: layer {self.name!r} {spec.attr}", target.dtype)
             target[...] = self._backend.asarray(value)
 
+    # -- the functional API -------------------------------------------------------------
+    def __call__(self, inputs, training=None, **kwargs):
+        """``layer(inputs)`` on ``gpunn.Input(...)`` or another layer's output: Keras's functional
+        API, a :class:`SymbolicTensor` recording this layer on the chain that
+        ``gpunn.Model(inputs, outputs)`` turns into a model.  Layers compute inside a model only:
+        applying one to data directly is refused (see the message)."""
+        if kwargs or training is not None:
+            extra = sorted(kwargs) + (["training"] if training is not None else [])
+            raise TypeError(
+                f"{self.name}: calling a layer takes only its input in gpunn (got {', '.join(extra)}); "
+                "training behaviour is chosen by fit (training) and predict/evaluate (inference)"
+            )
+        if not isinstance(inputs, SymbolicTensor):
+            what = type(inputs).__name__ if not hasattr(inputs, "shape") else f"an array of shape {tuple(inputs.shape)}"
+            raise TypeError(
+                f"inputs: gpunn layers are called on gpunn.Input(shape=...) or on another layer's output "
+                f"(the functional API: model = gpunn.Model(inputs, outputs)); got {what}. To compute with a "
+                "layer, put it in a model and use model.predict(x) or model(x)"
+            )
+        return SymbolicTensor(self, inputs)
+
     # -- computation -----------------------------------------------------------------
     def make_buffers(self, backend, batch, dtype, activation, training):
         """Per-batch scratch the layer keeps between ``call`` and ``backward`` (None if none)."""
@@ -283,6 +304,34 @@ class Layer:
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+class SymbolicTensor:
+    """A placeholder for data in the functional API (Keras's ``KerasTensor``): ``gpunn.Input``
+    is one, and ``layer(tensor)`` makes the next, remembering the layer and its input.
+
+    ``shape``: ``(None, *sample shape)``, the sample part None where not yet known.
+    """
+
+    def __init__(self, layer=None, source=None):
+        self.layer, self.source = layer, source
+
+    def chain(self):
+        """``(the Input this tensor comes from, [the layers applied to it, in order])``."""
+        layers, node = [], self
+        while node.layer is not None:
+            layers.append(node.layer)
+            node = node.source
+        return node, layers[::-1]
+
+    @property
+    def shape(self):
+        origin, layers = self.chain()
+        return (None, stack_output_dim(layers, int(np.prod(origin.shape)))) if layers else (None, *origin.shape)
+
+    def __repr__(self):
+        origin, layers = self.chain()
+        return f"<SymbolicTensor shape={self.shape}, {' -> '.join(['Input'] + [layer.name for layer in layers])}>"
 
 
 def _snake_case(name):

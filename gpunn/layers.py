@@ -14,24 +14,29 @@ from __future__ import annotations
 import numpy as np
 
 from gpunn import activations, checks, codes, initializers, regularizers
-from gpunn.layer_base import Layer, WeightSpec
+from gpunn.layer_base import Layer, SymbolicTensor, WeightSpec
 from gpunn.layers_basic import Activation, Dropout, Flatten, GaussianNoise, LeakyReLU, ReLU, Softmax
 from gpunn.layers_norm import BatchNormalization, LayerNormalization, Normalization
 
 
-class Input:
-    """Declares the model's input: ``gpunn.Input(shape=(n_features,))``.
+class Input(SymbolicTensor):
+    """Declares the model's input: ``gpunn.Input(shape=(n_features,))``, first in a
+    ``Sequential`` or the start of a functional chain (``gpunn.layers.Dense(8)(inputs)``).
 
     An n-D ``shape`` (e.g. ``(8, 8)`` images) must be followed by ``Flatten``.
+    ``shape`` is the shape of one sample, as given.
     """
 
     def __init__(self, shape, name=None, batch_size=None, dtype=None):
+        super().__init__()
         if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
             shape = (shape,)
         if not isinstance(shape, (tuple, list)) or not shape:
             raise ValueError(f"shape: expected a tuple such as (n_features,), got {shape!r}")
         self.shape = tuple(checks.positive_int(d, "shape") for d in shape)
         self.name = name
+
+    shape = None  # set per instance (SymbolicTensor's derived shape does not apply to the input)
 
     @property
     def features(self) -> int:

@@ -293,6 +293,11 @@ class LayerStack:
         """Frozen layers' weights and running statistics (BatchNormalization's moving mean/variance)."""
         return [w for layer in self.layers for w in layer.non_trainable_weights] if self.built else []
 
+    # Keras 3's names for the same lists
+    variables = weights
+    trainable_variables = trainable_weights
+    non_trainable_variables = non_trainable_weights
+
     def summary(self, print_fn=None, **kwargs):
         """Print a table of layers, output shapes and parameter counts (trainable and not)."""
         model_summary(self, self.backend.name if self.backend else backends.get_backend(), print_fn or print)

@@ -24,6 +24,8 @@ from gpunn import arrays, checks, data_adapter, device_memory, fit_loop, losses,
 from gpunn import backend as backends
 from gpunn import callbacks as callbacks_mod
 from gpunn import metrics as metrics_mod
+from gpunn.functional import Model, clone_model, save_model  # noqa: F401  (Keras's gpunn.models names)
+from gpunn.layer_base import SymbolicTensor
 from gpunn.model_layers import LayerStack
 from gpunn.progress import summary_line
 from gpunn.training import Objective, Trainer, TrainStep
@@ -78,12 +80,18 @@ class Sequential(LayerStack):
             self._trainer = None
 
     # ---------------------------------------------------------------- compile
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None, weighted_metrics=None):
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, weighted_metrics=None, loss_weights=None,
+                run_eagerly=False, steps_per_execution=1, jit_compile="auto", auto_scale_loss=True):  # fmt: skip
         """Configure training: optimizer (name or instance), loss, metrics (names).
 
         As in Keras 3, ``metrics`` ignore sample and class weights, while
-        ``weighted_metrics`` are weighted by them.
+        ``weighted_metrics`` are weighted by them.  Keras's execution settings
+        (``run_eagerly``, ``jit_compile``, ``steps_per_execution``, ``auto_scale_loss``)
+        are checked and otherwise change nothing: gpunn always runs its own
+        compiled steps, one batch per step.  ``loss_weights`` weigh the outputs of
+        multi-output models; a gpunn model has one output, so only 1 (or None) is taken.
         """
+        checks.compile_execution_settings(loss_weights, run_eagerly, steps_per_execution, jit_compile, auto_scale_loss)
         if not self.layers:
             raise ValueError("compile: the model has no layers")
         # resolve everything first: a failed compile leaves the model as it was
@@ -216,11 +224,11 @@ class Sequential(LayerStack):
         """
         batch_size = checks.positive_int(batch_size, "batch_size", allow_none_default=32)
         verbose = checks.verbose(verbose)
-        _arrays_take_no_steps(steps, "evaluate")
+        checks.arrays_take_no_steps(steps, "evaluate")
         self._require_compiled("evaluate")
         x, t, w = self._standardize(x, y, sample_weight, argument="x")
         batches = -(-x.shape[0] // batch_size)
-        cbs = _callback_list(callbacks, self, {"epochs": 1, "steps": batches, "verbose": verbose})
+        cbs = callbacks_mod.callback_list(callbacks, self, {"epochs": 1, "steps": batches, "verbose": verbose})
         started = time.perf_counter()
         logs = self._get_trainer().evaluate(data_adapter.place(self.backend, x, t, w), batch_size, callbacks=cbs)
         if verbose:
@@ -245,14 +253,14 @@ class Sequential(LayerStack):
         """
         batch_size = checks.positive_int(batch_size, "batch_size", allow_none_default=32)
         verbose = checks.verbose(verbose)
-        _arrays_take_no_steps(steps, "predict")
+        checks.arrays_take_no_steps(steps, "predict")
         if not self.layers:
             raise ValueError("predict: the model has no layers")
         started = time.perf_counter()
         x = checks.feature_rows(self.rows(x), self.input_dim, "x", self.feature_names, (self.backend or backends.current()).xp, self.dtype)
         self._ensure_built(x.shape[1])
         batches = -(-x.shape[0] // batch_size)
-        cbs = _callback_list(callbacks, self, {"epochs": 1, "steps": batches, "verbose": verbose})
+        cbs = callbacks_mod.callback_list(callbacks, self, {"epochs": 1, "steps": batches, "verbose": verbose})
         trainer = self._get_trainer()
         if cbs is None:
             result = data_adapter.predict(trainer, self.backend, x, self.dtype, batch_size, return_device_array)
@@ -272,7 +280,18 @@ class Sequential(LayerStack):
             summary_line(batches, time.perf_counter() - started, {})
         return result
 
-    def __call__(self, x):
+    def __call__(self, x, training=None, mask=None):
+        """``model(x)``: the outputs for ``x`` in one batch, as NumPy (Keras runs the model's call).
+
+        ``training=True`` (training-mode Dropout/BatchNormalization outside fit) is refused;
+        ``training=False`` / None is inference, as predict.
+        """
+        if isinstance(x, SymbolicTensor):
+            raise TypeError("x: a gpunn model cannot be called on a functional-API tensor; add its layers to the chain instead")
+        if training is not None and checks.boolean(training, "training"):
+            raise ValueError("training: gpunn runs a model in training mode only inside fit / train_on_batch; use training=False or leave it out")
+        if mask is not None:
+            raise ValueError("mask: gpunn models take no mask")
         return self.predict(x, batch_size=max(1, len(x)), verbose=0)
 
     def predict_on_batch(self, x):
@@ -297,26 +316,12 @@ class Sequential(LayerStack):
         return f"<Sequential {self.name!r}: {len(self.layers)} layers, built={self.built}>"
 
 
-def _callback_list(callbacks, model, params):
-    """``callbacks`` (a list of :class:`gpunn.callbacks.Callback`, or None) as a CallbackList, or None."""
-    if callbacks is None:
-        return None
-    if not isinstance(callbacks, (list, tuple)):
-        raise TypeError(f"callbacks: expected a list of callbacks, got {type(callbacks).__name__}")
-    return callbacks_mod.CallbackList(callbacks, model, params) if callbacks else None
-
-
-def _arrays_take_no_steps(steps, method):
-    if steps is not None:
-        raise ValueError(
-            f"steps: {method} on arrays runs over all the rows given (steps is for datasets and generators, "
-            f"which gpunn does not take); pass steps=None and slice x instead, got steps={steps!r}"
-        )
+saving.default_model_class = Sequential
 
 
 def load_model(filepath, compile=True, custom_objects=None, safe_mode=True) -> Sequential:
     """Rebuild a saved model (on the active backend) with its weights and, by default, its training state."""
-    return saving.load_model(filepath, Sequential, compile=compile)
+    return saving.load_model(filepath, custom_objects, compile, safe_mode, model_class=Sequential)
 
 
 def model_from_json(json_string, custom_objects=None) -> Sequential:

@@ -513,13 +513,25 @@ def _restore_training_state(model, spec, tensors, path):
     optimizer.iterations = spec["iterations"]
 
 
-def load_model(filepath, model_class, compile=True):
-    """Rebuild a model saved by ``save`` as a ``model_class`` (``gpunn.Sequential``), on the
+#: the class ``load_model`` rebuilds models as when not told: gpunn.models sets it to Sequential
+#: (models imports this module, so this one cannot import models)
+default_model_class = None
+
+
+def load_model(filepath, custom_objects=None, compile=True, safe_mode=True, *, model_class=None):
+    """Rebuild a model saved by ``save`` as a ``model_class`` (default ``gpunn.Sequential``), on the
     active backend, with its weights and, by default, its training state.
+
+    Keras's signature: ``custom_objects`` and ``safe_mode`` are accepted for scripts that pass
+    them; a gpunn model file is data only (it never names code to run), so neither changes anything.
 
     Only the model's public API is used: ``from_config``, ``build``,
     ``set_weights``, ``compile_from_config`` and the optimizer's state.
     """
+    if model_class is None:
+        model_class = default_model_class
+    if custom_objects is not None and not isinstance(custom_objects, dict):
+        raise TypeError(f"custom_objects: expected a dict of names to objects, got {type(custom_objects).__name__}")
     return load_model_with_metadata(filepath, model_class, compile)[0]
 
 

@@ -1,0 +1,113 @@
+"""What Keras 3 scripts write, ported by changing the import: the functional API for a chain of
+layers, clone_model, Keras's save/load spellings, compile's execution settings, the
+``*_variables`` names and ``model(x, training=False)``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import multiclass_data
+
+import gpunn as keras
+from gpunn import layers
+
+
+def _functional(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(5,), name="features")
+    x = layers.Dense(8, activation="relu", name="hidden")(inputs)
+    x = layers.Dropout(0.0, name="dropout")(x)
+    outputs = layers.Dense(3, activation="softmax", name="predictions")(x)
+    return inputs, x, keras.Model(inputs=inputs, outputs=outputs, name="clf")
+
+
+def test_functional_chain_is_the_same_model_as_sequential():
+    inputs, hidden, model = _functional()
+    assert isinstance(model, keras.Model) and isinstance(keras.Sequential(), keras.models.Model)
+    assert hidden.shape == (None, 8) and model.name == "clf"
+    assert [layer.name for layer in model.layers] == ["hidden", "dropout", "predictions"]
+    assert model.count_params() == 5 * 8 + 8 + 8 * 3 + 3  # built at once: the input is declared
+    keras.utils.set_random_seed(0)
+    seq = keras.Sequential([keras.Input(shape=(5,)), layers.Dense(8, activation="relu"), layers.Dropout(0.0), layers.Dense(3, activation="softmax")])
+    seq.set_weights(model.get_weights())
+    x, y = multiclass_data(0, n=40, classes=3)
+    for m in (model, seq):
+        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        m.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), seq.predict(x, verbose=0))
+
+
+def test_functional_api_refusals_say_what_to_do():
+    inputs, _, _ = _functional()
+    with pytest.raises(TypeError, match="inputs: gpunn layers are called on gpunn.Input"):
+        layers.Dense(2)(np.ones((2, 5)))
+    with pytest.raises(ValueError, match="outputs: not computed from inputs"):
+        keras.Model(keras.Input(shape=(5,)), layers.Dense(2)(inputs))
+    with pytest.raises(ValueError, match="one input and one output"):
+        keras.Model(inputs, [layers.Dense(2)(inputs), layers.Dense(2)(inputs)])
+    with pytest.raises(TypeError, match="training"):
+        layers.Dense(2)(inputs, training=True)
+
+    class Custom(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="subclassing Model"):
+        Custom()
+
+
+def test_clone_model_has_the_architecture_and_fresh_weights():
+    _, _, model = _functional()
+    clone = keras.models.clone_model(model)
+    assert clone.get_config()["layers"][0]["units"] == 8 and clone.count_params() == model.count_params()
+    assert not np.array_equal(clone.get_weights()[0], model.get_weights()[0])
+    clone.set_weights(model.get_weights())
+    x, _ = multiclass_data(1, n=6, classes=3)
+    np.testing.assert_array_equal(clone.predict(x, verbose=0), model.predict(x, verbose=0))
+    renamed = keras.models.clone_model(model, clone_function=lambda layer: type(layer).from_config({**layer.get_config(), "name": "c_" + layer.name}))
+    assert [layer.name for layer in renamed.layers] == ["c_hidden", "c_dropout", "c_predictions"] and renamed.output_shape == (None, 3)
+
+
+def test_keras_save_and_load_spellings(tmp_path):
+    _, _, model = _functional()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    path = str(tmp_path / "m.keras")
+    keras.models.save_model(model, path)
+    x, _ = multiclass_data(2, n=6, classes=3)
+    for loaded in (keras.saving.load_model(path), keras.models.load_model(path, custom_objects={}, compile=False)):
+        np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    with pytest.raises(TypeError, match="custom_objects"):
+        keras.saving.load_model(path, custom_objects=[1])
+
+
+def test_compile_takes_keras_execution_settings_and_checks_them():
+    _, _, model = _functional()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True, jit_compile=False,
+                  steps_per_execution=4, loss_weights=[1.0], auto_scale_loss=True)  # fmt: skip
+    assert model.compiled
+    with pytest.raises(TypeError, match="run_eagerly"):
+        model.compile(optimizer="adam", loss="mse", run_eagerly="yes")
+    with pytest.raises(ValueError, match="loss_weights"):
+        model.compile(optimizer="adam", loss="mse", loss_weights=[0.5])
+    with pytest.raises(ValueError, match="steps_per_execution"):
+        model.compile(optimizer="adam", loss="mse", steps_per_execution=0)
+    assert model.loss.get_config()["name"] == "sparse_categorical_crossentropy"  # refused compiles changed nothing
+
+
+def test_variables_names_and_call_with_training_false():
+    _, _, model = _functional()
+    model.layers[0].trainable = False
+    assert [v.shape for v in model.variables] == [w.shape for w in model.weights]
+    assert len(model.trainable_variables) == 2 and len(model.non_trainable_variables) == 2
+    x, _ = multiclass_data(3, n=4, classes=3)
+    np.testing.assert_array_equal(model(x, training=False), model.predict(x, verbose=0))
+    with pytest.raises(ValueError, match="training"):
+        model(x, training=True)
+
+
+def test_validation_data_error_describes_the_tuple_briefly():
+    _, _, model = _functional()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x, y = multiclass_data(4, n=10, classes=3)
+    with pytest.raises(ValueError, match=r"got tuple of 1 \(shape \(10, 5\)\)$"):
+        model.fit(x, y, validation_data=(x,), verbose=0)
