@@ -23,12 +23,38 @@ supplies ``call(y_true, y_pred)`` (the per-sample values, shape (M,)) and
 from __future__ import annotations
 
 import inspect
+import types
 
 import numpy as np
 
 from gpunn import checks, codes
+from gpunn import metrics as metrics_mod
 from gpunn.checks import lookup
 from gpunn.metrics import is_binary_or_sparse_categorical
+
+# Keras's function forms, ``fn(y_true, y_pred)`` -> per-sample values (M,); passed as ``loss=``
+# each stands for the built-in loss of its name (and is saved by that name)
+from gpunn.metrics import (  # noqa: F401
+    binary_crossentropy,
+    categorical_crossentropy,
+    categorical_hinge,
+    hinge,
+    kl_divergence,
+    kld,
+    log_cosh,
+    logcosh,
+    mae,
+    mape,
+    mean_absolute_error,
+    mean_absolute_percentage_error,
+    mean_squared_error,
+    mean_squared_logarithmic_error,
+    mse,
+    msle,
+    poisson,
+    sparse_categorical_crossentropy,
+    squared_hinge,
+)
 
 
 def _dense_targets(arr, n, outputs, argument, hint=""):
@@ -399,4 +425,20 @@ def get(identifier) -> Loss:
         return cls(**config)
     if identifier is None:
         raise ValueError(f"loss: expected a loss name or Loss instance, got None; valid names: {', '.join(names())}")
+    if callable(identifier) and not isinstance(identifier, (str, type)):
+        return _from_function(identifier)
     return lookup("loss", "loss", identifier, _CLASSES)()
+
+
+def _from_function(fn) -> Loss:
+    """The built-in loss a Keras function form stands for (``gpunn.losses.mean_squared_error``);
+    a user's own function is refused: training needs its gradient, which gpunn cannot derive."""
+    name = metrics_mod.serialize(fn) if isinstance(fn, types.FunctionType) else None
+    if isinstance(name, str) and name in _CLASSES:
+        return _CLASSES[name]()
+    label = getattr(fn, "__name__", type(fn).__name__)
+    raise TypeError(
+        f"loss: got the function {label!r}; gpunn has no automatic differentiation, so a loss must also supply "
+        "its gradient: subclass gpunn.losses.Loss with call(y_true, y_pred) (per-sample values) and "
+        f"gradient(y_true, y_pred), or use a built-in loss name ({', '.join(names())})"
+    )

@@ -111,3 +111,20 @@ def test_validation_data_error_describes_the_tuple_briefly():
     x, y = multiclass_data(4, n=10, classes=3)
     with pytest.raises(ValueError, match=r"got tuple of 1 \(shape \(10, 5\)\)$"):
         model.fit(x, y, validation_data=(x,), verbose=0)
+
+
+def test_loss_function_forms_stand_for_the_built_in_losses_and_user_functions_are_refused_clearly():
+    _, _, model = _functional()
+    model.compile(optimizer="sgd", loss=keras.losses.sparse_categorical_crossentropy)
+    assert type(model.loss) is keras.losses.SparseCategoricalCrossentropy
+    x, y = multiclass_data(5, n=8, classes=3)
+    p = model.predict(x, verbose=0)
+    # the function form computes Keras's per-sample values: -log p[label]
+    np.testing.assert_allclose(keras.losses.sparse_categorical_crossentropy(y, p), -np.log(p[np.arange(8), y]), rtol=1e-5)
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(float(np.mean(-np.log(p[np.arange(8), y]))), rel=1e-5)
+    with pytest.raises(TypeError, match="loss: got the function 'my_loss'.*subclass gpunn.losses.Loss"):
+
+        def my_loss(y_true, y_pred):
+            return (y_true - y_pred) ** 2
+
+        model.compile(optimizer="sgd", loss=my_loss)
