@@ -331,3 +331,16 @@ def test_steps_with_arrays_is_refused_naming_it(method):
         call(x, y, steps=2, verbose=0)
     with pytest.raises(TypeError, match="callbacks"):
         call(x, y, callbacks=_Recorder(), verbose=0)
+
+
+def test_a_schedule_decaying_to_zero_trains_on_as_in_keras():
+    """Keras takes a learning rate of 0: a linear decay reaching 0 at the last epoch must not stop fit."""
+    x, y = binary_data(4, n=16)
+    model = _model(optimizer=gpunn.optimizers.SGD(0.1))
+    history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[cbs.LearningRateScheduler(lambda epoch: 0.1 * (2 - epoch) / 2)])
+    assert history.history["learning_rate"] == pytest.approx([0.1, 0.05, 0.0])
+    before = model.get_weights()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)  # the rate stays 0: nothing moves
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    with pytest.raises(ValueError, match="learning_rate"):
+        gpunn.optimizers.SGD(-0.1)

@@ -62,7 +62,8 @@ class Optimizer:
         if isinstance(value, LearningRateSchedule):
             self._learning_rate = value
             return
-        rate = positive_number(value, "learning_rate")
+        # 0 is a rate as Keras takes it (a schedule callback decaying to zero, a frozen phase)
+        rate = positive_number(value, "learning_rate", allow_zero=True)
         if isinstance(self._learning_rate, LearningRateSchedule):
             if rate == self.learning_rate:  # restoring the value the schedule gives now
                 return
