@@ -95,8 +95,7 @@ def feature_rows(x, n_features=None, argument: str = "x", feature_names=None, xp
         arr = as_float_array(x, argument, np.float64)
     if np.issubdtype(arr.dtype, np.complexfloating):
         raise TypeError(f"{argument}: expected real numbers, got complex dtype {arr.dtype}")
-    _check_feature_shape(arr, n_features, argument)
-    return arr
+    return _feature_shape(arr, n_features, argument)
 
 
 def features(x, dtype, n_features=None, argument: str = "x", row_offset: int = 0, feature_names=None, xp=np):
@@ -112,12 +111,16 @@ def features(x, dtype, n_features=None, argument: str = "x", row_offset: int = 0
     if xp is not np and isinstance(x, xp.ndarray):
         return _device_features(x, dtype, n_features, argument, xp)
     arr = as_float_array(x, argument, dtype, row_offset)
-    _check_feature_shape(arr, n_features, argument)
+    arr = _feature_shape(arr, n_features, argument)
     finite(arr, argument, row_offset)
     return np.ascontiguousarray(arr)
 
 
-def _check_feature_shape(arr, n_features, argument):
+def _feature_shape(arr, n_features, argument):
+    """``arr`` checked as (samples, features); a 1-D array is one feature per sample when the model
+    takes exactly one (Keras 3 adds that axis too), else refused."""
+    if arr.ndim == 1 and n_features == 1:
+        arr = arr.reshape(-1, 1)
     if arr.ndim != 2:
         raise ValueError(
             f"{argument}: expected a 2-D array (samples, features), got {arr.ndim}-D with shape {arr.shape}"
@@ -129,13 +132,14 @@ def _check_feature_shape(arr, n_features, argument):
         raise ValueError(f"{argument}: expected at least one feature column, got shape {arr.shape}")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{argument}: the model expects {n_features} features per sample, got {arr.shape[1]} (shape {arr.shape})")
+    return arr
 
 
 def _device_features(x, dtype, n_features, argument, xp):
     """The checks of :func:`features` made on the device; only a failure reads values back."""
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
         raise TypeError(f"{argument}: expected real numeric data, got dtype {x.dtype}")
-    _check_feature_shape(x, n_features, argument)
+    x = _feature_shape(x, n_features, argument)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflowing cast is reported below
         arr = x.astype(dtype, copy=False)
     bad = xp.flatnonzero(~xp.isfinite(arr).ravel())

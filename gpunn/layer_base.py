@@ -172,6 +172,13 @@ class Layer:
     def initial_value(self, spec, dtype):
         return initializers.initialize(spec.initializer, spec.shape, dtype, f"{spec.attr}_initializer")
 
+    def __getattr__(self, attr):
+        # Keras's attribute access to a built layer's weights: bn.moving_mean, layer.gamma, ...
+        views = self.__dict__.get("_views") or {}
+        if attr in views:
+            return views[attr][0]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+
     def weight(self, attr):
         """The weight ``attr`` (a view into the model's parameters), or None before building."""
         entry = self._views.get(attr)

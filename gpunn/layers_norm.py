@@ -204,13 +204,15 @@ class Normalization(Layer):
 
     ``mean`` and ``variance`` may also be given.  Weights (non-trainable):
     mean (N,), variance (N,), count () -- the number of samples adapted on.
+    ``axis=None`` (Keras: one mean and variance over every value) adapts
+    scalar statistics, held in every feature's entry.
     """
 
     EPSILON = 1e-7  # Keras's backend.epsilon()
 
     def __init__(self, axis=-1, mean=None, variance=None, invert=False, **kwargs):
         super().__init__(**kwargs)
-        self.axis = _axis(axis)
+        self.axis = None if axis is None else _axis(axis)
         self.invert = checks.boolean(invert, "invert")
         if (mean is None) != (variance is None):
             raise ValueError("mean, variance: give both or neither")
@@ -251,9 +253,20 @@ class Normalization(Layer):
         if self.input_dim is not None and arr.shape[1] != self.input_dim:
             raise ValueError(f"data: the layer has {self.input_dim} features, got {arr.shape[1]}")
         self.input_dim = arr.shape[1]
-        self._pending = [arr.mean(axis=0), arr.var(axis=0), np.asarray(float(arr.shape[0]))]
+        over = 0 if self.axis is not None else None
+        mean, variance = np.broadcast_to(arr.mean(axis=over), arr.shape[1:]), np.broadcast_to(arr.var(axis=over), arr.shape[1:])
+        self._pending = [mean.copy(), variance.copy(), np.asarray(float(arr.shape[0]))]
         if self.built:
             self.set_weights(self._pending)
+
+    # Keras's attributes: the statistics (from adapt or the constructor, before the model is built)
+    @property
+    def mean(self):
+        return self.weight("mean") if self.built else None if self._pending is None else self._pending[0]
+
+    @property
+    def variance(self):
+        return self.weight("variance") if self.built else None if self._pending is None else self._pending[1]
 
     def call(self, backend, x, y, buffers, activation=None, training=False):
         xp = backend.xp

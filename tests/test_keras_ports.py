@@ -128,3 +128,36 @@ def test_loss_function_forms_stand_for_the_built_in_losses_and_user_functions_ar
             return (y_true - y_pred) ** 2
 
         model.compile(optimizer="sgd", loss=my_loss)
+
+
+def test_one_feature_models_take_1d_x_as_keras_3_does():
+    """TensorFlow's regression tutorial: Sequential([Normalization(input_shape=[1], axis=None), Dense(1)])
+    fitted and predicted on a 1-D column; Keras 3 adds the feature axis when the model takes one."""
+    column = np.linspace(-1.0, 2.0, 30)
+    norm = layers.Normalization(input_shape=[1], axis=None)
+    norm.adapt(column)
+    model = keras.Sequential([norm, layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mean_absolute_error")
+    model.fit(column, 3 * column, epochs=2, verbose=0)
+    np.testing.assert_array_equal(model.predict(column, verbose=0), model.predict(column.reshape(-1, 1), verbose=0))
+    assert model.evaluate(column, 3 * column, verbose=0) == model.evaluate(column.reshape(-1, 1), 3 * column, verbose=0)
+    wide = keras.Sequential([keras.Input(shape=(3,)), layers.Dense(1)])
+    with pytest.raises(ValueError, match=r"x: expected a 2-D array .* shape \(3,\)"):
+        wide.predict(np.ones(3), verbose=0)
+
+
+def test_normalization_axis_none_and_weight_attributes_as_keras():
+    data = np.arange(12.0).reshape(4, 3)
+    norm = layers.Normalization(axis=None)
+    norm.adapt(data)
+    # one mean and variance over every value (Keras 3 gives mean 5.5, variance 11.9167 here)
+    np.testing.assert_allclose(norm.mean, [5.5] * 3)
+    np.testing.assert_allclose(norm.variance, [143 / 12] * 3)
+    model = keras.Sequential([keras.Input(shape=(3,)), norm, layers.BatchNormalization()])
+    np.testing.assert_allclose(model.layers[0].mean, [5.5] * 3)  # now the model's weight
+    out = keras.Sequential.from_config(model.get_config())  # axis=None round-trips
+    assert out.layers[0].axis is None
+    bn = model.layers[1]
+    assert bn.moving_mean is bn.weights[2] and bn.gamma is bn.weights[0]
+    with pytest.raises(AttributeError, match="no attribute 'kernel'"):
+        bn.kernel  # noqa: B018
