@@ -8,6 +8,7 @@ booleans must be real booleans (``"false"`` is not silently ``True``).
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import math
 import numbers
@@ -27,6 +28,21 @@ def describe(value) -> str:
     return f"{type(value).__name__} {value!r}"[:200]
 
 
+def _refuse_containers(value, argument):
+    """Keras inputs gpunn does not take (a dict of named inputs, a generator or dataset), refused by name."""
+    if isinstance(value, dict):
+        raise TypeError(
+            f"{argument}: got a dict (keys {sorted(map(str, value))[:5]}); a gpunn model has one input: pass its array itself"
+        )
+    if isinstance(value, collections.abc.Iterator) or type(value).__name__ in ("PyDataset", "Sequence", "DataLoader") or (
+        hasattr(value, "element_spec")  # tf.data.Dataset
+    ):
+        raise TypeError(
+            f"{argument}: got {type(value).__name__}; gpunn trains on in-memory arrays (NumPy, lists, pandas, DLPack "
+            "tensors), not generators or datasets: collect the batches first, e.g. np.concatenate(list_of_batches)"
+        )
+
+
 def as_float_array(value, argument: str, dtype, row_offset: int = 0) -> np.ndarray:
     """A numeric NumPy array (cast to ``dtype``), or TypeError naming ``argument``.
 
@@ -36,6 +52,7 @@ def as_float_array(value, argument: str, dtype, row_offset: int = 0) -> np.ndarr
         raise TypeError(f"{argument}: expected array-like numeric data, got None")
     if hasattr(value, "toarray") and hasattr(value, "nnz"):
         raise TypeError(f"{argument}: sparse matrices are not supported; pass a dense array (e.g. {argument}.toarray())")
+    _refuse_containers(value, argument)
     value = arrays.as_array(value, argument, target=True)  # Series, DataFrames, DLPack tensors
     try:
         arr = np.asarray(value)

@@ -422,6 +422,7 @@ def _read(filepath):
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise _fail(path, "not a regular file")
         head = f.read(8)
+        _refuse_other_formats(head, path)
         if len(head) < 8:
             raise _fail(path, f"truncated ({len(head)} bytes; the header alone needs at least 8)")
         (n,) = struct.unpack("<Q", head)
@@ -431,6 +432,25 @@ def _read(filepath):
         f.seek(0)
         blob = f.read()  # one buffer (concatenating the parts would briefly hold the file twice)
     return path, blob
+
+
+#: the first bytes of the files other tools write that users may hand to load_model (as a gpunn
+#: file's header length both would exceed _MAX_HEADER_BYTES, so no gpunn file starts with them)
+_OTHER_FORMATS = (
+    (b"PK\x03\x04", "a zip archive, as Keras 3 writes .keras files"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file, as Keras writes .h5 models and weights"),
+)
+
+
+def _refuse_other_formats(head: bytes, path):
+    """A clear ModelFileError for a Keras (zip / HDF5) or pickle file instead of a header complaint."""
+    for magic, what in _OTHER_FORMATS:
+        if head.startswith(magic):
+            raise _fail(
+                path,
+                f"it is {what}; gpunn reads only files written by gpunn's model.save / save_weights. To move a Keras "
+                "model over, build the same layers in gpunn and copy the weights: gpunn_model.set_weights(keras_model.get_weights())",
+            )
 
 
 def _header_metadata(header: bytes, path):

@@ -161,3 +161,25 @@ def test_normalization_axis_none_and_weight_attributes_as_keras():
     assert bn.moving_mean is bn.weights[2] and bn.gamma is bn.weights[0]
     with pytest.raises(AttributeError, match="no attribute 'kernel'"):
         bn.kernel  # noqa: B018
+
+
+def test_keras_model_files_are_refused_saying_what_they_are(tmp_path):
+    model = keras.Sequential([keras.Input(shape=(2,)), layers.Dense(1)])
+    for name, head in (("zip.keras", b"PK\x03\x04\x14\x00\x00\x00"), ("model.h5", b"\x89HDF\r\n\x1a\n\x00\x00")):
+        path = tmp_path / name
+        path.write_bytes(head + bytes(200))
+        with pytest.raises(keras.ModelFileError, match="as Keras .*set_weights"):
+            keras.models.load_model(str(path))
+        with pytest.raises(keras.ModelFileError, match="as Keras"):
+            model.load_weights(str(path))
+
+
+@pytest.mark.parametrize("make", [lambda x: {"features": x}, lambda x: (row for row in x), lambda x: iter([x])])
+def test_dicts_generators_and_datasets_are_refused_by_name(make):
+    model = keras.Sequential([keras.Input(shape=(2,)), layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((3, 2))
+    with pytest.raises(TypeError, match="x: got (a dict|generator|list_iterator)"):
+        model.fit(make(x), np.ones(3), verbose=0)
+    with pytest.raises(TypeError, match="x: got (a dict|generator|list_iterator)"):
+        model.predict(make(x), verbose=0)
