@@ -12,7 +12,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parent / "keras_scripts"
 
 
-@pytest.mark.parametrize("script", ["breast_cancer", "digits", "diabetes"])
+@pytest.mark.parametrize("script", ["breast_cancer", "digits", "diabetes", "wine_functional"])
 def test_keras_script_trains_to_its_quality_bar(script, capsys):
     path = SCRIPTS / f"{script}.py"
     source = path.read_text()
