@@ -338,7 +338,7 @@ def parse(blob: bytes, path="<bytes>"):
     version = meta.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise _fail(path, f"format version {version!r} is not supported (this gpunn reads versions 1..{FORMAT_VERSION}); upgrade gpunn")
-    _check_schema(meta, path, sum(1 for name in header if name.startswith("weight.")))
+    _check_schema(meta, path)
     try:
         tensors = safetensors.numpy.load(blob)
     except Exception as exc:  # safetensors' own error type; the checksum makes this near-impossible
@@ -352,12 +352,12 @@ MAX_LAYERS = 10_000
 _MAX_ITERATIONS = 2**63 - 1
 
 
-def _check_schema(meta, path, weight_tensors=None):
+def _check_schema(meta, path):
     """Types and bounds of every metadata field that loading reads (a file is data: nothing is trusted).
 
-    ``weight_tensors`` is the number of ``weight.*`` tensors the header
-    declares: each layer owns at least one, so a longer layer list is forged
-    and is rejected before any layer is built.
+    The layer list is bounded by :data:`MAX_LAYERS` before any layer is built
+    (not by the weight tensors: Dropout, Activation, Flatten... own none, so a
+    valid model may have more layers than tensors).
     """
     if meta.get("kind") not in ("model", "weights"):
         raise _fail(path, f"unknown kind {meta.get('kind')!r} (expected 'model' or 'weights')")
@@ -366,9 +366,8 @@ def _check_schema(meta, path, weight_tensors=None):
         raise _fail(path, "the architecture (config) is missing or not a mapping")
     layers = config.get("layers")
     if isinstance(layers, list):
-        limit = MAX_LAYERS if weight_tensors is None else min(MAX_LAYERS, weight_tensors)
-        if len(layers) > limit:
-            raise _fail(path, f"the architecture declares {len(layers)} layers, more than the {limit} the file can hold")
+        if len(layers) > MAX_LAYERS:
+            raise _fail(path, f"the architecture declares {len(layers)} layers, more than the {MAX_LAYERS} gpunn loads")
     if "user_metadata" in meta and not isinstance(meta["user_metadata"], dict):
         raise _fail(path, "user metadata should be a mapping")
     spec = meta.get("compile")
