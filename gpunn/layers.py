@@ -15,7 +15,7 @@ import numpy as np
 
 from gpunn import activations, checks, codes, initializers, regularizers
 from gpunn.layer_base import Layer, SymbolicTensor, WeightSpec
-from gpunn.layers_basic import Activation, Dropout, Flatten, GaussianNoise, LeakyReLU, ReLU, Softmax
+from gpunn.layers_basic import ELU, Activation, Dropout, Flatten, GaussianNoise, Identity, LeakyReLU, ReLU, Rescaling, Softmax
 from gpunn.layers_norm import BatchNormalization, LayerNormalization, Normalization
 
 
@@ -212,8 +212,11 @@ LAYER_CLASSES = {
         Activation,
         LeakyReLU,
         ReLU,
+        ELU,
         Softmax,
         Flatten,
+        Identity,
+        Rescaling,
         Dropout,
         GaussianNoise,
         BatchNormalization,

@@ -1,5 +1,5 @@
-"""Layers without weights: ``Activation`` (and ``ReLU``, ``LeakyReLU``, ``Softmax``),
-``Flatten``, ``Dropout`` and ``GaussianNoise`` (Keras 3 definitions).
+"""Layers without weights: ``Activation`` (and ``ReLU``, ``LeakyReLU``, ``ELU``, ``Softmax``),
+``Flatten``, ``Identity``, ``Rescaling``, ``Dropout`` and ``GaussianNoise`` (Keras 3 definitions).
 
 Each is the forward (``call``) and its backward side by side; arrays are
 (batch, features).  A layer that leaves its input unchanged returns the
@@ -99,6 +99,20 @@ class ReLU(Activation):
         return {**config, "max_value": self.max_value, "negative_slope": self.negative_slope}
 
 
+class ELU(Activation):
+    """``x`` for x > 0, else ``alpha * (exp(x) - 1)`` (Keras 3's ELU layer; alpha 1.0)."""
+
+    def __init__(self, alpha=1.0, **kwargs):
+        kwargs.pop("activation", None)
+        super().__init__(activations.elu(alpha), **kwargs)
+        self.alpha = self.activation.alpha
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("activation")
+        return {**config, "alpha": self.alpha}
+
+
 class Softmax(Activation):
     """Row-wise softmax (``axis=-1``, the feature axis)."""
 
@@ -126,6 +140,38 @@ class Flatten(Layer):
 
     def backward(self, backend, x, dy, y, buffers, dx, activation=None):
         _copy_into(backend, dy, dx)
+
+
+class Identity(Layer):
+    """Passes its input through unchanged (Keras 3's ``Identity``)."""
+
+    def call(self, backend, x, y, buffers, activation=None, training=False):
+        return x
+
+    def backward(self, backend, x, dy, y, buffers, dx, activation=None):
+        _copy_into(backend, dy, dx)
+
+
+class Rescaling(Layer):
+    """``y = x * scale + offset`` (Keras 3's ``Rescaling``, e.g. ``Rescaling(1 / 255)`` for pixel
+    values); ``scale`` and ``offset`` are numbers (Keras also takes per-channel lists: not gpunn)."""
+
+    def __init__(self, scale, offset=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = checks.number(scale, "scale")
+        self.offset = checks.number(offset, "offset")
+
+    def call(self, backend, x, y, buffers, activation=None, training=False):
+        xp = backend.xp
+        xp.multiply(x, x.dtype.type(self.scale), out=y)
+        return xp.add(y, y.dtype.type(self.offset), out=y)
+
+    def backward(self, backend, x, dy, y, buffers, dx, activation=None):
+        if dx is not None:
+            backend.xp.multiply(dy, dy.dtype.type(self.scale), out=dx)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "offset": self.offset}
 
 
 def _rate(rate):

@@ -244,6 +244,12 @@ def _identity_at_inference(g, layer, x):
     return x
 
 
+def _rescaling(g, layer, x):
+    # x * scale + offset
+    scaled = g.op("Mul", [x, g.const(f"{layer.name}_scale", np.asarray(layer.scale))])
+    return g.op("Add", [scaled, g.const(f"{layer.name}_offset", np.asarray(layer.offset))])
+
+
 def _flatten(g, layer, x):
     # samples reach the first layer as declared (e.g. (batch, 8, 8)); later a Flatten sees rows already
     return g.op("Flatten", [x], axis=1)
@@ -290,8 +296,11 @@ LAYER_BUILDERS = {
     "Activation": _activation_layer,
     "ReLU": _activation_layer,
     "LeakyReLU": _activation_layer,
+    "ELU": _activation_layer,
     "Softmax": _activation_layer,
     "Flatten": _flatten,
+    "Identity": _identity_at_inference,
+    "Rescaling": _rescaling,
     "Dropout": _identity_at_inference,
     "GaussianNoise": _identity_at_inference,
     "BatchNormalization": _batch_normalization,

@@ -183,3 +183,37 @@ def test_dicts_generators_and_datasets_are_refused_by_name(make):
         model.fit(make(x), np.ones(3), verbose=0)
     with pytest.raises(TypeError, match="x: got (a dict|generator|list_iterator)"):
         model.predict(make(x), verbose=0)
+
+
+def test_rescaling_elu_and_identity_layers_train_save_and_load(tmp_path):
+    """An MNIST-style MLP's first layer, Rescaling(1/255), and Keras's ELU and Identity layers."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(shape=(4,)), layers.Rescaling(1.0 / 255), layers.Dense(6), layers.ELU(alpha=0.5),
+                              layers.Identity(), layers.Dense(2, activation="softmax")])  # fmt: skip
+    pixels = np.random.default_rng(0).integers(0, 256, size=(32, 4)).astype("float32")
+    labels = (pixels[:, 0] > 127).astype(int)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(pixels, labels, epochs=2, batch_size=8, verbose=0)
+    kernel, bias = model.layers[1].get_weights()
+    z = pixels / 255 @ kernel + bias
+    hidden = np.where(z > 0, z, 0.5 * (np.exp(z) - 1))
+    logits = hidden @ model.layers[4].get_weights()[0] + model.layers[4].get_weights()[1]
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(model.predict(pixels, verbose=0), expected / expected.sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
+    model.save(tmp_path / "m.gpunn")
+    loaded = keras.models.load_model(tmp_path / "m.gpunn")
+    assert [type(layer).__name__ for layer in loaded.layers] == ["Rescaling", "Dense", "ELU", "Identity", "Dense"]
+    np.testing.assert_array_equal(loaded.predict(pixels, verbose=0), model.predict(pixels, verbose=0))
+    with pytest.raises(ValueError, match="scale"):
+        layers.Rescaling("1/255")
+
+
+def test_a_model_with_more_weightless_layers_than_weight_tensors_loads(tmp_path):
+    """5 layers, 4 weight tensors: the file is valid (load once refused it as forged)."""
+    model = keras.Sequential([keras.Input(shape=(4,)), layers.Dense(3), layers.ReLU(), layers.Dropout(0.1),
+                              layers.Activation("tanh"), layers.Dense(1)])  # fmt: skip
+    model.save(tmp_path / "five.gpunn")
+    loaded = keras.models.load_model(tmp_path / "five.gpunn")
+    assert len(loaded.layers) == 5
+    x = np.ones((2, 4))
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))

@@ -96,6 +96,12 @@ def test_activation_layers_match_keras_formulas():
     np.testing.assert_allclose(_forward(relu6, b, np.array([[-1.0, 4.0, 9.0]]), False)[0], [[0.0, 4.0, 6.0]])
     # an activation layer as Dense's activation= argument, as Keras accepts
     assert layers.Dense(2, activation=layers.LeakyReLU(negative_slope=0.1)).activation.alpha == 0.1
+    elu = layers.ELU(alpha=0.5)  # x if x > 0 else alpha * (exp(x) - 1)
+    _, b = _single(elu, 3)
+    np.testing.assert_allclose(_forward(elu, b, x, False)[0], [[0.5 * (np.exp(-2.0) - 1), 0.5, 3.0]], rtol=1e-12)
+    rescale = layers.Rescaling(1 / 255, offset=-1.0)  # x * scale + offset
+    _, b = _single(rescale, 3)
+    np.testing.assert_allclose(_forward(rescale, b, np.array([[0.0, 127.5, 255.0]]), False)[0], [[-1.0, -0.5, 0.0]], rtol=1e-12)
 
 
 def test_dropout_is_inverted_active_only_in_training_and_reproducible():
@@ -180,6 +186,9 @@ LAYERS_WITH_BACKWARD = {
     "gaussian_noise": (lambda: layers.GaussianNoise(0.3, seed=1), True),
     "flatten": (lambda: layers.Flatten(), True),
     "leaky_relu": (lambda: layers.LeakyReLU(0.2), True),
+    "elu_layer": (lambda: layers.ELU(alpha=0.7), True),
+    "identity": (lambda: layers.Identity(), True),
+    "rescaling": (lambda: layers.Rescaling(0.5, offset=-1.5), True),
     "softmax": (lambda: layers.Activation("softmax"), True),
     **{f"activation_{name}": (lambda name=name: layers.Activation(name), True)
        for name in ("tanh", "sigmoid", "gelu", "elu", "swish", "softplus", "mish")},  # fmt: skip

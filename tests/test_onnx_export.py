@@ -276,6 +276,7 @@ def _layer_cases():
         "leaky_relu": lambda: [L.Dense(6), L.LeakyReLU(negative_slope=0.15), L.Dense(3)],
         "softmax": lambda: [L.Dense(6), L.Dense(3), L.Softmax()],
         "flatten": lambda: [L.Flatten(), L.Dense(3, activation="tanh")],
+        "elu_identity_rescaling": lambda: [L.Rescaling(0.25, offset=-0.5), L.Dense(6), L.ELU(alpha=0.7), L.Identity(), L.Dense(3)],
         "dropout": lambda: [L.Dense(6, activation="relu"), L.Dropout(0.4), L.Dense(3)],
         "gaussian_noise": lambda: [L.GaussianNoise(0.5), L.Dense(6, activation="relu"), L.Dense(3)],
         "batch_normalization": lambda: [L.Dense(6), L.BatchNormalization(momentum=0.5), L.Dense(3)],
