@@ -27,8 +27,20 @@ class Input(SymbolicTensor):
     ``shape`` is the shape of one sample, as given.
     """
 
-    def __init__(self, shape, name=None, batch_size=None, dtype=None):
+    def __init__(self, shape=None, name=None, batch_size=None, dtype=None, batch_shape=None, input_shape=None, **kwargs):
         super().__init__()
+        if kwargs:
+            raise TypeError(f"Input: unexpected arguments {sorted(kwargs)}; expected shape (or batch_shape), name, batch_size, dtype")
+        # Keras 3's batch_shape=(None, n) and Keras 2's InputLayer(input_shape=(n,)) name the same thing
+        given = [(k, v) for k, v in (("shape", shape), ("batch_shape", batch_shape), ("input_shape", input_shape)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"shape: expected exactly one of shape=, batch_shape=, input_shape=, got {dict(given) or 'none'}")
+        if batch_shape is not None:
+            if not isinstance(batch_shape, (tuple, list)) or len(batch_shape) < 2:
+                raise ValueError(f"batch_shape: expected (batch, n_features, ...) such as (None, 4), got {batch_shape!r}")
+            shape = tuple(batch_shape[1:])
+        elif input_shape is not None:
+            shape = input_shape
         if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
             shape = (shape,)
         if not isinstance(shape, (tuple, list)) or not shape:

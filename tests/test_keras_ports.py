@@ -217,3 +217,14 @@ def test_a_model_with_more_weightless_layers_than_weight_tensors_loads(tmp_path)
     assert len(loaded.layers) == 5
     x = np.ones((2, 4))
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_input_takes_keras_3_batch_shape_and_keras_2_input_shape():
+    for head in (keras.Input(batch_shape=(None, 4)), layers.InputLayer(input_shape=(4,)), keras.Input(shape=[4])):
+        assert keras.Sequential([head, layers.Dense(2)]).count_params() == 10
+    with pytest.raises(ValueError, match="shape: expected exactly one"):
+        keras.Input()
+    with pytest.raises(ValueError, match="shape: expected exactly one"):
+        keras.Input(shape=(4,), batch_shape=(None, 4))
+    with pytest.raises(ValueError, match="batch_shape"):
+        keras.Input(batch_shape=(4,))
