@@ -344,3 +344,12 @@ def test_a_schedule_decaying_to_zero_trains_on_as_in_keras():
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     with pytest.raises(ValueError, match="learning_rate"):
         gpunn.optimizers.SGD(-0.1)
+
+
+def test_model_checkpoint_creates_a_missing_directory_as_keras_3_does(tmp_path):
+    x, y = binary_data(5, n=16)
+    model = _model()
+    pattern = tmp_path / "runs" / "a" / "model_{epoch:02d}.keras"
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cbs.ModelCheckpoint(str(pattern))])
+    assert sorted(os.listdir(tmp_path / "runs" / "a")) == ["model_01.keras", "model_02.keras"]
+    np.testing.assert_array_equal(gpunn.load_model(tmp_path / "runs" / "a" / "model_02.keras").predict(x, verbose=0), model.predict(x, verbose=0))
