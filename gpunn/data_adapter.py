@@ -33,10 +33,18 @@ def standardize(objective, input_dim, dtype, x, y, sample_weight, class_weight=N
     x = checks.features(x, dtype, input_dim, argument, feature_names=feature_names, xp=xp)
     if y is None:
         raise ValueError(f"y: expected targets for the {x.shape[0]} samples of {argument}, got None")
-    t = prepare_targets(objective, y, x.shape[0], dtype, "y" if argument == "x" else f"{argument} targets")
-    w = checks.sample_weights(sample_weight, x.shape[0], dtype)
+    t = prepare_targets(objective, y, x.shape[0], dtype, _companion_name(argument, "y"))
+    w = checks.sample_weights(sample_weight, x.shape[0], dtype, _companion_name(argument, "sample_weight"))
     t = t.astype(dtype, copy=False)
     return x, t, with_class_weights(objective, class_weight, t, w)
+
+
+def _companion_name(argument, what):
+    """How errors name the ``what`` (``y``, ``sample_weight``) that goes with ``argument``:
+    ``y``, ``validation_data y``, ``validation_data sample_weight``, ..."""
+    if argument == "x":
+        return what
+    return f"{argument[:-2]} {what}" if argument.endswith(" x") else f"{argument} {'targets' if what == 'y' else what}"
 
 
 def with_class_weights(objective, class_weight, t, w):

@@ -147,9 +147,9 @@ def test_validation_data_is_checked_like_x():
     model, x, y = _model()
     with pytest.raises(ValueError, match="validation_data x: expected finite values, found NaN"):
         model.fit(x, y, validation_data=(_with_nan(x), y), verbose=0)
-    with pytest.raises(ValueError, match="validation_data x targets: expected 8 targets"):
+    with pytest.raises(ValueError, match="validation_data y: expected 8 targets"):
         model.fit(x, y, validation_data=(x, y[:3]), verbose=0)
-    with pytest.raises(ValueError, match="sample_weight: expected finite values"):
+    with pytest.raises(ValueError, match="validation_data sample_weight: expected finite values"):
         model.fit(x, y, validation_data=(x, y, _with_nan(np.ones(N), 0)), verbose=0)
     with pytest.raises(ValueError, match=r"validation_data: expected a tuple .* got an array of shape \(8, 3\)"):
         model.fit(x, y, validation_data=x, verbose=0)
