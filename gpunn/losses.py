@@ -22,6 +22,7 @@ supplies ``call(y_true, y_pred)`` (the per-sample values, shape (M,)) and
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 
@@ -57,6 +58,35 @@ from gpunn.metrics import (  # noqa: F401
 )
 
 
+#: Keras's names for the reduction gpunn's losses apply: sum_i w_i l_i / M
+_BATCH_MEAN_REDUCTIONS = ("sum_over_batch_size", "auto")
+
+
+def _taking_keras_options(init):
+    """``init`` also taking the options every Keras loss class takes: ``name`` and ``dtype``
+    (accepted; gpunn logs the loss as ``loss`` and computes in the model's dtype), ``reduction``
+    (only the batch mean gpunn computes), ``axis`` (-1) and ``ignore_class`` (None)."""
+
+    @functools.wraps(init)
+    def wrapped(self, *args, reduction="sum_over_batch_size", name=None, dtype=None, axis=-1, ignore_class=None, **kwargs):
+        if reduction not in _BATCH_MEAN_REDUCTIONS:
+            raise ValueError(
+                f"reduction: gpunn's losses average over the batch (sum_i w_i l_i / M, Keras's 'sum_over_batch_size'); "
+                f"got {reduction!r}"
+            )
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name: expected a string, got {type(name).__name__}")
+        if dtype is not None:
+            checks.float_dtype(dtype)
+        if axis not in (-1, 1):
+            raise ValueError(f"axis: gpunn's losses reduce over the feature axis (-1), got {axis!r}")
+        if ignore_class is not None:
+            raise ValueError(f"ignore_class: not supported by gpunn (give those samples sample_weight 0 instead), got {ignore_class!r}")
+        init(self, *args, **kwargs)
+
+    return wrapped
+
+
 def _dense_targets(arr, n, outputs, argument, hint=""):
     """``arr`` as (n, outputs): a 1-D array is one target per sample for a single output."""
     if arr.ndim == 1:
@@ -82,8 +112,15 @@ class Loss:
     #: the array module (numpy or cupy) a user loss computes with; set before each call
     xp = np
 
+    @_taking_keras_options  # a user loss may call super().__init__(name=..., reduction=...) as in Keras
     def __init__(self, from_logits: bool = False):
         self.from_logits = checks.boolean(from_logits, "from_logits")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and cls.__module__ == __name__:  # gpunn's own losses (a user's keeps its signature)
+            cls.__init__ = _taking_keras_options(init)
 
     def resolve(self, output_activation: str):
         """(backend loss kind, whether the output activation is folded into it); a user

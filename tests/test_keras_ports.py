@@ -228,3 +228,20 @@ def test_input_takes_keras_3_batch_shape_and_keras_2_input_shape():
         keras.Input(shape=(4,), batch_shape=(None, 4))
     with pytest.raises(ValueError, match="batch_shape"):
         keras.Input(batch_shape=(4,))
+
+
+def test_loss_classes_take_keras_name_reduction_dtype_axis():
+    loss = keras.losses.BinaryCrossentropy(from_logits=True, name="bce", reduction="sum_over_batch_size", dtype="float32", axis=-1)
+    assert loss.from_logits and keras.losses.CosineSimilarity(axis=-1, name="cos").get_config()["name"] == "cosine_similarity"
+    keras.losses.MeanSquaredError(reduction="auto")
+    with pytest.raises(ValueError, match="reduction: .*sum_over_batch_size.*got 'sum'"):
+        keras.losses.MeanSquaredError(reduction="sum")
+    with pytest.raises(ValueError, match="ignore_class"):
+        keras.losses.SparseCategoricalCrossentropy(ignore_class=0)
+
+    class Quartic(keras.losses.Loss):  # a user loss keeps its own signature
+        def __init__(self, name="quartic"):
+            super().__init__(name=name, reduction="sum_over_batch_size")
+            self.label = name
+
+    assert Quartic(name="q").label == "q"
