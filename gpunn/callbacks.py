@@ -226,6 +226,7 @@ class ModelCheckpoint(Callback):
         save_weights_only=False,
         mode="auto",
         save_freq="epoch",
+        initial_value_threshold=None,
     ):
         super().__init__()
         if not isinstance(filepath, (str, os.PathLike)):
@@ -239,7 +240,10 @@ class ModelCheckpoint(Callback):
         self.save_best_only = checks.boolean(save_best_only, "save_best_only")
         self.save_weights_only = checks.boolean(save_weights_only, "save_weights_only")
         self.mode = _monitor_op(monitor, mode)
+        # Keras: the value the monitored quantity must beat before the first save (save_best_only)
         self.best = math.inf if self.mode == "min" else -math.inf
+        if initial_value_threshold is not None:
+            self.best = checks.number(initial_value_threshold, "initial_value_threshold")
 
     def _available_keys(self):
         names = list(self.model.metrics_names) if self.model is not None and self.model.compiled else ["loss"]

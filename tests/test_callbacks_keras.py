@@ -353,3 +353,17 @@ def test_model_checkpoint_creates_a_missing_directory_as_keras_3_does(tmp_path):
     model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cbs.ModelCheckpoint(str(pattern))])
     assert sorted(os.listdir(tmp_path / "runs" / "a")) == ["model_01.keras", "model_02.keras"]
     np.testing.assert_array_equal(gpunn.load_model(tmp_path / "runs" / "a" / "model_02.keras").predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_model_checkpoint_initial_value_threshold(tmp_path):
+    x, y = binary_data(6, n=16)
+    model = _model()
+    path = tmp_path / "best.keras"
+    check = cbs.ModelCheckpoint(str(path), monitor="loss", save_best_only=True, initial_value_threshold=1e-9)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[check])
+    assert not path.exists()  # no epoch beat the threshold
+    check = cbs.ModelCheckpoint(str(path), monitor="loss", save_best_only=True, initial_value_threshold=1e9)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[check])
+    assert path.exists()
+    with pytest.raises(ValueError, match="initial_value_threshold"):
+        cbs.ModelCheckpoint(str(path), initial_value_threshold="low")
