@@ -316,11 +316,18 @@ def _template_fields(template: str) -> list[str]:
 
 
 class TerminateOnNaN(Callback):
-    """Stop training (without an error) when a batch's loss is NaN or infinite."""
+    """Stop training (without an error) when a batch's loss is NaN or infinite; with
+    ``raise_error=True`` (Keras 3) raise RuntimeError there instead, before any further hook runs."""
+
+    def __init__(self, raise_error=False):
+        super().__init__()
+        self.raise_error = checks.boolean(raise_error, "raise_error")
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
+            if self.raise_error:
+                raise RuntimeError(f"NaN or Inf loss encountered at batch {batch}. Loss value: {loss}. Terminating training immediately.")
             print(f"Batch {batch}: Invalid loss, terminating training")
             self.model.stop_training = True
 

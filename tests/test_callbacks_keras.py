@@ -367,3 +367,19 @@ def test_model_checkpoint_initial_value_threshold(tmp_path):
     assert path.exists()
     with pytest.raises(ValueError, match="initial_value_threshold"):
         cbs.ModelCheckpoint(str(path), initial_value_threshold="low")
+
+
+def test_terminate_on_nan_raise_error_raises_runtime_error_at_the_batch():
+    from helpers import mlp, regression_data
+
+    x, y = regression_data(7, n=64)
+    gpunn.set_seed(7)
+    model = mlp([8, 1], "relu", input_dim=5)
+    model.compile(optimizer=gpunn.optimizers.SGD(1e6), loss="mse")
+    ended = []
+    with np.errstate(all="ignore"), pytest.raises(RuntimeError, match="NaN or Inf loss encountered at batch"):
+        model.fit(x, 1e3 * y, epochs=5, batch_size=8, verbose=0,
+                  callbacks=[cbs.TerminateOnNaN(raise_error=True), cbs.LambdaCallback(on_train_end=lambda logs: ended.append(1))])  # fmt: skip
+    assert model.optimizer.iterations < 8 and ended == []  # raised inside the first epoch, before on_train_end
+    with pytest.raises(TypeError, match="raise_error"):
+        cbs.TerminateOnNaN(raise_error="yes")
