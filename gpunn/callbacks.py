@@ -231,8 +231,11 @@ class ModelCheckpoint(Callback):
         super().__init__()
         if not isinstance(filepath, (str, os.PathLike)):
             raise TypeError(f"filepath: expected a path, got {filepath!r}")
-        if save_freq != "epoch":
-            raise ValueError(f"save_freq: only 'epoch' is supported, got {save_freq!r}")
+        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, numbers.Integral) or save_freq < 1):
+            raise ValueError(f"save_freq: expected 'epoch' or a positive number of batches, got {save_freq!r}")
+        self.save_freq = save_freq if save_freq == "epoch" else int(save_freq)
+        self._batches_since_save = 0
+        self._epoch = 0
         self.filepath = os.fspath(filepath)
         self._fields = _template_fields(self.filepath)
         self.monitor = monitor
@@ -245,9 +248,27 @@ class ModelCheckpoint(Callback):
         if initial_value_threshold is not None:
             self.best = checks.number(initial_value_threshold, "initial_value_threshold")
 
+    @property
+    def wants_batch_logs(self):
+        return self.save_freq != "epoch"  # per-batch saves read the running logs (epoch saves need none)
+
     def _available_keys(self):
         names = list(self.model.metrics_names) if self.model is not None and self.model.compiled else ["loss"]
+        if self.save_freq != "epoch":  # saved between epochs: the running training logs and the batch number
+            return ["epoch", "batch", *names, "learning_rate"]
         return ["epoch", *names, *("val_" + name for name in names), "learning_rate"]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Keras 3's save_freq=n: a save every n batches, counted across epochs; {batch} is 1-based
+        if self.save_freq == "epoch":
+            return
+        self._batches_since_save += 1
+        if self._batches_since_save >= self.save_freq:
+            self._batches_since_save = 0
+            self._save(f"Epoch {self._epoch + 1}, batch {batch + 1}", {**(logs or {}), "epoch": self._epoch + 1, "batch": batch + 1}, logs or {})
 
     def on_train_begin(self, logs=None):
         available = self._available_keys()
@@ -269,25 +290,28 @@ class ModelCheckpoint(Callback):
             resolve_destination(self.filepath)
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        values = {**logs, "epoch": epoch + 1}
+        if self.save_freq == "epoch":
+            self._save(f"Epoch {epoch + 1}", {**(logs or {}), "epoch": epoch + 1}, logs or {})
+
+    def _save(self, when, values, logs):
+        """Save to the path ``values`` fill in, if ``monitor`` improved (with ``save_best_only``)."""
         missing = [name for name in self._fields if name not in values]
         if missing:  # e.g. val_loss on an epoch without validation (validation_freq > 1)
-            warnings.warn(f"ModelCheckpoint: {', '.join(missing)} not in this epoch's logs; not saving", stacklevel=2)
+            warnings.warn(f"ModelCheckpoint: {', '.join(missing)} not in the logs; not saving", stacklevel=3)
             return
         path = self.filepath.format(**values)
         if self.save_best_only:
             current = logs.get(self.monitor)
             if current is None:
-                warnings.warn(f"ModelCheckpoint: monitor {self.monitor!r} is not in the logs", stacklevel=2)
+                warnings.warn(f"ModelCheckpoint: monitor {self.monitor!r} is not in the logs", stacklevel=3)
                 return
             if not _improved(self.mode, current, self.best):
                 return
             if self.verbose > 0:
-                print(f"Epoch {epoch + 1}: {self.monitor} improved from {self.best:.5f} to {current:.5f}, saving model to {path}")
+                print(f"{when}: {self.monitor} improved from {self.best:.5f} to {current:.5f}, saving model to {path}")
             self.best = current
         elif self.verbose > 0:
-            print(f"Epoch {epoch + 1}: saving model to {path}")
+            print(f"{when}: saving model to {path}")
         directory = os.path.dirname(path)
         if directory:  # as Keras 3 does: a missing checkpoint directory is created, not an error mid-fit
             os.makedirs(directory, exist_ok=True)

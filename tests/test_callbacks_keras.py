@@ -383,3 +383,19 @@ def test_terminate_on_nan_raise_error_raises_runtime_error_at_the_batch():
     assert model.optimizer.iterations < 8 and ended == []  # raised inside the first epoch, before on_train_end
     with pytest.raises(TypeError, match="raise_error"):
         cbs.TerminateOnNaN(raise_error="yes")
+
+
+def test_model_checkpoint_save_freq_in_batches_names_files_as_keras_3(tmp_path):
+    """save_freq=2 over 2 epochs of 3 batches: saves after the 2nd, 4th and 6th batch, named with
+    the epoch and the 1-based batch as Keras 3 names them (m_1_2, m_2_1, m_2_3)."""
+    x, y = binary_data(7, n=24)
+    model = _model()
+    check = cbs.ModelCheckpoint(str(tmp_path / "m_{epoch}_{batch}.keras"), save_freq=2)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[check])
+    assert sorted(os.listdir(tmp_path)) == ["m_1_2.keras", "m_2_1.keras", "m_2_3.keras"]
+    np.testing.assert_array_equal(gpunn.load_model(tmp_path / "m_2_3.keras").predict(x, verbose=0), model.predict(x, verbose=0))
+    with pytest.raises(ValueError, match="val_loss"):  # between epochs there are no validation logs
+        model.fit(x, y, epochs=1, verbose=0, validation_split=0.5, callbacks=[cbs.ModelCheckpoint(str(tmp_path / "{val_loss}.keras"), save_freq=1)])
+    for bad in (0, -1, 1.5, "batch"):
+        with pytest.raises(ValueError, match="save_freq"):
+            cbs.ModelCheckpoint(str(tmp_path / "m.keras"), save_freq=bad)
