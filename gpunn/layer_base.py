@@ -22,6 +22,7 @@ vectors (``Flatten`` maps an n-D sample to one vector at the model's input).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import weakref
 
 import numpy as np
@@ -275,7 +276,10 @@ class Layer:
     def backward(self, backend, x, dy, y, buffers, dx, activation):
         """Backward through :meth:`call`: weight gradients into the gradient views, dL/dx into
         ``dx`` (B, in), skipped when None.  ``dy`` (B, out) may be used as scratch."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"layer {self.name!r} ({type(self).__name__}) has call() but no backward(): it predicts but cannot be "
+            "trained (gpunn has no automatic differentiation; see gpunn.layer_base.Layer.backward)"
+        )
 
     def folds(self, layer, activation) -> bool:
         """Whether this layer's training ``call``/``backward`` can also do the work of ``layer``,
@@ -339,6 +343,28 @@ class SymbolicTensor:
     def __repr__(self):
         origin, layers = self.chain()
         return f"<SymbolicTensor shape={self.shape}, {' -> '.join(['Input'] + [layer.name for layer in layers])}>"
+
+
+def unsupported_subclass(layer) -> str | None:
+    """Why ``layer``'s class cannot run in a gpunn model (a Keras-style custom layer), or None.
+
+    gpunn has no automatic differentiation: a layer gives ``weight_specs``,
+    ``call(backend, x, y, buffers, activation, training)`` and its ``backward``; Keras's
+    ``build(input_shape)`` / ``call(inputs)`` written with ``keras.ops`` cannot be trained.
+    """
+    cls = type(layer)
+
+    def own(method):
+        return getattr(cls, method) is not getattr(Layer, method)
+
+    def arity(method):
+        return len(inspect.signature(getattr(cls, method)).parameters) - 1  # without self
+
+    if own("build") and arity("build") < 6:
+        return "defines Keras's build(input_shape)"
+    if own("call") and arity("call") < 4:
+        return "defines Keras's call(inputs)"
+    return None  # a call() without backward() still predicts and exports; fit says what is missing
 
 
 def _snake_case(name):

@@ -22,7 +22,7 @@ import numpy as np
 
 from gpunn import backend as backends
 from gpunn import checks, config
-from gpunn.layer_base import Layer, stack_output_dim
+from gpunn.layer_base import Layer, stack_output_dim, unsupported_subclass
 from gpunn.layers import Flatten, Input
 from gpunn.layers import from_config as layer_from_config
 from gpunn.progress import model_summary
@@ -70,6 +70,14 @@ class LayerStack:
             return
         if not isinstance(layer, Layer):
             raise TypeError(f"layers: expected a gpunn layer (gpunn.layers.Dense, ...) or gpunn.Input, got {type(layer).__name__}")
+        problem = unsupported_subclass(layer)
+        if problem is not None:
+            raise TypeError(
+                f"layers: layer {layer.name!r} ({type(layer).__name__}) {problem}; gpunn has no automatic "
+                "differentiation, so a custom layer gives weight_specs(input_dim), call(backend, x, y, buffers, "
+                "activation, training) and backward(backend, x, dy, y, buffers, dx, activation) (see "
+                "gpunn.layer_base.Layer); layers written with keras.ops are not supported"
+            )
         if any(existing is layer for existing in self.layers):
             raise ValueError(f"layers: layer {layer.name!r} was added twice")
         if not self.layers and self._input_shape is not None and len(self._input_shape) > 1 and not isinstance(layer, Flatten):

@@ -245,3 +245,29 @@ def test_loss_classes_take_keras_name_reduction_dtype_axis():
             self.label = name
 
     assert Quartic(name="q").label == "q"
+
+
+def test_a_keras_style_custom_layer_is_refused_when_added_saying_why():
+    class MyDense(keras.layers.Layer):  # as Keras's "making new layers" guide writes one
+        def __init__(self, units=32):
+            super().__init__()
+            self.units = units
+
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], self.units), initializer="random_normal")
+
+        def call(self, inputs):
+            return inputs @ self.w
+
+    class Forward(keras.layers.Layer):  # gpunn's signature but no backward: it could not train
+        def call(self, backend, x, y, buffers, activation=None, training=False):
+            return x
+
+    with pytest.raises(TypeError, match=r"layers: layer .* build\(input_shape\).*no automatic differentiation"):
+        keras.Sequential([keras.Input(shape=(4,)), MyDense(3)])
+    model = keras.Sequential([keras.Input(shape=(4,)), layers.Dense(2), Forward(), layers.Dense(1)])
+    x = np.ones((3, 4))
+    assert model.predict(x, verbose=0).shape == (3, 1)  # a forward-only layer predicts
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(NotImplementedError, match="no backward"):
+        model.fit(x, np.ones(3), verbose=0)
