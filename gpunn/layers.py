@@ -202,7 +202,9 @@ class Dense(Layer):
             "bias_initializer": initializers.serialize(self.bias_initializer) or "zeros",
             "kernel_regularizer": None if self.kernel_regularizer is None else self.kernel_regularizer.get_config(),
             "bias_regularizer": None if self.bias_regularizer is None else self.bias_regularizer.get_config(),
-            "input_dim": self.input_dim,
+            # only a declared input size (input_dim= / input_shape=), as Keras's config: a layer made from
+            # this config fits wherever its input comes from (the model's config carries the model's input)
+            "input_dim": self.input_dim if self.batch_input_shape is not None else None,
         }
 
     @classmethod

@@ -271,3 +271,14 @@ def test_a_keras_style_custom_layer_is_refused_when_added_saying_why():
     model.compile(optimizer="sgd", loss="mse")
     with pytest.raises(NotImplementedError, match="no backward"):
         model.fit(x, np.ones(3), verbose=0)
+
+
+def test_a_dense_config_carries_only_a_declared_input_size_as_keras():
+    _, _, model = _functional()
+    hidden, out = model.layers[0], model.layers[2]
+    assert out.get_config()["input_dim"] is None and layers.Dense(2, input_dim=5).get_config()["input_dim"] == 5
+    # so a clone may change a width and the next layer takes the new size, as in Keras
+    wider = keras.models.clone_model(model, clone_function=lambda layer: layers.Dense(16, activation="relu") if layer is hidden else type(layer).from_config(layer.get_config()))
+    assert wider.layers[2].get_weights()[0].shape == (16, 3) and wider.count_params() == 5 * 16 + 16 + 16 * 3 + 3
+    # and a saved model (config without per-layer sizes) loads as before
+    assert keras.Sequential.from_config(model.get_config()).count_params() == model.count_params()
