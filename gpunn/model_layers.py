@@ -43,8 +43,9 @@ class LayerStack:
         self.params = self.grads = None
         self._lock = threading.RLock()  # building and swapping the trainer
         if layers is not None:
-            if not isinstance(layers, (list, tuple)):
+            if isinstance(layers, (str, bytes, dict)) or not hasattr(layers, "__iter__"):
                 raise TypeError(f"layers: expected a list of layers, got {type(layers).__name__}")
+            layers = list(layers)  # any iterable, as Keras takes (a generator of layers, say)
             with self._deferring():
                 for layer in layers:
                     self.add(layer)

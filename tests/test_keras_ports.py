@@ -282,3 +282,11 @@ def test_a_dense_config_carries_only_a_declared_input_size_as_keras():
     assert wider.layers[2].get_weights()[0].shape == (16, 3) and wider.count_params() == 5 * 16 + 16 + 16 * 3 + 3
     # and a saved model (config without per-layer sizes) loads as before
     assert keras.Sequential.from_config(model.get_config()).count_params() == model.count_params()
+
+
+def test_sequential_takes_any_iterable_of_layers_as_keras():
+    model = keras.Sequential(layer for layer in [keras.Input(shape=(3,)), layers.Dense(4), layers.Dense(1)])
+    assert model.count_params() == 3 * 4 + 4 + 4 + 1
+    for bad in ("dense", {"a": layers.Dense(1)}, 3):
+        with pytest.raises(TypeError, match="layers: expected a list of layers"):
+            keras.Sequential(bad)
