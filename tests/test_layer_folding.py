@@ -33,8 +33,7 @@ def test_which_layers_fold():
         (2, 2, "relu"),  # a Dense with its own activation keeps the next activation layer apart
         (3, 3, "tanh"),
         (4, 5, "leaky_relu"),
-        (6, 6, "linear"),  # Dropout is not an activation
-        (7, 7, "linear"),
+        (6, 7, "linear"),  # a Dropout after a Dense folds in too (its mask is drawn in the Dense's epilogue)
         (8, 9, "relu6"),
         (10, 12, "softmax"),  # a linear activation layer keeps the Dense linear: the softmax folds too
     ]
