@@ -84,6 +84,12 @@ class _AffineNormalization(Layer):
         gamma = self.weight("gamma")
         return dy if gamma is None else dy * gamma
 
+    def input_gradient(self, dy, scratch, dx, axis):
+        """``dx = inv * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = gamma * dy``, the means
+        taken over ``axis`` (0: the batch, for batch statistics; 1: each row's features)."""
+        g, xhat = self.scaled_dy(dy), scratch.xhat
+        dx[...] = scratch.inv * (g - g.mean(axis=axis, keepdims=True) - xhat * (g * xhat).mean(axis=axis, keepdims=True))
+
     def get_config(self):
         reg = {k: None if getattr(self, k) is None else getattr(self, k).get_config() for k in ("beta_regularizer", "gamma_regularizer")}
         # a callable initializer is not data: the config names the default instead (as Dense does)
@@ -149,12 +155,10 @@ class BatchNormalization(_AffineNormalization):
         self.affine_gradients(xp, dy, scratch.xhat)
         if dx is None:
             return
-        g = self.scaled_dy(dy)
         if not scratch.batch_stats:
-            xp.multiply(g, scratch.inv, out=dx)
+            xp.multiply(self.scaled_dy(dy), scratch.inv, out=dx)
             return
-        # dx = inv * (g - mean(g) - xhat * mean(g * xhat)), means over the batch
-        dx[...] = scratch.inv * (g - g.mean(axis=0) - scratch.xhat * (g * scratch.xhat).mean(axis=0))
+        self.input_gradient(dy, scratch, dx, axis=0)
 
     def get_config(self):
         names = {k: v if isinstance(v, str) else d for k, v, d in (("moving_mean_initializer", self.moving_mean_initializer, "zeros"),
@@ -192,10 +196,7 @@ class LayerNormalization(_AffineNormalization):
         self.affine_gradients(xp, dy, scratch.xhat)
         if dx is None:
             return
-        g = self.scaled_dy(dy)
-        xhat = scratch.xhat
-        # dx = inv * (g - mean(g) - xhat * mean(g * xhat)), means over each row's features
-        dx[...] = scratch.inv * (g - g.mean(axis=1, keepdims=True) - xhat * (g * xhat).mean(axis=1, keepdims=True))
+        self.input_gradient(dy, scratch, dx, axis=1)
 
 
 class Normalization(Layer):
