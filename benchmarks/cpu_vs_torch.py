@@ -122,7 +122,7 @@ def main() -> int:
                 cap = max(batch, args.max_samples // batch * batch)
                 n = min(cap, max(8 * batch, int(args.window_s / per_sample) // batch * batch))
                 x, y = x_all[:n], y_all[:n]
-                got = timing.measure({"gpunn": _window(g, x, y, batch), "torch": _window(t, x, y, batch)}, policy)
+                got = timing.measure({"gpunn": timing.epoch_window(g, x, y, batch), "torch": timing.epoch_window(t, x, y, batch)}, policy)
                 rate_g, rate_t = n / got["gpunn"].best, n / got["torch"].best
                 ok = timing.ratio_reliable(got["gpunn"], got["torch"])
                 rows.append((batch, opt, n, rate_g, rate_t, rate_g / rate_t, rate_g * flops / 1e9, ok))
@@ -150,15 +150,6 @@ def main() -> int:
         print(f"{batch:6d} {opt:>5} {n:8d} {rg:10,.0f} {rt:10,.0f} {ratio:12.2f} {gf:8.1f} {gf / ceiling:8.0%}  {_verdicts(batch, ratio, gf / ceiling, ok)}")
     print(f"({time.perf_counter() - t_start:.0f} s)")
     return 0
-
-
-def _window(trainer, x, y, batch):
-    def run():
-        t0 = time.perf_counter()
-        trainer.epoch(x, y, batch)
-        return time.perf_counter() - t0
-
-    return run
 
 
 def _verdicts(batch, ratio, ceiling_share, reliable):

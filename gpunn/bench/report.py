@@ -190,7 +190,7 @@ def measure_throughput(present, settings, log):
             t.epoch(x_all[:n_cal], y_all[:n_cal], batch)
             n = window_samples((time.perf_counter() - t0) / n_cal, batch, settings)
             sizes[(c.name, batch)] = n
-            runners[c.name] = _window(t, x_all[:n], y_all[:n], batch)
+            runners[c.name] = timing.epoch_window(t, x_all[:n], y_all[:n], batch)
         meter = LoadMeter().start()
         got = timing.measure(runners, policy, lambda k, names, batch=batch: log(f"  batch {batch}: retry {k} for {', '.join(names)}"))
         loads[batch] = meter.stop()
@@ -203,15 +203,6 @@ def measure_throughput(present, settings, log):
             + f"; {loads[batch].text()}"
         )
     return rates, timings, sizes, loads
-
-
-def _window(trainer, x, y, batch):
-    def run():
-        t0 = time.perf_counter()
-        trainer.epoch(x, y, batch)
-        return time.perf_counter() - t0
-
-    return run
 
 
 #: Which phase of a training step each backend method belongs to.

@@ -16,6 +16,7 @@ logic is tested with fake timings.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,6 +119,17 @@ def measure(runners: dict[str, Callable[[], float]], policy: Policy, on_retry=No
             on_retry(retries, doubtful)
         run_windows(policy.retry_windows)
     return {name: judge(seconds[name], policy, retries) for name in names}
+
+
+def epoch_window(trainer, x, y, batch):
+    """A runner for :func:`measure`: one ``trainer.epoch(x, y, batch)``, returning its seconds."""
+
+    def run():
+        t0 = time.perf_counter()
+        trainer.epoch(x, y, batch)
+        return time.perf_counter() - t0
+
+    return run
 
 
 def ratio_reliable(*timings: Timing) -> bool:
