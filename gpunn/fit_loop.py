@@ -196,9 +196,8 @@ def run_epoch(trainer, model, data, order, plan, cbs, progress, divergence, epoc
             start, stop = plan.local(step)
             ws = held.get(stop - start) or held.setdefault(stop - start, trainer.take_workspace(stop - start))
             cbs.on_train_batch_begin(step)
-            if stop > start:
-                data.gather(b, index[start:stop], ws)
-            trainer.train_step(ws, acc, data.weighted, global_rows=plan.global_rows(step))
+            gather = lambda view, lo, hi, rows=index[start:stop]: data.gather(b, rows[lo:hi], view)  # noqa: E731
+            trainer.train_step(ws, acc, data.weighted, global_rows=plan.global_rows(step), gather=gather if stop > start else None)
             seen, done = seen + stop - start, step + 1
             if record is not None:
                 record[step] = acc.sums[0]

@@ -21,13 +21,34 @@ vectors (``Flatten`` maps an n-D sample to one vector at the model's input).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import threading
 import weakref
 
 import numpy as np
 
 from gpunn import activations, checks, initializers
+
+
+#: Per thread: None, or the flat gradient buffer that :meth:`Layer.gradient` views instead of
+#: the model's own while a row shard of a training batch runs (see :func:`gradients_into`).
+_GRADIENT_TARGET = threading.local()
+
+
+@contextlib.contextmanager
+def gradients_into(flat):
+    """On this thread, within the block, every layer's gradient views point into ``flat`` (P,),
+    a buffer laid out as the model's flat gradients, instead of into the model's own; None
+    keeps the model's.  The trainer runs each row shard of a batch but the first this way
+    and adds the shards' buffers before the update."""
+    previous = getattr(_GRADIENT_TARGET, "flat", None)
+    _GRADIENT_TARGET.flat = flat
+    try:
+        yield
+    finally:
+        _GRADIENT_TARGET.flat = previous
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +97,13 @@ class Layer:
     #: for layers whose per-step values do not come from device memory (e.g. random draws keyed
     #: on the host by ``TrainingPhase.step``; a replay would repeat the captured draw)
     graph_safe = True
+    #: whether training treats each row of a batch on its own: ``call`` and ``backward`` on rows
+    #: [lo, hi) of every array (and of the scratch, see :meth:`buffer_rows`) give those rows'
+    #: outputs and input gradients, and weight gradients (written only through
+    #: :meth:`gradient`) that add up over the rows.  A batch of such layers may be split into
+    #: row shards trained on separate threads (the CPU backend does); not so with batch
+    #: statistics (BatchNormalization) or random draws keyed by position (Dropout, GaussianNoise).
+    rows_independent = False
 
     def __init__(self, name=None, trainable=True, input_shape=None, input_dim=None, dtype=None):
         if name is None:
@@ -186,8 +214,16 @@ class Layer:
         return None if entry is None else entry[0]
 
     def gradient(self, attr):
+        """The gradient of weight ``attr``: a view into the model's flat gradients (or, inside
+        :func:`gradients_into`, into that buffer), or None before building."""
         entry = self._views.get(attr)
-        return None if entry is None else entry[1]
+        if entry is None:
+            return None
+        flat = getattr(_GRADIENT_TARGET, "flat", None)
+        if flat is None:
+            return entry[1]
+        _, _, offset, spec = entry
+        return flat[offset : offset + spec.size].reshape(spec.shape)
 
     def weight_ranges(self):
         """``(start, stop, trains)`` of each weight in the flat buffers; ``trains`` is whether the
@@ -262,6 +298,15 @@ class Layer:
     def make_buffers(self, backend, batch, dtype, activation, training):
         """Per-batch scratch the layer keeps between ``call`` and ``backward`` (None if none)."""
         return None
+
+    def buffer_rows(self, buffers, lo, hi):
+        """Rows [lo, hi) of this layer's :meth:`make_buffers` scratch (views): None, or an
+        array whose first axis is the batch (override for other scratch)."""
+        if buffers is None:
+            return None
+        if hasattr(buffers, "shape"):
+            return buffers[lo:hi]
+        raise TypeError(f"layer {self.name!r}: its scratch {type(buffers).__name__} has no row views; override buffer_rows")
 
     def absorb(self, activation, following, following_activation):
         """The activation this layer's ``call`` applies when it also runs ``following`` (the next

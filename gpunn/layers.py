@@ -72,6 +72,8 @@ class Dense(Layer):
     :mod:`gpunn.activations`, or an activation layer (``layers.LeakyReLU()``).
     """
 
+    rows_independent = True
+
     changes_width = True
 
     def __init__(

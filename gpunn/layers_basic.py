@@ -28,6 +28,8 @@ class Activation(Layer):
     ``Dense(..., activation=layers.Activation("relu"))``.
     """
 
+    rows_independent = True
+
     def __init__(self, activation, **kwargs):
         super().__init__(**kwargs)
         self.activation = activations.get(activation)
@@ -132,6 +134,8 @@ class Flatten(Layer):
     """Flattens each sample to one feature vector (an n-D model input, declared with
     ``Input(shape=(h, w))`` or ``input_shape=``, is flattened as it enters the model)."""
 
+    rows_independent = True
+
     def __init__(self, data_format=None, **kwargs):
         super().__init__(**kwargs)
 
@@ -145,6 +149,8 @@ class Flatten(Layer):
 class Identity(Layer):
     """Passes its input through unchanged (Keras 3's ``Identity``)."""
 
+    rows_independent = True
+
     def call(self, backend, x, y, buffers, activation=None, training=False):
         return x
 
@@ -155,6 +161,8 @@ class Identity(Layer):
 class Rescaling(Layer):
     """``y = x * scale + offset`` (Keras 3's ``Rescaling``, e.g. ``Rescaling(1 / 255)`` for pixel
     values); ``scale`` and ``offset`` are numbers (Keras also takes per-channel lists: not gpunn)."""
+
+    rows_independent = True
 
     def __init__(self, scale, offset=0.0, **kwargs):
         super().__init__(**kwargs)

@@ -25,6 +25,12 @@ class _Scratch:
         self.inv = backend.empty((batch, 1) if per_row else (features,), dtype)
         self.batch_stats = False
 
+    def rows(self, lo, hi):
+        """Rows [lo, hi) of per-row scratch (views)."""
+        view = object.__new__(_Scratch)
+        view.xhat, view.inv, view.batch_stats = self.xhat[lo:hi], self.inv[lo:hi], self.batch_stats
+        return view
+
 
 def _axis(axis):
     if axis not in (-1, 1):
@@ -170,6 +176,8 @@ class LayerNormalization(_AffineNormalization):
     """Normalises each sample over its features: ``gamma * (x - mean) / sqrt(var + epsilon) + beta``
     with the mean and (biased) variance of the row; the same in training and inference."""
 
+    rows_independent = True
+
     def __init__(self, axis=-1, epsilon=0.001, center=True, scale=True, beta_initializer="zeros",
                  gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None, **kwargs):  # fmt: skip
         super().__init__(axis, epsilon, center, scale, beta_initializer, gamma_initializer, beta_regularizer,
@@ -180,6 +188,9 @@ class LayerNormalization(_AffineNormalization):
 
     def make_buffers(self, backend, batch, dtype, activation, training):
         return _Scratch(backend, batch, self.input_dim, dtype, per_row=True) if training else None
+
+    def buffer_rows(self, scratch, lo, hi):
+        return None if scratch is None else scratch.rows(lo, hi)
 
     def call(self, backend, x, y, scratch, activation=None, training=False):
         xp = backend.xp

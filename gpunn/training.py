@@ -25,7 +25,7 @@ import numpy as np
 
 from gpunn import activations, checks, codes, distributed, opmath
 from gpunn import metrics as metrics_mod
-from gpunn.layer_base import TrainingPhase, fused_steps, stack_output_dim
+from gpunn.layer_base import TrainingPhase, fused_steps, gradients_into, stack_output_dim
 
 #: the loss kind whose fused pass already counts each "natural" accuracy
 _NATURAL_ACCURACY = {
@@ -118,6 +118,8 @@ class Workspace:
 
     def __init__(self, backend, dtype, layers, batch, acts, input_dim=None, target_shape=None):
         self.batch = batch
+        self._layers = layers
+        self._row_views = {}
         training = target_shape is not None
         step_acts = list(acts)
         steps = fused_steps(layers, acts)
@@ -139,6 +141,21 @@ class Workspace:
             self.w = backend.empty((batch,), dtype)
             self.g = [backend.empty((batch, layer.output_dim), dtype) for layer in layers]
             self.probs = backend.empty((batch, layers[-1].output_dim), dtype)
+
+    def rows(self, lo, hi) -> Workspace:
+        """Rows [lo, hi) of this training workspace: a workspace of ``hi - lo`` rows whose
+        buffers are views of these (made once per range)."""
+        view = self._row_views.get((lo, hi))
+        if view is None:
+            view = object.__new__(Workspace)
+            view.batch, view._layers, view._row_views = hi - lo, self._layers, {}
+            view.y = [y[lo:hi] for y in self.y]
+            view.aux = [layer.buffer_rows(buffers, lo, hi) for layer, buffers in zip(self._layers, self.aux)]
+            view.out = list(view.y)
+            view.x, view.t, view.w, view.probs = self.x[lo:hi], self.t[lo:hi], self.w[lo:hi], self.probs[lo:hi]
+            view.g = [g[lo:hi] for g in self.g]
+            self._row_views[(lo, hi)] = view
+        return view
 
 
 class WorkspacePool:
@@ -187,6 +204,18 @@ class Accumulators:
         self.sums = backend.zeros((2,), dtype)
         computed = [] if objective is None else objective.computed_metrics
         self.states = [backend.zeros(metric.state_shape(objective.output_dim), np.float64) for metric, _ in computed]
+
+    def reset(self):
+        """Every sum back to zero."""
+        self.sums[...] = 0
+        for state in self.states:
+            state[...] = 0
+
+    def add(self, other: Accumulators):
+        """Add ``other``'s sums and metric states to these (every state is a sum over rows)."""
+        self.sums += other.sums
+        for mine, theirs in zip(self.states, other.states):
+            mine += theirs
 
     def read(self, seen: int, prefix: str = "", local: bool = False) -> dict:
         """Host-side logs: mean loss over ``seen`` samples and each metric (one small transfer each).
@@ -278,6 +307,7 @@ class Trainer:
         #: the update: a distributed fit's all-reduce of the flat gradient (gpunn.distributed)
         self.gradient_reduction = None
         self._record = None
+        self._parts = None  # per-shard buffers of _sharded_gradients
 
     @property
     def record(self) -> StepRecord:
@@ -383,7 +413,7 @@ class Trainer:
         for (metric, weighted_metric), state in zip(computed, acc.states):
             metric.update(backend.xp, pred, ws.t, w if weighted_metric else None, state)
 
-    def train_step(self, ws, acc, weighted, backend=None, global_rows=None, record=None):
+    def train_step(self, ws, acc, weighted, backend=None, global_rows=None, record=None, gather=None):
         """Forward, loss, backward and one optimizer update on the batch held in ``ws``.
 
         global_rows: the rows of the whole batch when ``ws`` holds this
@@ -391,25 +421,44 @@ class Trainer:
         then combines the slices' gradients before the update.  A slice may
         be empty (its gradient is zero).  record: a :class:`StepRecord` the
         caller has already filled for this step; by default the trainer's
-        own, filled here.
+        own, filled here.  gather: None when ``ws`` holds the batch, else
+        ``gather(view, lo, hi)`` fills rows [lo, hi) of the batch into the
+        workspace ``view`` (``ws.rows(lo, hi)``, or ``ws`` itself for all of
+        them), so that each row shard gathers its own rows on its own thread.
         """
         b = backend or self.backend
         if record is None:
             record = self.record
             record.fill(self.optimizer.iterations, self.optimizer.step_scalars())
         if ws.batch:
-            self._gradients(b, ws, acc, weighted, record)
+            self._gradients(b, ws, acc, weighted, record, gather)
         else:
             self.grads[...] = 0
         if self.gradient_reduction is not None:
             self.gradient_reduction(b, self.grads, ws.batch, ws.batch if global_rows is None else global_rows)
         self._apply_update(b, record.hyper)
 
-    def _gradients(self, b, ws, acc, weighted, record):
+    def _gradients(self, b, ws, acc, weighted, record, gather):
+        shards = self._row_shards(b, ws.batch)
+        if shards is None:
+            if gather is not None:
+                gather(ws, 0, ws.batch)
+            self._batch_gradients(b, ws, acc, weighted, record)
+        else:
+            self._sharded_gradients(b, ws, acc, weighted, record, gather, shards)
+        self._regularization(b, acc.sums, ws.batch, gradients=True)
+
+    def _batch_gradients(self, b, ws, acc, weighted, record, share=None):
+        """Forward, loss, metrics and backward on ``ws``; gradients into the layers' gradient
+        views.  share: None, or the fraction of the batch these rows are (a row shard's
+        loss gradient is scaled by it: backward is linear in dL/dy, so the shards'
+        gradients then add up to the batch's)."""
         acts = self.objective.train_activations
         phase = TrainingPhase(self.optimizer.iterations, record.step)
         out = self.forward(b, ws.x, ws, acts, phase)
         self.objective.loss_grad(b, out, ws.t, ws.w if weighted else None, ws.g[-1], acc.sums)
+        if share is not None:
+            ws.g[-1] *= ws.g[-1].dtype.type(share)
         self._update_metrics(b, out, ws, acc, weighted)
         for step in reversed(self.steps(acts)):
             i = step.first
@@ -419,7 +468,49 @@ class Trainer:
             dx = ws.g[i - 1] if i > self.first_trained else None
             fold = {"folded": step.folded, "training": phase} if step.folded is not None else {}
             self.layers[i].backward(b, x, ws.g[step.last], ws.out[step.last], ws.aux[i], dx, step.activation, **fold)
-        self._regularization(b, acc.sums, ws.batch, gradients=True)
+
+    # -- row shards (CPU) --------------------------------------------------------
+    def _row_shards(self, b, rows):
+        """The backend's row shards for a batch of ``rows``, or None to train it whole: only the
+        model's own backend shards (a stand-in such as a timing proxy sees whole batches), only
+        with a built-in loss (a user loss may normalise by something other than the rows) and
+        only when every layer treats rows independently (``Layer.rows_independent``)."""
+        shard = getattr(b, "row_shards", None)
+        if shard is None or b is not self.backend or self.objective.kind is None:
+            return None
+        if not all(layer.rows_independent for layer in self.layers):
+            return None
+        return shard(rows)
+
+    def _shard_parts(self, b, count):
+        """Per shard but the first: a flat gradient buffer (zeros where nothing writes, e.g. below
+        the first trained layer) and accumulators (the first shard uses the model's own)."""
+        if self._parts is None:
+            self._parts = []
+        while len(self._parts) < count - 1:
+            self._parts.append((b.zeros(self.grads.shape, self.dtype), self.accumulators(b)))
+        return self._parts[: count - 1]
+
+    def _sharded_gradients(self, b, ws, acc, weighted, record, gather, shards):
+        """The batch's gradients as the sum of its row shards' (:meth:`Backend.row_shards`), each
+        shard gathered, run forward and backward on its own thread; shards after the first
+        write their gradients and sums into their own buffers, added in shard order after."""
+        parts = self._shard_parts(b, len(shards))
+        for _, part in parts:
+            part.reset()
+
+        def run(i, lo, hi):
+            view = ws.rows(lo, hi)
+            if gather is not None:
+                gather(view, lo, hi)
+            flat, part = (None, acc) if i == 0 else parts[i - 1]
+            with gradients_into(flat):
+                self._batch_gradients(b, view, part, weighted, record, share=(hi - lo) / ws.batch)
+
+        b.run_row_shards(run, shards)
+        for flat, part in parts:
+            self.grads += flat
+            acc.add(part)
 
     def test_step(self, ws, acc, weighted):
         b = self.backend
