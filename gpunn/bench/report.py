@@ -480,7 +480,10 @@ def _split_section(res, files):
         "gather = batch rows taken from the training set; forward = fused linear layers + fused softmax "
         "cross-entropy and its gradient; backward = fused linear backward per layer; optimizer = one SGD update of "
         f"the flat parameters. Spread = interquartile range of the step times over their median; above "
-        f"{s.policy.margin:.0%} the row is marked {UNRELIABLE}.",
+        f"{s.policy.margin:.0%} the row is marked {UNRELIABLE}. The timed calls run one after another on "
+        "the whole batch: on the CPU, `fit` splits a batch with at least 256 rows per core into row shards run side by "
+        "side, one per core (see the throughput table), so there the split shows where the work is, not "
+        "the wall time of fit's step.",
         "",
     ]
     rows = []
