@@ -181,6 +181,12 @@ def _run_blocks(run, count, threads):
         raise errors[min(errors)]
 
 
+def run_on_cores(run, count):
+    """``run(i)`` for i in range(count) on up to one thread per core (the caller's and the
+    backend's pool), for memory-bound NumPy work that releases the GIL; see _run_blocks."""
+    _run_blocks(run, count, min(count, _usable_cores()))
+
+
 def _dropout_scalars(dropout, dtype):
     """(seed, step, threshold, scale) of a DropoutSpec for the compiled passes (step read on the host)."""
     dropout.check()
