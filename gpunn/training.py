@@ -534,7 +534,15 @@ class Trainer:
         batch_logs = callbacks is not None and callbacks.overrides("on_test_batch_end")
         if callbacks is not None:
             callbacks.on_test_begin()
-        for batch, start in enumerate(range(0, n, batch_size)):
+        run_blocks = getattr(self.backend, "run_row_blocks", None)
+        if run_blocks is not None and not (callbacks is not None and (batch_logs or callbacks.overrides("on_test_batch_begin"))):
+            # no hook sees the batches: tall blocks on every core, whatever batch_size (every
+            # sum is over rows, so only the order of the additions changes)
+            self._evaluate_blocks(run_blocks, data, index, acc)
+            n_batches = 0
+        else:
+            n_batches = -(-n // batch_size)
+        for batch, start in enumerate(range(0, n_batches * batch_size, batch_size)):
             stop = min(n, start + batch_size)
             if callbacks is not None:
                 callbacks.on_test_batch_begin(batch)
@@ -550,6 +558,25 @@ class Trainer:
         if callbacks is not None:
             callbacks.on_test_end({k[len(prefix):]: v for k, v in logs.items()})
         return logs
+
+    def _evaluate_blocks(self, run_blocks, data, index, acc):
+        """test_step over ``data`` in the backend's row blocks (``run_row_blocks``), each block
+        into its own accumulators, added to ``acc`` in row order at the end."""
+        widths = [self.input_dim] + [layer.output_dim for layer in self.layers]
+        parts = {}
+
+        def run(lo, hi):
+            part = parts[lo] = self.accumulators()
+            ws = self.take_workspace(hi - lo)
+            try:
+                data.gather(self.backend, index[lo:hi], ws)
+                self.test_step(ws, part, data.weighted)
+            finally:
+                self.give_workspace(ws)
+
+        run_blocks(run, data.rows, self.backend.inference_block_rows(widths))
+        for lo in sorted(parts):
+            acc.add(parts[lo])
 
     def train_on_batch(self, data):
         """One step on all of ``data`` (a data_adapter source) as one batch; returns its logs."""

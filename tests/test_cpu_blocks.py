@@ -166,3 +166,47 @@ def test_normalization_and_dropout_layers_predict_the_same_whatever_the_batch_si
         want = m.predict(x, batch_size=1500, verbose=0)
         for batch_size in (3, 64):
             assert np.array_equal(m.predict(x, batch_size=batch_size, verbose=0), want)
+
+
+def _evaluation_model():
+    with gpunn.use_backend("numpy"):
+        gpunn.set_seed(8)
+        m = gpunn.Sequential(
+            [
+                gpunn.Input(shape=(FEATURES,)),
+                gpunn.layers.Dense(40, activation="relu", kernel_regularizer="l2"),
+                gpunn.layers.BatchNormalization(),
+                gpunn.layers.Dropout(0.3),
+                gpunn.layers.Dense(5, activation="softmax"),
+            ],
+            dtype="float64",
+        )
+        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy", "auc", "sparse_top_k_categorical_accuracy"])
+        m.build()
+    return m
+
+
+def test_evaluate_without_batch_hooks_runs_in_blocks_with_the_batch_loops_result(x, monkeypatch):
+    m = _evaluation_model()
+    rng = np.random.default_rng(9)
+    y, w = rng.integers(0, 5, len(x)), rng.uniform(0.1, 3.0, len(x))
+    blocks = []
+    run_blocks = NumpyBackend.run_row_blocks
+    monkeypatch.setattr(NumpyBackend, "run_row_blocks", lambda self, fn, rows, most: blocks.append((rows, most)) or run_blocks(self, fn, rows, most))
+    got = m.evaluate(x, y, sample_weight=w, batch_size=7, verbose=0, return_dict=True)
+    assert blocks == [(len(x), m.backend.inference_block_rows([FEATURES, 40, 40, 40, 5]))]
+
+    class Counter(gpunn.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.batches = 0
+
+        def on_test_batch_end(self, batch, logs=None):
+            self.batches += 1
+
+    counter = Counter()
+    want = m.evaluate(x, y, sample_weight=w, batch_size=7, verbose=0, return_dict=True, callbacks=[counter])
+    assert counter.batches == -(-len(x) // 7) and len(blocks) == 1  # a batch hook: the batch loop
+    assert got.keys() == want.keys()
+    for key in got:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-12, err_msg=key)
