@@ -105,6 +105,11 @@ class Objective:
         return (batch,) if self.sparse_targets else (batch, self.output_dim)
 
 
+#: Most bytes of extra gradient buffers row shards may keep (one per shard but the first):
+#: a model with more parameters, or a machine with more cores, trains whole batches.
+_SHARD_GRADIENT_BYTES = 256 << 20
+
+
 class Workspace:
     """Buffers for one batch size: each layer's output buffer ``y`` and its own scratch
     ``aux`` (a Dense layer's pre-activation where its activation needs it, a dropout
@@ -480,7 +485,10 @@ class Trainer:
             return None
         if not all(layer.rows_independent for layer in self.layers):
             return None
-        return shard(rows)
+        shards = shard(rows)
+        if shards is not None and (len(shards) - 1) * self.grads.nbytes > _SHARD_GRADIENT_BYTES:
+            return None  # each shard but the first keeps a gradient buffer the model's size
+        return shards
 
     def _shard_parts(self, b, count):
         """Per shard but the first: a flat gradient buffer (zeros where nothing writes, e.g. below

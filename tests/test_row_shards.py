@@ -249,3 +249,16 @@ def test_trainer_shards_only_on_its_own_backend(shards):
     assert isinstance(trainer, Trainer)
     assert trainer._row_shards(trainer.backend, 40) is not None
     assert trainer._row_shards(NumpyBackend(), 40) is None
+
+
+def test_a_model_too_large_for_a_gradient_buffer_per_shard_trains_whole(shards, monkeypatch):
+    from gpunn import training
+
+    _, labels, _ = _data()
+    _train("mlp", "sparse_categorical_crossentropy", "sgd", labels, epochs=1)
+    assert shards
+    shards.clear()
+    params = 12 * 16 + 16 + 16 * 9 + 9 + 9 * 3 + 3
+    monkeypatch.setattr(training, "_SHARD_GRADIENT_BYTES", 2 * params * 8 - 1)  # float64: less than 2 buffers
+    _train("mlp", "sparse_categorical_crossentropy", "sgd", labels, epochs=1)
+    assert shards == []
