@@ -154,3 +154,12 @@ class CountingBackend(NumpyBackend):
     def to_numpy(self, a):
         self.reads += 1
         return super().to_numpy(a)
+
+
+def numpy_blas_threads():
+    """Thread counts of the BLAS NumPy uses (threadpoolctl's view)."""
+    from threadpoolctl import threadpool_info
+
+    infos = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    mine = [i for i in infos if "numpy" in i["filepath"]] or infos
+    return [i["num_threads"] for i in mine]

@@ -6,18 +6,13 @@ import threading
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 import gpunn
 from gpunn.backend.numpy_backend import NumpyBackend, _equal_blocks
+from helpers import numpy_blas_threads
 
 FEATURES = 300  # wide enough that a few hundred rows make several inference blocks
-
-
-def _numpy_blas_threads():
-    infos = [i for i in threadpool_info() if i["user_api"] == "blas"]
-    mine = [i for i in infos if "numpy" in i["filepath"]] or infos
-    return [i["num_threads"] for i in mine]
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +88,13 @@ def test_the_first_bad_row_is_named_when_several_blocks_fail(model, x):
 
 
 def test_blas_threads_are_restored_after_predict_success_failure_and_overlap(model, x):
-    before = _numpy_blas_threads()
+    before = numpy_blas_threads()
     model.predict(x, verbose=0)
     bad = x.copy()
     bad[3, 3] = np.nan
     with pytest.raises(ValueError):
         model.predict(bad, verbose=0)
-    assert _numpy_blas_threads() == before
+    assert numpy_blas_threads() == before
     outs, errors = [None] * 4, []
 
     def work(i):
@@ -114,7 +109,7 @@ def test_blas_threads_are_restored_after_predict_success_failure_and_overlap(mod
     for t in threads:
         t.join()
     assert not errors
-    assert _numpy_blas_threads() == before
+    assert numpy_blas_threads() == before
     full = model.predict(x, verbose=0)
     for i, out in enumerate(outs):
         # equal to the last bits: OpenBLAS may keep its thread count when another thread
