@@ -398,12 +398,12 @@ def row_class(target, i, sparse):
 @scalar
 def target_at(target, i, j, label, sparse, ref):
     """Target probability of class j in row i (one-hot of ``label`` when sparse), in ``ref``'s type."""
-    # one return: Numba's inliner handles single-exit functions without SSA warnings
+    # No conditional expression here: ``sparse`` is a compile-time constant, and when Numba
+    # prunes the branch it guards after inlining, the phi variable of a conditional expression
+    # inside it is left out of the caller's scope (NumbaIRAssumptionWarning, on CPU and CUDA).
     if sparse:
-        value = like(ref, 1) if j == label else like(ref, 0)
-    else:
-        value = like(ref, target[i, j])
-    return value
+        return like(ref, j == label)
+    return like(ref, target[i, j])
 
 
 @scalar
