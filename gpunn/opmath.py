@@ -408,9 +408,13 @@ def target_at(target, i, j, label, sparse, ref):
 
 @scalar
 def loss_softmax_cce(pred, target, grad, i, gscale, sparse, has_grad):
-    """Softmax cross-entropy of logits row i: ``l = lse(z) sum_j t_j - sum_j t_j (z_j - max z)``.
+    """Softmax cross-entropy of logits row i: ``l = lse(z) sum_j t_j - sum_j t_j (z_j - max z)``,
+    with ``lse(z) = log S``, ``S = sum_j e_j``, ``e_j = exp(z_j - max z)``.
 
-    Gradient ``(softmax(z)_j sum_k t_k - t_j) gscale``; hit when argmax z is the class.
+    Gradient ``(softmax(z)_j sum_k t_k - t_j) gscale`` with ``softmax(z)_j = e_j / S``;
+    hit when argmax z is the class.  Each ``e_j`` is computed once: it is parked in
+    ``grad[i, j]`` (when ``has_grad``) until S is known.  That stays correct if grad is
+    pred itself, as element j of pred is not read again after e_j is stored.
     """
     n = pred.shape[1]
     best, zmax = row_argmax(pred, i)
@@ -421,15 +425,18 @@ def loss_softmax_cce(pred, target, grad, i, gscale, sparse, has_grad):
     for j in range(n):
         shifted = pred[i, j] - zmax
         t = target_at(target, i, j, label, sparse, zmax)
-        sumexp += math.exp(shifted)
+        e = math.exp(shifted)
+        if has_grad:
+            grad[i, j] = e
+        sumexp += e
         tsum += t
         tdot += t * shifted
-    lse = math.log(sumexp)
     if has_grad:
+        scale = tsum / sumexp
         for j in range(n):
-            g = math.exp(pred[i, j] - zmax - lse) * tsum - target_at(target, i, j, label, sparse, zmax)
+            g = grad[i, j] * scale - target_at(target, i, j, label, sparse, zmax)
             grad[i, j] = g * gscale
-    return lse * tsum - tdot, like(zmax, 1) if best == label else like(zmax, 0)
+    return math.log(sumexp) * tsum - tdot, like(zmax, 1) if best == label else like(zmax, 0)
 
 
 @scalar
