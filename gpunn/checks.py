@@ -241,6 +241,60 @@ def float_dtype(dtype, argument: str = "dtype") -> str:
     return name
 
 
+def input_dtype(dtype, argument: str = "dtype") -> str | None:
+    """``gpunn.Input(dtype=...)``: the name of a NumPy numeric dtype (or bool, or ``"bfloat16"``),
+    or None.  Samples are converted to the model's float dtype whatever it is, as Keras's
+    first layer casts its inputs to its compute dtype."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return dtype
+    try:
+        parsed = np.dtype(dtype)
+    except TypeError:
+        parsed = None
+    if parsed is None or parsed.kind not in "biuf":
+        raise ValueError(f"{argument}: expected a numeric dtype such as 'float32' or 'int32', or None, got {dtype!r}")
+    return parsed.name
+
+
+#: Keras dtype-policy names and reduced-precision dtypes: gpunn has no float16 / bfloat16
+#: kernels, so a layer given one of these computes in its model's dtype instead.
+REDUCED_PRECISION = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
+
+
+def layer_dtype(dtype, argument: str = "dtype") -> tuple[str | None, str | None]:
+    """A layer's ``dtype=`` as ``(float_dtype, ignored_policy)``.
+
+    ``float_dtype`` is ``"float32"`` / ``"float64"`` when the layer asks for one (a
+    name, a NumPy dtype or type, or a Keras ``DTypePolicy`` of that name), else None;
+    ``ignored_policy`` is the name of a mixed- or reduced-precision policy
+    (:data:`REDUCED_PRECISION`, e.g. ``"mixed_float16"``), which gpunn accepts so that
+    Keras scripts run, and ignores.  Anything else raises ValueError.
+    """
+    if dtype is None:
+        return None, None
+    # a Keras DTypePolicy (and a NumPy dtype) carries its name; strings and NumPy types are read as dtypes
+    name = getattr(dtype, "name", None) if not isinstance(dtype, str) else dtype
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = None
+    if name in REDUCED_PRECISION:
+        return None, name
+    try:
+        name = np.dtype(name).name if name is not None else None
+    except TypeError:
+        name = None
+    if name in FLOAT_TYPES:
+        return name, None
+    raise ValueError(
+        f"{argument}: expected 'float32', 'float64', None, or a Keras mixed-precision policy (accepted and "
+        f"ignored: {', '.join(repr(n) for n in REDUCED_PRECISION)}), got {dtype!r}"
+    )
+
+
 def boolean(value, argument: str) -> bool:
     """``value`` as a bool; only ``True``/``False`` (and NumPy's bools) are accepted."""
     if isinstance(value, (bool, np.bool_)):

@@ -30,6 +30,7 @@ import weakref
 import numpy as np
 
 from gpunn import activations, checks, initializers
+from gpunn.config import floatx
 
 
 #: Per thread: None, or the flat gradient buffer that :meth:`Layer.gradient` views instead of
@@ -118,6 +119,10 @@ class Layer:
         self._owner = None  # weak reference to the model holding this layer
         self._trainable = checks.boolean(trainable, "trainable")
         self.input_dim, self.batch_input_shape = input_shape_argument(input_shape, input_dim, name)
+        #: the float dtype this layer asked for (None: the model's); a model computes every layer
+        #: in one dtype, and says so when a layer asked for another (see LayerStack)
+        self.requested_dtype, self.ignored_dtype_policy = checks.layer_dtype(dtype, f"dtype (layer {name!r})")
+        self.dtype_noted = False  # whether the model has warned about this layer's dtype request
         self.output_dim = None
         self.activation = activations.get(None)
         self._backend = None
@@ -148,6 +153,14 @@ class Layer:
     @property
     def owner(self):
         return None if self._owner is None else self._owner()
+
+    @property
+    def dtype(self) -> str:
+        """The float dtype the layer computes in: its model's (every layer of a model shares one)."""
+        owner = self.owner
+        if owner is not None:
+            return str(owner.dtype)
+        return self.requested_dtype or floatx()
 
     @property
     def trainable(self) -> bool:
@@ -350,6 +363,8 @@ class Layer:
             config["trainable"] = False
         if self.batch_input_shape is not None:
             config["input_shape"] = list(self.batch_input_shape)
+        if self.requested_dtype is not None:  # written only when given, as trainable
+            config["dtype"] = self.requested_dtype
         return config
 
     @classmethod

@@ -47,6 +47,7 @@ class Input(SymbolicTensor):
             raise ValueError(f"shape: expected a tuple such as (n_features,), got {shape!r}")
         self.shape = tuple(checks.positive_int(d, "shape") for d in shape)
         self.name = name
+        self.dtype = checks.input_dtype(dtype)
 
     shape = None  # set per instance (SymbolicTensor's derived shape does not apply to the input)
 
@@ -93,7 +94,7 @@ class Dense(Layer):
     ):
         if input_shape is not None and (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 1):
             raise ValueError(f"input_shape: expected (n_features,), got {input_shape!r}")
-        super().__init__(name, trainable, input_shape, input_dim)
+        super().__init__(name, trainable, input_shape, input_dim, dtype)
         self.units = checks.positive_int(units, "units")
         self.activation = activations.get(getattr(activation, "fused_activation", activation))
         self.use_bias = checks.boolean(use_bias, "use_bias")

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 import threading
+import warnings
 
 import numpy as np
 
@@ -26,6 +29,21 @@ from gpunn.layer_base import Layer, stack_output_dim, unsupported_subclass
 from gpunn.layers import Flatten, Input
 from gpunn.layers import from_config as layer_from_config
 from gpunn.progress import model_summary
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_outside_gpunn() -> int:
+    """The ``warnings.warn`` stacklevel, seen from this function's caller, of the nearest frame
+    outside gpunn: a model is built from several entry points (the constructor, add, fit, ...),
+    and the warning should point at the user's line (not at contextlib, which runs _deferring's exit)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep) or frame.f_code.co_filename == contextlib.__file__
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class LayerStack:
@@ -151,10 +169,45 @@ class LayerStack:
     # ------------------------------------------------------------------ shapes
     @property
     def dtype(self) -> np.dtype:
-        """The model's float dtype: fixed when built, else the requested one or floatx()."""
+        """The model's float dtype: fixed when built; before, the model's ``dtype=``, else the float
+        dtype its layers asked for when they all agree (Keras computes such layers in it), else floatx()."""
         if self._built_dtype is not None:
             return self._built_dtype
-        return np.dtype(self._dtype_request or config.floatx())
+        if self._dtype_request is not None:
+            return np.dtype(self._dtype_request)
+        asked = {layer.requested_dtype for layer in self.layers if layer.requested_dtype is not None}
+        return np.dtype(asked.pop() if len(asked) == 1 else config.floatx())
+
+    def _note_layer_dtypes(self, dtype):
+        """Warn once per layer whose ``dtype=`` this model does not follow: all its layers compute
+        in one dtype (one flat weight buffer, one kernel per dtype), and gpunn has no float16 /
+        bfloat16 kernels, so a Keras mixed-precision policy is accepted and ignored."""
+        policies, others = {}, {}
+        for layer in self.layers:
+            if layer.dtype_noted:
+                continue
+            if layer.ignored_dtype_policy is not None:
+                policies.setdefault(layer.ignored_dtype_policy, []).append(layer.name)
+            elif layer.requested_dtype not in (None, dtype.name):
+                others.setdefault(layer.requested_dtype, []).append(layer.name)
+            else:
+                continue
+            layer.dtype_noted = True
+        how = "choose float32 or float64 with Sequential(dtype=...) or gpunn.set_floatx()"
+        for policy, names in policies.items():
+            warnings.warn(
+                f"dtype={policy!r} (layers {', '.join(map(repr, names))}) is ignored: gpunn has no float16/bfloat16 "
+                f"kernels and computes every layer of model {self.name!r} in the model's dtype, {dtype.name} ({how})",
+                UserWarning,
+                stacklevel=_caller_outside_gpunn(),
+            )
+        for asked, names in others.items():
+            warnings.warn(
+                f"dtype={asked!r} (layers {', '.join(map(repr, names))}) is not followed: gpunn computes every layer "
+                f"of model {self.name!r} in one dtype, the model's {dtype.name} ({how})",
+                UserWarning,
+                stacklevel=_caller_outside_gpunn(),
+            )
 
     @property
     def built(self) -> bool:
@@ -236,6 +289,7 @@ class LayerStack:
     def _allocate(self, initialize):
         backend = self.backend or backends.current()
         dtype = self.dtype
+        self._note_layer_dtypes(dtype)
         total = sum(int(np.prod(shape)) for shape in self.weight_shapes())
         params, grads = backend.zeros((total,), dtype), backend.zeros((total,), dtype)
         offset, dim = 0, self.input_dim
