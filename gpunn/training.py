@@ -481,13 +481,12 @@ class Trainer:
         with a built-in loss (a user loss may normalise by something other than the rows) and
         only when every layer treats rows independently (``Layer.rows_independent``)."""
         shard = getattr(b, "row_shards", None)
-        if shard is None or b is not self.backend or self.objective.kind is None:
+        if shard is None or b is not self.backend:
             return None
-        if not all(layer.rows_independent for layer in self.layers):
+        # each shard but the first keeps a gradient buffer the model's size
+        shards = shard(rows, most=1 + _SHARD_GRADIENT_BYTES // max(1, self.grads.nbytes))
+        if shards is None or self.objective.kind is None or not all(layer.rows_independent for layer in self.layers):
             return None
-        shards = shard(rows)
-        if shards is not None and (len(shards) - 1) * self.grads.nbytes > _SHARD_GRADIENT_BYTES:
-            return None  # each shard but the first keeps a gradient buffer the model's size
         return shards
 
     def _shard_parts(self, b, count):

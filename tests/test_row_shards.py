@@ -90,7 +90,7 @@ def _close(a, b, rtol):
 def _whole(monkeypatch, run):
     """``run()`` with row shards turned off."""
     with monkeypatch.context() as m:
-        m.setattr(NumpyBackend, "row_shards", lambda self, rows: None)
+        m.setattr(NumpyBackend, "row_shards", lambda self, rows, most=None: None)
         return run()
 
 
@@ -115,6 +115,26 @@ def test_sharded_training_equals_whole_batch_training(shards, monkeypatch, stack
     whole = _whole(monkeypatch, lambda: _train(stack, loss, optimizer, y, sw, metrics=metrics))
     assert len(shards) == count
     _close(sharded, whole, rtol=1e-12)
+
+
+def test_several_shards_per_thread_equal_whole_batch_training(shards, monkeypatch):
+    monkeypatch.setattr(numpy_backend, "_SHARD_MAX_ROWS", 8)
+    x, labels, w = _data()
+    run = lambda: _train("layers", "sparse_categorical_crossentropy", "adam", labels, w)  # noqa: E731
+    sharded = run()
+    # batches of 40 rows: 6 shards (a multiple of the 3 threads) of 6-7 rows; the last batch of 21: 3 of 7
+    assert [len(s) for s in shards] == [6, 6, 3] * 2 and shards[0][:2] == [(0, 7), (7, 14)]
+    _close(sharded, _whole(monkeypatch, run), rtol=1e-12)
+
+
+def test_shards_respect_the_most_the_caller_allows(monkeypatch):
+    backend = NumpyBackend()
+    monkeypatch.setattr(numpy_backend, "_usable_cores", lambda: 2)
+    with threadpool_limits(2, user_api="blas"):
+        assert len(backend.row_shards(8192)) == 8
+        for most, count in [(None, 8), (9, 8), (7, 6), (3, 2), (2, 2), (1, None)]:
+            got = backend.row_shards(8192, most=most)
+            assert (None if got is None else len(got)) == count, most
 
 
 def test_float32_sharded_training_is_within_rounding_of_whole(shards, monkeypatch):
