@@ -103,7 +103,8 @@ class Layer:
     #: outputs and input gradients, and weight gradients (written only through
     #: :meth:`gradient`) that add up over the rows.  A batch of such layers may be split into
     #: row shards trained on separate threads (the CPU backend does); not so with batch
-    #: statistics (BatchNormalization) or random draws keyed by position (Dropout, GaussianNoise).
+    #: statistics (BatchNormalization) or random draws keyed by the host (GaussianNoise).  Draws
+    #: keyed by the row's place in the batch read ``TrainingPhase.first_row`` (Dropout does).
     rows_independent = False
 
     def __init__(self, name=None, trainable=True, input_shape=None, input_dim=None, dtype=None):
@@ -486,14 +487,17 @@ class TrainingPhase:
 
     ``step_array``: None, or the same number in a backend int64 array of shape (1,) (the
     training step's record, ``gpunn.training.StepRecord.step``), for device code that must
-    read the current step when a captured CUDA graph is replayed.
+    read the current step when a captured CUDA graph is replayed.  ``first_row``: where
+    the rows being run start in the batch (a row shard of it; see ``Layer.rows_independent``),
+    so that draws keyed by position are those of the whole batch.
     """
 
-    __slots__ = ("step", "step_array")
+    __slots__ = ("step", "step_array", "first_row")
 
-    def __init__(self, step: int, step_array=None):
+    def __init__(self, step: int, step_array=None, first_row: int = 0):
         self.step = int(step)
         self.step_array = step_array
+        self.first_row = int(first_row)
 
     def __bool__(self):
         return True

@@ -208,6 +208,8 @@ class Dropout(Layer):
 
     #: the mask is a pure function of the device step (TrainingPhase.step_array): replays draw anew
     graph_safe = True
+    #: ...and of the element's place in the whole batch (TrainingPhase.first_row for a row shard)
+    rows_independent = True
 
     def make_buffers(self, backend, batch, dtype, activation, training):
         return backend.empty((batch, self.input_dim), dtype) if training and self.rate > 0 else None
@@ -217,7 +219,7 @@ class Dropout(Layer):
         step = getattr(training, "step_array", None)
         if step is None:
             step = backend.asarray(np.array([int(training.step)], np.int64))
-        return DropoutSpec(self.rate, self.seed, step)
+        return DropoutSpec(self.rate, self.seed, step, getattr(training, "first_row", 0))
 
     def call(self, backend, x, y, mask, activation=None, training=False):
         if not training or self.rate == 0:

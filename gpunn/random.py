@@ -58,14 +58,18 @@ class DropoutSpec(NamedTuple):
     captured CUDA graph sees the current value at every replay).
 
     Element (r, c) of an (M, N) output is kept when its uniform draw
-    ``u = dropout_bits(r * N + c, step, seed) * 2**-24`` (``gpunn.opmath``,
-    Philox4x32-10) is ``>= rate``; kept elements are scaled by
-    ``1 / (1 - rate)``, dropped ones are 0.
+    ``u = dropout_bits((first_row + r) * N + c, step, seed) * 2**-24``
+    (``gpunn.opmath``, Philox4x32-10) is ``>= rate``; kept elements are scaled by
+    ``1 / (1 - rate)``, dropped ones are 0.  ``first_row``: where these M rows
+    start in the batch (a row shard of it; the CPU backend's training step),
+    so that a shard draws the very elements the whole batch would; 0 for a
+    whole batch, and always 0 on the CUDA backend, which never shards.
     """
 
     rate: float
     seed: int
     step: object
+    first_row: int = 0
 
     @property
     def threshold(self) -> int:
@@ -84,6 +88,9 @@ class DropoutSpec(NamedTuple):
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
             raise ValueError(f"{argument}: seed must be an int in [0, 2**64), got {seed!r}")
+        first = self.first_row
+        if isinstance(first, bool) or not isinstance(first, (int, np.integer)) or first < 0:
+            raise ValueError(f"{argument}: first_row must be an int >= 0, got {first!r}")
         step = self.step
         if getattr(step, "shape", None) != (1,) or getattr(step, "dtype", None) != np.int64:
             got = f"shape {getattr(step, 'shape', None)}, dtype {getattr(step, 'dtype', None)}"

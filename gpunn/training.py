@@ -453,13 +453,13 @@ class Trainer:
             self._sharded_gradients(b, ws, acc, weighted, record, gather, shards)
         self._regularization(b, acc.sums, ws.batch, gradients=True)
 
-    def _batch_gradients(self, b, ws, acc, weighted, record, share=None):
+    def _batch_gradients(self, b, ws, acc, weighted, record, share=None, first_row=0):
         """Forward, loss, metrics and backward on ``ws``; gradients into the layers' gradient
         views.  share: None, or the fraction of the batch these rows are (a row shard's
         loss gradient is scaled by it: backward is linear in dL/dy, so the shards'
-        gradients then add up to the batch's)."""
+        gradients then add up to the batch's); first_row: where these rows start in the batch."""
         acts = self.objective.train_activations
-        phase = TrainingPhase(self.optimizer.iterations, record.step)
+        phase = TrainingPhase(self.optimizer.iterations, record.step, first_row)
         out = self.forward(b, ws.x, ws, acts, phase)
         self.objective.loss_grad(b, out, ws.t, ws.w if weighted else None, ws.g[-1], acc.sums)
         if share is not None:
@@ -512,7 +512,7 @@ class Trainer:
                 gather(view, lo, hi)
             flat, part = (None, acc) if i == 0 else parts[i - 1]
             with gradients_into(flat):
-                self._batch_gradients(b, view, part, weighted, record, share=(hi - lo) / ws.batch)
+                self._batch_gradients(b, view, part, weighted, record, share=(hi - lo) / ws.batch, first_row=lo)
 
         b.run_row_shards(run, shards)
         for flat, part in parts:

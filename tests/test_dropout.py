@@ -12,7 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from helpers import backend_params, regression_data, weights_equal
+from helpers import backend_params, make_backend, regression_data, weights_equal
 
 import gpunn
 from gpunn import layers, opmath
@@ -90,6 +90,46 @@ def test_dropout_spec_checks_its_fields():
         DropoutSpec(0.5, -1, np.zeros(1, np.int64)).check()
     with pytest.raises(ValueError, match="step"):
         DropoutSpec(0.5, 1, np.zeros(2, np.int64)).check()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="first_row"):
+            DropoutSpec(0.5, 1, np.zeros(1, np.int64), bad).check()
+
+
+def test_a_row_shards_mask_is_those_rows_of_the_whole_batch_mask():
+    """first_row: rows [lo, hi) of a batch drawn alone get the whole batch's mask rows, in the
+    reference and in both CPU passes (the fused forward and Dropout on its own)."""
+    from gpunn.backend.numpy_backend import NumpyBackend
+
+    step = np.array([9], np.int64)
+    whole = numpy_ops.dropout_keep(DropoutSpec(0.5, 77, step), (20, 13))
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((20, 6)), rng.standard_normal((6, 13)), rng.standard_normal(13)
+    backend = NumpyBackend()
+    y_whole, z_whole = np.empty((20, 13)), np.empty((20, 13))
+    backend.linear_forward(x, w, b, gpunn.codes.Act.TANH, 0.0, y_whole, z_whole, dropout=DropoutSpec(0.5, 77, step))
+    mask_whole, out_whole = np.empty((20, 6)), np.empty((20, 6))
+    backend.dropout(x, out_whole, mask_whole, DropoutSpec(0.3, 5, step))
+    for lo, hi in [(0, 7), (7, 20), (13, 14)]:
+        spec = DropoutSpec(0.5, 77, step, lo)
+        np.testing.assert_array_equal(numpy_ops.dropout_keep(spec, (hi - lo, 13)), whole[lo:hi])
+        y, z = np.full((hi - lo, 13), np.nan), np.full((hi - lo, 13), np.nan)
+        backend.linear_forward(x[lo:hi], w, b, gpunn.codes.Act.TANH, 0.0, y, z, dropout=spec)
+        np.testing.assert_array_equal(y == 0, ~whole[lo:hi])
+        np.testing.assert_allclose(y, y_whole[lo:hi], rtol=1e-12, atol=1e-15)  # one row: BLAS gemv rounds otherwise
+        mask, out = np.full((hi - lo, 6), np.nan), np.full((hi - lo, 6), np.nan)
+        backend.dropout(x[lo:hi], out, mask, DropoutSpec(0.3, 5, step, lo))
+        np.testing.assert_array_equal(mask, mask_whole[lo:hi])
+        np.testing.assert_array_equal(out, out_whole[lo:hi])
+    assert not np.array_equal(numpy_ops.dropout_keep(DropoutSpec(0.5, 77, step, 7), (13, 13)), whole[:13])
+
+
+@pytest.mark.simulator
+def test_the_cuda_backend_refuses_a_row_shards_dropout():
+    backend = make_backend("cuda")
+    x = backend.asarray(np.ones((3, 2)))
+    spec = DropoutSpec(0.5, 1, backend.asarray(np.zeros(1, np.int64)), 2)
+    with pytest.raises(ValueError, match="first_row must be 0 on the CUDA backend"):
+        backend.dropout(x, backend.empty((3, 2), np.float64), backend.empty((3, 2), np.float64), spec)
 
 
 # ------------------------------------------------------------------ in a model

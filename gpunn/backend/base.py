@@ -86,6 +86,8 @@ class Backend:
         a backend int64 array of shape (1,), read when the work runs (never
         on the host by a GPU backend).  ``y = act(.) * 1/(1 - rate)`` where the
         mask keeps an element, 0 where it drops it (``numpy_ops.dropout_keep``).
+        Its ``first_row`` (rows of a shard of the batch) is honoured by backends
+        with ``row_shards`` and must be 0 for the others (ValueError).
         """
         raise NotImplementedError
 

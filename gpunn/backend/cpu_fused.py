@@ -253,11 +253,12 @@ def activation_grad(g, dy, y, z, act, alpha, db, has_db):
 
 
 @_specialised(2)
-def bias_activation_dropout(z, b, act, alpha, y, seed, step, threshold, scale):
+def bias_activation_dropout(z, b, act, alpha, y, seed, step, threshold, scale, base):
     """Fused forward epilogue with dropout: for ``v = z + b`` (z holds x @ w on entry),
     ``y = act(v) * m`` and ``z = act'(v) * m``, where ``m`` is ``scale`` if
-    ``opmath.dropout_keep(i * N + j, step, seed, threshold)`` else 0 (uint64
-    seed, step, threshold).  z then holds what :func:`stored_grad` needs.
+    ``opmath.dropout_keep(base + i * N + j, step, seed, threshold)`` else 0 (uint64
+    seed, step, threshold, base: the index of the first element, ``first_row * N``).
+    z then holds what :func:`stored_grad` needs.
     """
     numba.literally(act)
     m, n = z.shape
@@ -266,7 +267,7 @@ def bias_activation_dropout(z, b, act, alpha, y, seed, step, threshold, scale):
         for j in range(n):
             v = z[i, j] + b[j]
             a = act_forward(act, v, alpha)
-            if opmath.dropout_keep(np.uint64(i * n + j), step, seed, threshold):
+            if opmath.dropout_keep(base + np.uint64(i * n + j), step, seed, threshold):
                 y[i, j] = a * scale
                 z[i, j] = act_derivative(act, a, v, alpha) * scale
             else:
@@ -291,14 +292,14 @@ def stored_grad(g, dy, d, db, has_db):
 
 
 @numba.njit(**_JIT)
-def dropout_apply(x, y, mask, seed, step, threshold, scale):
+def dropout_apply(x, y, mask, seed, step, threshold, scale, base):
     """Dropout on its own: ``mask = scale`` where kept, else 0, and ``y = x * scale`` or 0,
-    over (M, N), with the mask of :func:`bias_activation_dropout`."""
+    over (M, N), with the mask of :func:`bias_activation_dropout` (same ``base``)."""
     m, n = x.shape
     zero = x.dtype.type(0)
     for i in range(m):
         for j in range(n):
-            if opmath.dropout_keep(np.uint64(i * n + j), step, seed, threshold):
+            if opmath.dropout_keep(base + np.uint64(i * n + j), step, seed, threshold):
                 y[i, j] = x[i, j] * scale
                 mask[i, j] = scale
             else:

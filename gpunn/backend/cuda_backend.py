@@ -94,7 +94,11 @@ class CudaBackend(Backend):
     # -- numerics (see numpy_ops for the exact meaning) ----------------------
     def _dropout(self, dropout):
         """The DropoutSpec with its step array as the kernels see it."""
-        return None if dropout is None else dropout._replace(step=self._dev(dropout.step))
+        if dropout is None:
+            return None
+        if dropout.first_row:
+            raise ValueError(f"dropout: first_row must be 0 on the CUDA backend (it trains whole batches), got {dropout.first_row!r}")
+        return dropout._replace(step=self._dev(dropout.step))
 
     def linear_forward(self, x, w, b, act, alpha, y, z=None, dropout=None):
         d = self._dev

@@ -191,11 +191,13 @@ def run_on_cores(run, count):
     _run_blocks(run, count, min(count, _usable_cores()))
 
 
-def _dropout_scalars(dropout, dtype):
-    """(seed, step, threshold, scale) of a DropoutSpec for the compiled passes (step read on the host)."""
+def _dropout_scalars(dropout, dtype, width):
+    """(seed, step, threshold, scale, base) of a DropoutSpec for the compiled passes on (M, width)
+    arrays (step read on the host; base: the index of the first element, first_row * width)."""
     dropout.check()
     step = np.uint64(int(dropout.step[0]))
-    return np.uint64(dropout.seed), step, np.uint64(dropout.threshold), dropout.scale(dtype)
+    base = np.uint64(int(dropout.first_row) * width)
+    return np.uint64(dropout.seed), step, np.uint64(dropout.threshold), dropout.scale(dtype), base
 
 
 def _c(a):
@@ -231,9 +233,8 @@ class NumpyBackend(Backend):
             # z keeps act'(x @ w + b) times the mask: backward is then one multiply per element
             if z is None:
                 raise ValueError("z: dropout needs the z buffer, got None")
-            seed, step, threshold, scale = _dropout_scalars(dropout, y.dtype)
             np.matmul(x, w, out=z)
-            cpu_fused.bias_activation_dropout(z, bias, act, slope, y, seed, step, threshold, scale)
+            cpu_fused.bias_activation_dropout(z, bias, act, slope, y, *_dropout_scalars(dropout, y.dtype, y.shape[1]))
         elif act.needs_preactivation:
             if z is None:
                 raise ValueError("z: this activation needs the pre-activation buffer, got None")
@@ -270,8 +271,7 @@ class NumpyBackend(Backend):
 
     def dropout(self, x, y, mask, dropout):
         """Dropout on its own (see Backend.dropout)."""
-        seed, step, threshold, scale = _dropout_scalars(dropout, y.dtype)
-        cpu_fused.dropout_apply(_c(x), y, mask, seed, step, threshold, scale)
+        cpu_fused.dropout_apply(_c(x), y, mask, *_dropout_scalars(dropout, y.dtype, y.shape[1]))
         return y
 
     def inference_block_rows(self, widths) -> int:

@@ -196,7 +196,7 @@ def dropout_keep(spec, shape):
     from gpunn import opmath
 
     m, n = shape
-    index = np.arange(m * n, dtype=np.uint64)
+    index = np.arange(m * n, dtype=np.uint64) + np.uint64(int(spec.first_row) * n)
     step = np.uint64(int(np.asarray(spec.step).reshape(-1)[0]))
     keep = opmath.dropout_keep(index, step, np.uint64(spec.seed), np.uint64(spec.threshold))
     return np.asarray(keep, dtype=bool).reshape(m, n)
