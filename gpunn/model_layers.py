@@ -194,20 +194,17 @@ class LayerStack:
                 continue
             layer.dtype_noted = True
         how = "choose float32 or float64 with Sequential(dtype=...) or gpunn.set_floatx()"
-        for policy, names in policies.items():
-            warnings.warn(
-                f"dtype={policy!r} (layers {', '.join(map(repr, names))}) is ignored: gpunn has no float16/bfloat16 "
-                f"kernels and computes every layer of model {self.name!r} in the model's dtype, {dtype.name} ({how})",
-                UserWarning,
-                stacklevel=_caller_outside_gpunn(),
-            )
-        for asked, names in others.items():
-            warnings.warn(
-                f"dtype={asked!r} (layers {', '.join(map(repr, names))}) is not followed: gpunn computes every layer "
-                f"of model {self.name!r} in one dtype, the model's {dtype.name} ({how})",
-                UserWarning,
-                stacklevel=_caller_outside_gpunn(),
-            )
+        verdicts = (
+            (policies, f"is ignored: gpunn has no float16/bfloat16 kernels and computes every layer of model {self.name!r} in the model's dtype,"),
+            (others, f"is not followed: gpunn computes every layer of model {self.name!r} in one dtype, the model's"),
+        )
+        for requests, verdict in verdicts:
+            for asked, names in requests.items():
+                warnings.warn(
+                    f"dtype={asked!r} (layers {', '.join(map(repr, names))}) {verdict} {dtype.name} ({how})",
+                    UserWarning,
+                    stacklevel=_caller_outside_gpunn(),
+                )
 
     @property
     def built(self) -> bool:

@@ -553,18 +553,22 @@ class Trainer:
             stop = min(n, start + batch_size)
             if callbacks is not None:
                 callbacks.on_test_batch_begin(batch)
-            ws = self.take_workspace(stop - start)
-            try:
-                data.gather(self.backend, index[start:stop], ws)
-                self.test_step(ws, acc, data.weighted)
-            finally:
-                self.give_workspace(ws)
+            self._test_rows(data, index, start, stop, acc)
             if callbacks is not None:
                 callbacks.on_test_batch_end(batch, acc.read(stop) if batch_logs else None)
         logs = acc.read(n, prefix)
         if callbacks is not None:
             callbacks.on_test_end({k[len(prefix):]: v for k, v in logs.items()})
         return logs
+
+    def _test_rows(self, data, index, lo, hi, acc):
+        """test_step on rows ``index[lo:hi]`` of ``data`` in a pooled workspace, into ``acc``."""
+        ws = self.take_workspace(hi - lo)
+        try:
+            data.gather(self.backend, index[lo:hi], ws)
+            self.test_step(ws, acc, data.weighted)
+        finally:
+            self.give_workspace(ws)
 
     def _evaluate_blocks(self, run_blocks, data, index, acc):
         """test_step over ``data`` in the backend's row blocks (``run_row_blocks``), each block
@@ -573,13 +577,8 @@ class Trainer:
         parts = {}
 
         def run(lo, hi):
-            part = parts[lo] = self.accumulators()
-            ws = self.take_workspace(hi - lo)
-            try:
-                data.gather(self.backend, index[lo:hi], ws)
-                self.test_step(ws, part, data.weighted)
-            finally:
-                self.give_workspace(ws)
+            parts[lo] = self.accumulators()
+            self._test_rows(data, index, lo, hi, parts[lo])
 
         run_blocks(run, data.rows, self.backend.inference_block_rows(widths))
         for lo in sorted(parts):
