@@ -97,6 +97,19 @@ class Objective:
         return resolved
 
     @property
+    def rows_additive(self) -> bool:
+        """Whether every computed metric's state over a batch is the sum of its states over any
+        split of the batch's rows, so that row shards / row blocks may update them apart.
+        True for gpunn's own metric classes; not for a user metric function (it may return one
+        value per batch, which Keras counts once per batch, so a split would count it once per
+        part) nor a user Metric subclass (its state may be anything), which also then never run
+        on several threads at once."""
+        return all(
+            type(metric).__module__ == metrics_mod.__name__ and type(metric) is not metrics_mod.MeanMetricWrapper
+            for metric, _ in self.computed_metrics
+        )
+
+    @property
     def metric_names(self) -> list[str]:
         return ["loss"] + [name for name, _, _ in self.metrics]
 
@@ -478,16 +491,17 @@ class Trainer:
     def _row_shards(self, b, rows):
         """The backend's row shards for a batch of ``rows``, or None to train it whole: only the
         model's own backend shards (a stand-in such as a timing proxy sees whole batches), only
-        with a built-in loss (a user loss may normalise by something other than the rows) and
-        only when every layer treats rows independently (``Layer.rows_independent``)."""
+        with a built-in loss (a user loss may normalise by something other than the rows), only
+        with metrics whose sums add up over the shards (``Objective.rows_additive``) and only
+        when every layer treats rows independently (``Layer.rows_independent``)."""
         shard = getattr(b, "row_shards", None)
         if shard is None or b is not self.backend:
             return None
         # each shard but the first keeps a gradient buffer the model's size
         shards = shard(rows, most=1 + _SHARD_GRADIENT_BYTES // max(1, self.grads.nbytes))
-        if shards is None or self.objective.kind is None or not all(layer.rows_independent for layer in self.layers):
+        if shards is None or self.objective.kind is None or not self.objective.rows_additive:
             return None
-        return shards
+        return shards if all(layer.rows_independent for layer in self.layers) else None
 
     def _shard_parts(self, b, count):
         """Per shard but the first: a flat gradient buffer (zeros where nothing writes, e.g. below
@@ -542,7 +556,8 @@ class Trainer:
         if callbacks is not None:
             callbacks.on_test_begin()
         run_blocks = getattr(self.backend, "run_row_blocks", None)
-        if run_blocks is not None and not (callbacks is not None and (batch_logs or callbacks.overrides("on_test_batch_begin"))):
+        hooked = callbacks is not None and (batch_logs or callbacks.overrides("on_test_batch_begin"))
+        if run_blocks is not None and not hooked and self.objective.rows_additive:
             # no hook sees the batches: tall blocks on every core, whatever batch_size (every
             # sum is over rows, so only the order of the additions changes)
             self._evaluate_blocks(run_blocks, data, index, acc)

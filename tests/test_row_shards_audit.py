@@ -1,0 +1,62 @@
+"""Row shards (training) and row blocks (evaluate) on the CPU backend, the way users drive them:
+user metrics, callbacks, interrupted fits, errors inside a shard.  Each compares against the
+same run with shards off (float64, tight tolerance) or against Keras's per-batch meaning."""
+
+import numpy as np
+import pytest
+
+import gpunn
+from test_row_shards import FEATURES, _close, _data, _whole, shards  # noqa: F401  (shards: fixture)
+
+
+def _mlp(metrics=("accuracy",), loss="sparse_categorical_crossentropy", optimizer="adam"):
+    gpunn.set_seed(7)
+    model = gpunn.Sequential(
+        [gpunn.Input(shape=(FEATURES,)), gpunn.layers.Dense(16, activation="relu"), gpunn.layers.Dense(3, activation="softmax")],
+        dtype="float64",
+    )
+    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+    return model
+
+
+def _batch_mean_of_max(y_true, y_pred):
+    """A Keras-style metric function returning one value per batch (Keras averages the batches)."""
+    return np.mean(np.abs(y_pred).max(axis=1))
+
+
+class _LargestOutput(gpunn.metrics.Metric):
+    """A user Metric whose state is not a sum over rows (the largest output seen)."""
+
+    name = "largest"
+
+    def update(self, xp, pred, target, weight, state):
+        state[0] = max(state[0], float(pred.max()))
+        state[1] = 1
+
+    def compute(self, state):
+        return float(state[0])
+
+
+@pytest.mark.parametrize("metric", [_batch_mean_of_max, _LargestOutput()], ids=["batch-scalar-fn", "max-state"])
+def test_user_metrics_train_as_whole_batches(shards, monkeypatch, metric):
+    x, labels, _ = _data()
+
+    def run():
+        model = _mlp(metrics=["accuracy", metric])
+        history = model.fit(x, labels, batch_size=40, epochs=2, verbose=0)
+        return model.get_weights(), history.history
+
+    sharded = run()
+    assert shards == []  # a split batch would count a batch's value once per shard
+    _close(sharded, _whole(monkeypatch, run), rtol=1e-12)
+
+
+def test_evaluate_counts_a_batch_scalar_metric_once_per_batch():
+    x, labels, _ = _data()
+    model = _mlp(metrics=[_batch_mean_of_max])
+    with gpunn.use_backend("numpy"):
+        got = model.evaluate(x, labels, batch_size=40, verbose=0, return_dict=True)
+        pred = model.predict(x, verbose=0)
+    # Keras: the mean over the batches of 40, 40 and 21 rows of the function's value
+    want = np.mean([_batch_mean_of_max(None, pred[lo : lo + 40]) for lo in range(0, len(x), 40)])
+    assert got["_batch_mean_of_max"] == pytest.approx(want, rel=1e-12)
