@@ -221,6 +221,9 @@ class Normalization(Layer):
     """
 
     EPSILON = 1e-7  # Keras's backend.epsilon()
+    #: fixed statistics in training too (nothing over the batch, no weight gradients, no
+    #: scratch): a Keras tabular model starting with it trains in row shards like the rest
+    rows_independent = True
 
     def __init__(self, axis=-1, mean=None, variance=None, invert=False, **kwargs):
         super().__init__(**kwargs)

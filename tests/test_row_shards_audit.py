@@ -60,3 +60,25 @@ def test_evaluate_counts_a_batch_scalar_metric_once_per_batch():
     # Keras: the mean over the batches of 40, 40 and 21 rows of the function's value
     want = np.mean([_batch_mean_of_max(None, pred[lo : lo + 40]) for lo in range(0, len(x), 40)])
     assert got["_batch_mean_of_max"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_a_model_starting_with_normalization_trains_in_shards_and_matches(shards, monkeypatch, invert):
+    x, labels, w = _data()
+
+    def run():
+        gpunn.set_seed(7)
+        norm = gpunn.layers.Normalization(invert=invert)
+        norm.adapt(x)
+        middle = gpunn.layers.Normalization(mean=np.linspace(-1, 1, 16), variance=np.linspace(0.5, 2, 16), invert=invert)
+        model = gpunn.Sequential(
+            [gpunn.Input(shape=(FEATURES,)), norm, gpunn.layers.Dense(16, activation="tanh"), middle, gpunn.layers.Dense(3, activation="softmax")],
+            dtype="float64",
+        )
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        history = model.fit(x, labels, sample_weight=w, batch_size=40, epochs=2, verbose=0)
+        return model.get_weights(), history.history
+
+    sharded = run()
+    assert shards and {len(s) for s in shards} == {3}
+    _close(sharded, _whole(monkeypatch, run), rtol=1e-12)
