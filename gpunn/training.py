@@ -98,13 +98,14 @@ class Objective:
 
     @property
     def rows_additive(self) -> bool:
-        """Whether every computed metric's state over a batch is the sum of its states over any
-        split of the batch's rows, so that row shards / row blocks may update them apart.
-        True for gpunn's own metric classes; not for a user metric function (it may return one
-        value per batch, which Keras counts once per batch, so a split would count it once per
-        part) nor a user Metric subclass (its state may be anything), which also then never run
-        on several threads at once."""
-        return all(
+        """Whether the loss sum and every computed metric's state over a batch are the sums of
+        theirs over any split of the batch's rows, so that row shards / row blocks may run apart.
+        True for gpunn's own losses and metric classes; not for a user loss (its per-sample
+        values may depend on the batch, e.g. be centred on its mean), a user metric function (it
+        may return one value per batch, which Keras counts once per batch, so a split would count
+        it once per part) nor a user Metric subclass (its state may be anything); user code then
+        also never runs on several threads at once."""
+        return self.kind is not None and all(
             type(metric).__module__ == metrics_mod.__name__ and type(metric) is not metrics_mod.MeanMetricWrapper
             for metric, _ in self.computed_metrics
         )
@@ -491,15 +492,15 @@ class Trainer:
     def _row_shards(self, b, rows):
         """The backend's row shards for a batch of ``rows``, or None to train it whole: only the
         model's own backend shards (a stand-in such as a timing proxy sees whole batches), only
-        with a built-in loss (a user loss may normalise by something other than the rows), only
-        with metrics whose sums add up over the shards (``Objective.rows_additive``) and only
-        when every layer treats rows independently (``Layer.rows_independent``)."""
+        with a built-in loss and metrics, whose sums add up over the shards
+        (``Objective.rows_additive``), and only when every layer treats rows independently
+        (``Layer.rows_independent``)."""
         shard = getattr(b, "row_shards", None)
         if shard is None or b is not self.backend:
             return None
         # each shard but the first keeps a gradient buffer the model's size
         shards = shard(rows, most=1 + _SHARD_GRADIENT_BYTES // max(1, self.grads.nbytes))
-        if shards is None or self.objective.kind is None or not self.objective.rows_additive:
+        if shards is None or not self.objective.rows_additive:
             return None
         return shards if all(layer.rows_independent for layer in self.layers) else None
 

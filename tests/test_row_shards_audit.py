@@ -82,3 +82,27 @@ def test_a_model_starting_with_normalization_trains_in_shards_and_matches(shards
     sharded = run()
     assert shards and {len(s) for s in shards} == {3}
     _close(sharded, _whole(monkeypatch, run), rtol=1e-12)
+
+
+class _CentredSquared(gpunn.losses.Loss):
+    """A user loss whose per-sample values depend on the batch (centred on its mean)."""
+
+    def call(self, y_true, y_pred):
+        d = y_pred - y_true
+        return ((d - d.mean(axis=0)) ** 2).sum(axis=-1)
+
+    def gradient(self, y_true, y_pred):
+        d = y_pred - y_true
+        return 2 * (d - d.mean(axis=0))
+
+
+def test_evaluate_runs_a_user_loss_on_the_callers_batches():
+    x, labels, _ = _data()
+    y = np.eye(3)[labels]
+    model = _mlp(metrics=[], loss=_CentredSquared())
+    with gpunn.use_backend("numpy"):
+        got = model.evaluate(x, y, batch_size=40, verbose=0)
+        pred = model.predict(x, verbose=0)
+    # Keras: the loss of each batch of 40, 40 and 21 rows, averaged over the rows
+    want = sum(_CentredSquared().call(y[lo : lo + 40], pred[lo : lo + 40]).sum() for lo in range(0, len(x), 40)) / len(x)
+    assert got == pytest.approx(want, rel=1e-12)
