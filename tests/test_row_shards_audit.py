@@ -106,3 +106,37 @@ def test_evaluate_runs_a_user_loss_on_the_callers_batches():
     # Keras: the loss of each batch of 40, 40 and 21 rows, averaged over the rows
     want = sum(_CentredSquared().call(y[lo : lo + 40], pred[lo : lo + 40]).sum() for lo in range(0, len(x), 40)) / len(x)
     assert got == pytest.approx(want, rel=1e-12)
+
+
+_NESTED_PREDICT = """
+import numpy as np, gpunn
+from gpunn import checks
+from gpunn.backend import numpy_backend
+# what a (1024, 128, 128) image batch does on 2 cores: each 256-row block's input check is
+# itself large enough to run on every core, from inside a block
+checks._PARALLEL_FINITE_VALUES = 64
+numpy_backend._usable_cores = lambda: 2
+numpy_backend._BLAS_ONE_THREAD.threads = lambda: 2
+model = gpunn.Sequential([gpunn.Input(shape=(8,)), gpunn.layers.Dense(3)])
+model.build()
+x = np.random.default_rng(0).standard_normal((3000, 8))
+np.testing.assert_allclose(model.predict(x, batch_size=256, verbose=0), x.astype(np.float32) @ model.get_weights()[0], rtol=1e-5, atol=1e-5)
+x[2500, 3] = np.nan
+try:
+    model.predict(x, verbose=0)
+except ValueError as exc:
+    assert "2500" in str(exc), exc
+else:
+    raise AssertionError("a NaN input was not reported")
+print("done")
+"""
+
+
+def test_predict_whose_blocks_check_their_input_on_every_core_does_not_deadlock():
+    import subprocess
+    import sys
+
+    # in a child process: the deadlock hung the caller forever (a pool worker waiting on a
+    # helper queued behind itself)
+    done = subprocess.run([sys.executable, "-c", _NESTED_PREDICT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]

@@ -116,6 +116,8 @@ class _BlasOneThread:
 _BLAS_ONE_THREAD = _BlasOneThread()
 _POOL: list = []  # the process's worker pool, made on first use (emptied in a forked child)
 _POOL_LOCK = threading.Lock()
+#: per thread: ``inside`` is True while the thread runs one of _run_blocks' blocks
+_IN_BLOCK = threading.local()
 
 
 def _usable_cores() -> int:
@@ -156,9 +158,11 @@ def _run_blocks(run, count, threads):
     """``run(i)`` for i in range(count) on up to ``threads`` threads (the caller's and the
     pool's), each taking the next index when done, with BLAS held at one thread meanwhile.
     Runs them in order on the caller alone when ``threads`` <= 1 or BLAS could not be held
-    (ours and BLAS's own threads would then fight over the cores).  After the others stop,
-    the error of the lowest failing index is raised."""
-    if threads <= 1:
+    (ours and BLAS's own threads would then fight over the cores), and when called from
+    within a block (e.g. predict's per-block input check on a large block): the outer call
+    already keeps every core busy, and a pool worker waiting on helpers queued behind itself
+    would deadlock.  After the others stop, the error of the lowest failing index is raised."""
+    if threads <= 1 or getattr(_IN_BLOCK, "inside", False):
         for i in range(count):
             run(i)
         return
@@ -166,15 +170,19 @@ def _run_blocks(run, count, threads):
     order = itertools.count()  # next() on it is atomic under the GIL
 
     def drain():
-        while True:
-            i = next(order)
-            if i >= count or (errors and i > min(errors)):
-                return
-            try:
-                run(i)
-            except BaseException as exc:  # re-raised in the caller below
-                errors[i] = exc
-                return
+        _IN_BLOCK.inside = True
+        try:
+            while True:
+                i = next(order)
+                if i >= count or (errors and i > min(errors)):
+                    return
+                try:
+                    run(i)
+                except BaseException as exc:  # re-raised in the caller below
+                    errors[i] = exc
+                    return
+        finally:
+            _IN_BLOCK.inside = False
 
     with _BLAS_ONE_THREAD as blas:
         helpers = [_worker_pool(threads - 1).submit(drain) for _ in range(threads - 1)] if blas.held() else []
