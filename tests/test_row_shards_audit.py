@@ -140,3 +140,32 @@ def test_predict_whose_blocks_check_their_input_on_every_core_does_not_deadlock(
     # helper queued behind itself)
     done = subprocess.run([sys.executable, "-c", _NESTED_PREDICT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+
+
+def test_an_interrupt_while_waiting_on_the_helpers_returns_only_after_they_stop(monkeypatch):
+    """Ctrl-C reaches the caller while a pool thread still runs a block writing into the
+    caller's buffers: the caller must not hand those buffers back (to the workspace pool)
+    before that block ends."""
+    import concurrent.futures
+    import threading
+
+    from gpunn.backend import numpy_backend
+
+    started, release, finished = threading.Event(), threading.Event(), []
+
+    def run(i):
+        if threading.current_thread().name.startswith("gpunn-rows"):
+            started.set()
+            release.wait(10)
+            finished.append(i)
+        else:
+            started.wait(10)
+
+    def interrupted(self, timeout=None):
+        threading.Timer(0.3, release.set).start()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(concurrent.futures.Future, "result", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        numpy_backend._run_blocks(run, 2, 2)
+    assert started.is_set() and len(finished) == 1

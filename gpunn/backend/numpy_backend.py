@@ -14,6 +14,7 @@ back to back on that core; meanwhile BLAS runs one thread per call
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import threading
@@ -186,9 +187,16 @@ def _run_blocks(run, count, threads):
 
     with _BLAS_ONE_THREAD as blas:
         helpers = [_worker_pool(threads - 1).submit(drain) for _ in range(threads - 1)] if blas.held() else []
-        drain()
-        for helper in helpers:
-            helper.result()
+        try:
+            drain()
+            for helper in helpers:
+                helper.result()
+        except BaseException as exc:  # e.g. Ctrl-C while waiting on the helpers
+            # they write into the caller's buffers (a training step's pooled workspace): stop
+            # them at their next block and return only once they have
+            errors.setdefault(-1, exc)
+            concurrent.futures.wait(helpers)
+            raise
     if errors:
         raise errors[min(errors)]
 
