@@ -169,3 +169,27 @@ def test_an_interrupt_while_waiting_on_the_helpers_returns_only_after_they_stop(
     with pytest.raises(KeyboardInterrupt):
         numpy_backend._run_blocks(run, 2, 2)
     assert started.is_set() and len(finished) == 1
+
+
+def test_large_input_checks_keep_to_the_blas_thread_limit(monkeypatch):
+    import threading
+
+    from threadpoolctl import threadpool_limits
+
+    from gpunn import checks
+    from gpunn.backend import numpy_backend
+
+    monkeypatch.setattr(checks, "_PARALLEL_FINITE_VALUES", 64)
+    monkeypatch.setattr(numpy_backend, "_usable_cores", lambda: 2)
+    seen = set()
+    isfinite = np.isfinite
+
+    def spy(a, *args, **kwargs):
+        seen.add(threading.current_thread().name)
+        return isfinite(a, *args, **kwargs)
+
+    monkeypatch.setattr(np, "isfinite", spy)
+    x = np.ones((400, 8))
+    with threadpool_limits(1, user_api="blas"):
+        checks.finite(x, "x")
+    assert seen == {threading.current_thread().name}

@@ -203,8 +203,10 @@ def _run_blocks(run, count, threads):
 
 def run_on_cores(run, count):
     """``run(i)`` for i in range(count) on up to one thread per core (the caller's and the
-    backend's pool), for memory-bound NumPy work that releases the GIL; see _run_blocks."""
-    _run_blocks(run, count, min(count, _usable_cores()))
+    backend's pool), for memory-bound NumPy work that releases the GIL; see _run_blocks.
+    No more threads than NumPy's BLAS may use, as row blocks: ``threadpool_limits(1)`` (or
+    gpunn.distributed's share of the cores per process) is how users keep a process to one core."""
+    _run_blocks(run, count, min(count, _usable_cores(), _BLAS_ONE_THREAD.threads()))
 
 
 def _dropout_scalars(dropout, dtype, width):
