@@ -588,17 +588,24 @@ class Trainer:
 
     def _evaluate_blocks(self, run_blocks, data, index, acc):
         """test_step over ``data`` in the backend's row blocks (``run_row_blocks``), each block
-        into its own accumulators, added to ``acc`` in row order at the end."""
+        into its own accumulators, added to ``acc`` in row order as soon as every block before
+        it is done: the same additions as after the last block, but only the few blocks that
+        finished out of order wait (a block's metric states, e.g. a multi-label AUC's, times
+        thousands of blocks would not fit in memory)."""
         widths = [self.input_dim] + [layer.output_dim for layer in self.layers]
-        parts = {}
+        finished, lock = {}, threading.Lock()
+        added = [0]  # the rows added to acc so far, [0, added[0])
 
         def run(lo, hi):
-            parts[lo] = self.accumulators()
-            self._test_rows(data, index, lo, hi, parts[lo])
+            part = self.accumulators()
+            self._test_rows(data, index, lo, hi, part)
+            with lock:
+                finished[lo] = (hi, part)
+                while added[0] in finished:
+                    added[0], first = finished.pop(added[0])
+                    acc.add(first)
 
         run_blocks(run, data.rows, self.backend.inference_block_rows(widths))
-        for lo in sorted(parts):
-            acc.add(parts[lo])
 
     def train_on_batch(self, data):
         """One step on all of ``data`` (a data_adapter source) as one batch; returns its logs."""

@@ -193,3 +193,47 @@ def test_large_input_checks_keep_to_the_blas_thread_limit(monkeypatch):
     with threadpool_limits(1, user_api="blas"):
         checks.finite(x, "x")
     assert seen == {threading.current_thread().name}
+
+
+def test_evaluate_in_row_blocks_holds_few_block_sums_at_once(monkeypatch):
+    import weakref
+
+    from threadpoolctl import threadpool_limits
+
+    from gpunn.backend import numpy_backend
+    from gpunn.training import Trainer
+
+    monkeypatch.setattr(numpy_backend, "_MIN_BLOCK_ROWS", 8)
+    monkeypatch.setattr(numpy_backend, "_BLOCK_ROWS", 8)
+    x, labels, w = _data(rows=400)
+    model = _mlp(metrics=["accuracy", gpunn.metrics.AUC(multi_label=True, num_labels=3)])
+    with gpunn.use_backend("numpy"):
+        want = model.evaluate(x, labels, sample_weight=w, batch_size=400, verbose=0, callbacks=[_PerBatch()], return_dict=True)
+        made, alive = [], []
+        accumulators = Trainer.accumulators
+
+        def spy(self, *args, **kwargs):
+            alive.append(sum(ref() is not None for ref in made))
+            acc = accumulators(self, *args, **kwargs)
+            made.append(weakref.ref(acc))
+            return acc
+
+        monkeypatch.setattr(Trainer, "accumulators", spy)
+        got = model.evaluate(x, labels, sample_weight=w, batch_size=400, verbose=0, return_dict=True)
+        assert len(made) == 1 + 50  # the call's own, one per block of 8 rows
+        made.clear(), alive.clear()
+        with threadpool_limits(1, user_api="blas"):  # blocks in order on this thread
+            alone = model.evaluate(x, labels, sample_weight=w, batch_size=400, verbose=0, return_dict=True)
+    # a block's sums wait only for the blocks before it to finish (before: every block's, to the end)
+    assert len(made) == 1 + 50 and max(alive) <= 2
+    for logs in (got, alone):
+        assert logs.keys() == want.keys()
+        for key in logs:
+            assert logs[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
+
+
+class _PerBatch(gpunn.callbacks.Callback):
+    """Overrides a per-batch test hook: evaluate then runs the caller's batches, whole."""
+
+    def on_test_batch_end(self, batch, logs=None):
+        pass
