@@ -237,3 +237,15 @@ class _PerBatch(gpunn.callbacks.Callback):
 
     def on_test_batch_end(self, batch, logs=None):
         pass
+
+
+def test_a_worker_pool_handed_out_stays_usable_when_a_larger_one_replaces_it(monkeypatch):
+    """Two threads running row blocks at once with different thread counts (a small and a large
+    predict on a many-core machine): one may be handed the pool just before the other grows it."""
+    from gpunn.backend import numpy_backend
+
+    monkeypatch.setattr(numpy_backend, "_POOL", [])
+    small = numpy_backend._worker_pool(1)
+    large = numpy_backend._worker_pool(3)
+    assert large is not small and numpy_backend._worker_pool(2) is large
+    assert small.submit(lambda: 7).result(timeout=30) == 7

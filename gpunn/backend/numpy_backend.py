@@ -131,8 +131,10 @@ def _usable_cores() -> int:
 def _worker_pool(threads):
     with _POOL_LOCK:
         if not _POOL or _POOL[0]._max_workers < threads:
-            if _POOL:
-                _POOL.pop().shutdown(wait=False)
+            # a larger pool replaces it, unshut: another thread may have been handed the old one
+            # and not yet submitted to it (a shut-down pool refuses, RuntimeError); its idle
+            # threads exit once nothing refers to it
+            _POOL.clear()
             _POOL.append(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpunn-rows"))
         return _POOL[0]
 
