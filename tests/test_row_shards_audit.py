@@ -249,3 +249,26 @@ def test_a_worker_pool_handed_out_stays_usable_when_a_larger_one_replaces_it(mon
     large = numpy_backend._worker_pool(3)
     assert large is not small and numpy_backend._worker_pool(2) is large
     assert small.submit(lambda: 7).result(timeout=30) == 7
+
+
+def test_row_blocks_do_not_wait_for_a_pool_busy_with_another_threads_blocks():
+    """A training step beside a long predict in another thread: when the pool's workers are all
+    busy, the caller runs every block itself and returns without waiting for them."""
+    import threading
+
+    from gpunn.backend import numpy_backend
+
+    release = threading.Event()
+    pool = numpy_backend._worker_pool(1)
+    busy = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+    safety = threading.Timer(10, release.set)
+    safety.start()
+    try:
+        done = []
+        numpy_backend._run_blocks(done.append, 4, 2)
+        assert sorted(done) == [0, 1, 2, 3] and not release.is_set()
+    finally:
+        release.set()
+        safety.cancel()
+        for future in busy:
+            future.result(timeout=60)

@@ -192,7 +192,11 @@ def _run_blocks(run, count, threads):
         try:
             drain()
             for helper in helpers:
-                helper.result()
+                # a helper still queued (the pool busy with another thread's blocks, e.g. a
+                # long predict beside a training step) has nothing left to do: drop it
+                # rather than wait for the other thread's work to end
+                if not helper.cancel():
+                    helper.result()
         except BaseException as exc:  # e.g. Ctrl-C while waiting on the helpers
             # they write into the caller's buffers (a training step's pooled workspace): stop
             # them at their next block and return only once they have
