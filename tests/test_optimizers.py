@@ -204,3 +204,36 @@ def test_at_most_one_clipping_option(pair):
     with pytest.raises(ValueError, match="at most one") as info:
         gpunn.optimizers.Adam(**{pair[0]: 1.0, pair[1]: 1.0})
     assert pair[0] in str(info.value) and pair[1] in str(info.value)
+
+
+# A Keras 3.15 ``keras.optimizers.serialize(keras.optimizers.Adam(learning_rate=0.002))``, verbatim.
+KERAS_ADAM = {
+    "module": "keras.optimizers", "class_name": "Adam", "registered_name": None,
+    "config": {"name": "adam", "learning_rate": 0.002, "weight_decay": None, "clipnorm": None, "global_clipnorm": None,
+               "clipvalue": None, "use_ema": False, "ema_momentum": 0.99, "ema_overwrite_frequency": None,
+               "loss_scale_factor": None, "gradient_accumulation_steps": None, "beta_1": 0.9, "beta_2": 0.999,
+               "epsilon": 1e-07, "amsgrad": False},
+}  # fmt: skip
+
+
+def test_keras_serialized_optimizers_and_their_inert_options_are_taken():
+    adam = gpunn.optimizers.get(KERAS_ADAM)
+    assert isinstance(adam, gpunn.optimizers.Adam) and adam.learning_rate == 0.002 and adam.epsilon == 1e-07
+    sgd = gpunn.optimizers.get({"class_name": "SGD", "config": {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True}})
+    assert isinstance(sgd, gpunn.optimizers.SGD) and sgd.momentum == 0.9 and sgd.nesterov
+    labelled = gpunn.optimizers.RMSprop(0.01, name="my_rmsprop", use_ema=False, ema_momentum=0.9, loss_scale_factor=None)
+    assert labelled.get_config()["name"] == "rmsprop"  # the label is Keras's; gpunn's config names the class
+    model = gpunn.Sequential([gpunn.Input(shape=(2,)), gpunn.layers.Dense(1)])
+    model.compile(optimizer=KERAS_ADAM, loss="mse")
+    assert isinstance(model.optimizer, gpunn.optimizers.Adam)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("use_ema", True), ("gradient_accumulation_steps", 4), ("loss_scale_factor", 128.0), ("name", 3)],
+)
+def test_keras_options_gpunn_cannot_honour_are_refused_by_name(option, value):
+    with pytest.raises(ValueError, match=f"^{option}: "):
+        gpunn.optimizers.Adam(**{option: value})
+    with pytest.raises(ValueError, match="config' of a serialized optimizer"):
+        gpunn.optimizers.get({"class_name": "Adam", "config": [1]})

@@ -33,7 +33,23 @@ class Optimizer:
     #: initial value of each state row by slot name (0 when absent)
     _initial_values: dict[str, float] = {}
 
-    def __init__(self, learning_rate=0.001, weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None):
+    def __init__(self, learning_rate=0.001, weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None, loss_scale_factor=None,
+                 gradient_accumulation_steps=None, name=None):  # fmt: skip
+        # Keras's further options, accepted at the values that leave the update as it is, so that a
+        # Keras script or a saved Keras config (get_config() lists them all) runs unchanged
+        if use_ema is not False:
+            raise ValueError(f"use_ema: gpunn keeps no moving average of the weights (Keras's EMA); expected False, got {use_ema!r}")
+        if loss_scale_factor is not None:
+            raise ValueError(f"loss_scale_factor: gpunn computes in float32/float64 and scales no loss; expected None, got {loss_scale_factor!r}")
+        if gradient_accumulation_steps is not None:
+            raise ValueError(
+                f"gradient_accumulation_steps: gpunn updates after every batch; expected None, got {gradient_accumulation_steps!r} "
+                "(a larger batch_size averages the gradient over more samples instead)"
+            )
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"name: expected a string (Keras's label of the optimizer), got {name!r}")
+        del ema_momentum, ema_overwrite_frequency  # read by Keras only with use_ema=True
         self._learning_rate = None
         self.learning_rate = learning_rate
         self.weight_decay = None if weight_decay is None else positive_number(weight_decay, "weight_decay", allow_zero=True)
@@ -417,6 +433,12 @@ def get(identifier) -> Optimizer:
     if isinstance(identifier, Optimizer):
         return identifier
     if isinstance(identifier, dict):
+        if "class_name" in identifier:  # Keras's serialized form: {"class_name": "Adam", "config": {...}, ...}
+            config = identifier.get("config") or {}
+            if not isinstance(config, dict):
+                raise ValueError(f"optimizer: the 'config' of a serialized optimizer must be a dict, got {config!r}")
+            cls = lookup("optimizer", "optimizer", identifier["class_name"], _CLASSES)
+            return cls.from_config(config)
         cls = lookup("optimizer", "optimizer", identifier.get("name"), _CLASSES)
         return cls.from_config(identifier)
     return lookup("optimizer", "optimizer", identifier, _CLASSES)()
