@@ -107,6 +107,13 @@ class Layer:
     #: keyed by the row's place in the batch read ``TrainingPhase.first_row`` (Dropout does).
     rows_independent = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a subclass with its own call or backward (a user's Dense variant, say) may use the whole
+        # batch: it trains whole batches unless it says otherwise itself
+        if ("call" in vars(cls) or "backward" in vars(cls)) and "rows_independent" not in vars(cls):
+            cls.rows_independent = False
+
     def __init__(self, name=None, trainable=True, input_shape=None, input_dim=None, dtype=None):
         if name is None:
             base = _snake_case(type(self).__name__)

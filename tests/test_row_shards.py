@@ -306,3 +306,25 @@ def test_a_model_too_large_for_a_gradient_buffer_per_shard_trains_whole(shards, 
     monkeypatch.setattr(training, "_SHARD_GRADIENT_BYTES", 2 * params * 8 - 1)  # float64: less than 2 buffers
     _train("mlp", "sparse_categorical_crossentropy", "sgd", labels, epochs=1)
     assert shards == []
+
+
+def test_a_subclass_with_its_own_call_trains_whole_unless_it_says_otherwise(shards):
+    class BatchCentred(gpunn.layers.Dense):  # uses the whole batch: must not be split
+        def call(self, backend, x, y, z, activation=None, training=False, folded=None):
+            return super().call(backend, x - x.mean(axis=0), y, z, activation, training, folded)
+
+    class Renamed(gpunn.layers.Dense):  # only its constructor differs
+        def __init__(self, units, **kwargs):
+            super().__init__(units, activation="relu", **kwargs)
+
+    class DeclaredRowWise(BatchCentred):
+        rows_independent = True
+
+    assert not BatchCentred.rows_independent and Renamed.rows_independent and DeclaredRowWise.rows_independent
+    x, labels, _ = _data()
+    for first, sharded in ((BatchCentred(8), False), (Renamed(8), True)):
+        shards.clear()
+        model = gpunn.Sequential([gpunn.Input(shape=(FEATURES,)), first, gpunn.layers.Dense(3, activation="softmax")])
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        model.fit(x, labels, batch_size=40, epochs=1, verbose=0)
+        assert bool(shards) == sharded
