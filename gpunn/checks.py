@@ -69,7 +69,9 @@ def as_float_array(value, argument: str, dtype, row_offset: int = 0) -> np.ndarr
         raise TypeError(f"{argument}: expected real numbers, got complex dtype {arr.dtype}")
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(dtype, copy=False)
-    if out is not arr and np.issubdtype(arr.dtype, np.floating) and arr.size:
+    # a value too large for dtype became inf; when every value came out finite there is none
+    # (one fast pass instead of building the overflow mask of the whole array)
+    if out is not arr and np.issubdtype(arr.dtype, np.floating) and arr.size and not _all_finite(out):
         overflow = np.isinf(out) & np.isfinite(arr)
         if overflow.any():
             at = np.argwhere(overflow)[0]
