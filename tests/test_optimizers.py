@@ -206,20 +206,31 @@ def test_at_most_one_clipping_option(pair):
     assert pair[0] in str(info.value) and pair[1] in str(info.value)
 
 
-# A Keras 3.15 ``keras.optimizers.serialize(keras.optimizers.Adam(learning_rate=0.002))``, verbatim.
+# What Keras 3.15.1 (torch backend) printed, verbatim, for
+# ``keras.optimizers.serialize(keras.optimizers.Adam(learning_rate=0.002))`` and for
+# ``keras.optimizers.serialize(keras.optimizers.SGD(learning_rate=0.1, momentum=0.9, nesterov=True))``.
 KERAS_ADAM = {
-    "module": "keras.optimizers", "class_name": "Adam", "registered_name": None,
-    "config": {"name": "adam", "learning_rate": 0.002, "weight_decay": None, "clipnorm": None, "global_clipnorm": None,
-               "clipvalue": None, "use_ema": False, "ema_momentum": 0.99, "ema_overwrite_frequency": None,
-               "loss_scale_factor": None, "gradient_accumulation_steps": None, "beta_1": 0.9, "beta_2": 0.999,
-               "epsilon": 1e-07, "amsgrad": False},
+    "module": "keras.src.backend.torch.optimizers.torch_adam", "class_name": "Adam",
+    "config": {"name": "adam", "learning_rate": 0.0020000000949949026, "weight_decay": None, "clipnorm": None,
+               "global_clipnorm": None, "clipvalue": None, "use_ema": False, "ema_momentum": 0.99,
+               "ema_overwrite_frequency": None, "loss_scale_factor": None, "gradient_accumulation_steps": None,
+               "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-07, "amsgrad": False},
+    "registered_name": "Adam",
+}  # fmt: skip
+KERAS_SGD = {
+    "module": "keras.src.backend.torch.optimizers.torch_sgd", "class_name": "SGD",
+    "config": {"name": "sgd", "learning_rate": 0.10000000149011612, "weight_decay": None, "clipnorm": None,
+               "global_clipnorm": None, "clipvalue": None, "use_ema": False, "ema_momentum": 0.99,
+               "ema_overwrite_frequency": None, "loss_scale_factor": None, "gradient_accumulation_steps": None,
+               "momentum": 0.9, "nesterov": True},
+    "registered_name": "SGD",
 }  # fmt: skip
 
 
 def test_keras_serialized_optimizers_and_their_inert_options_are_taken():
     adam = gpunn.optimizers.get(KERAS_ADAM)
-    assert isinstance(adam, gpunn.optimizers.Adam) and adam.learning_rate == 0.002 and adam.epsilon == 1e-07
-    sgd = gpunn.optimizers.get({"class_name": "SGD", "config": {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True}})
+    assert isinstance(adam, gpunn.optimizers.Adam) and adam.learning_rate == pytest.approx(0.002) and adam.epsilon == 1e-07
+    sgd = gpunn.optimizers.get(KERAS_SGD)
     assert isinstance(sgd, gpunn.optimizers.SGD) and sgd.momentum == 0.9 and sgd.nesterov
     labelled = gpunn.optimizers.RMSprop(0.01, name="my_rmsprop", use_ema=False, ema_momentum=0.9, loss_scale_factor=None)
     assert labelled.get_config()["name"] == "rmsprop"  # the label is Keras's; gpunn's config names the class
