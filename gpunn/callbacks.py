@@ -205,7 +205,23 @@ class EarlyStopping(Callback):
             self.model.set_weights(self.best_weights)
 
 
-class ModelCheckpoint(Callback):
+class _SavesEveryNBatches:
+    """``save_freq`` as Keras 3 reads it: "epoch", or a save every n batches counted across epochs."""
+
+    _batches_since_save = 0
+
+    def _batch_save_due(self) -> bool:
+        """Count one more batch; True (and the count restarts) when ``save_freq`` batches have passed."""
+        if self.save_freq == "epoch":
+            return False
+        self._batches_since_save += 1
+        if self._batches_since_save < self.save_freq:
+            return False
+        self._batches_since_save = 0
+        return True
+
+
+class ModelCheckpoint(_SavesEveryNBatches, Callback):
     """Save the model (atomically) every epoch, or only when ``monitor`` improves.
 
     ``filepath`` may hold format fields such as ``{epoch:02d}`` or
@@ -262,12 +278,7 @@ class ModelCheckpoint(Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        # Keras 3's save_freq=n: a save every n batches, counted across epochs; {batch} is 1-based
-        if self.save_freq == "epoch":
-            return
-        self._batches_since_save += 1
-        if self._batches_since_save >= self.save_freq:
-            self._batches_since_save = 0
+        if self._batch_save_due():  # {batch} is 1-based
             self._save(f"Epoch {self._epoch + 1}, batch {batch + 1}", {**(logs or {}), "epoch": self._epoch + 1, "batch": batch + 1}, logs or {})
 
     def on_train_begin(self, logs=None):
@@ -509,7 +520,7 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-class BackupAndRestore(Callback):
+class BackupAndRestore(_SavesEveryNBatches, Callback):
     """Resume an interrupted ``fit`` (an exception, a killed process) where its last backup was
     taken: weights, optimizer state (slots, iteration count, learning rate) and gpunn's random
     generator (the following epochs shuffle as they would have).
@@ -553,7 +564,7 @@ class BackupAndRestore(Callback):
         self.resume_step = 0
         self._epoch = 0
         self._epoch_random_state = None
-        self._batches_since_backup = 0
+        self._batches_since_save = 0
 
     @property
     def wants_batch_logs(self):
@@ -581,7 +592,7 @@ class BackupAndRestore(Callback):
         return metadata
 
     def on_train_begin(self, logs=None):
-        self.resume_epoch, self.resume_step, self._batches_since_backup = None, 0, 0
+        self.resume_epoch, self.resume_step, self._batches_since_save = None, 0, 0
         if not os.path.exists(self._metadata_path):
             return
         metadata = self._read_metadata()
@@ -617,11 +628,7 @@ class BackupAndRestore(Callback):
         self._epoch, self._epoch_random_state = epoch, grandom.generator().bit_generator.state
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.save_freq == "epoch":
-            return
-        self._batches_since_backup += 1
-        if self._batches_since_backup >= self.save_freq:
-            self._batches_since_backup = 0
+        if self._batch_save_due():
             if batch + 1 == self.params.get("steps"):  # the epoch's last batch: resume with the next epoch
                 self._save(self._epoch + 1, 0, grandom.generator().bit_generator.state)
             else:
