@@ -163,3 +163,26 @@ def numpy_blas_threads():
     infos = [i for i in threadpool_info() if i["user_api"] == "blas"]
     mine = [i for i in infos if "numpy" in i["filepath"]] or infos
     return [i["num_threads"] for i in mine]
+
+
+def run_in_threads(fn, count):
+    """``[fn(0), ..., fn(count - 1)]``, each call on its own thread, all started before any is
+    joined; the first exception a call raised is re-raised here."""
+    import threading
+
+    results, errors = [None] * count, []
+
+    def work(i):
+        try:
+            results[i] = fn(i)
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -10,7 +10,7 @@ from threadpoolctl import threadpool_limits
 
 import gpunn
 from gpunn.backend.numpy_backend import NumpyBackend, _equal_blocks
-from helpers import numpy_blas_threads
+from helpers import numpy_blas_threads, run_in_threads
 
 FEATURES = 300  # wide enough that a few hundred rows make several inference blocks
 
@@ -95,20 +95,7 @@ def test_blas_threads_are_restored_after_predict_success_failure_and_overlap(mod
     with pytest.raises(ValueError):
         model.predict(bad, verbose=0)
     assert numpy_blas_threads() == before
-    outs, errors = [None] * 4, []
-
-    def work(i):
-        try:
-            outs[i] = model.predict(x[i * 10 :], batch_size=64, verbose=0)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    outs = run_in_threads(lambda i: model.predict(x[i * 10 :], batch_size=64, verbose=0), 4)
     assert numpy_blas_threads() == before
     full = model.predict(x, verbose=0)
     for i, out in enumerate(outs):

@@ -9,7 +9,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import gpunn
-from helpers import numpy_blas_threads
+from helpers import numpy_blas_threads, run_in_threads
 from gpunn.backend import numpy_backend
 from gpunn.backend.numpy_backend import NumpyBackend
 from gpunn.training import Trainer
@@ -238,20 +238,8 @@ def test_models_trained_in_threads_at_once_each_equal_their_lone_result(shards):
         return model.get_weights()
 
     alone = [train(i) for i in range(3)]
-    results, errors = [None] * 3, []
-
-    def work(i):
-        try:
-            results[i] = train(i)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(shards) >= 6 * 3 * 2
+    results = run_in_threads(train, 3)
+    assert len(shards) >= 6 * 3 * 2
     for got, want in zip(results, alone):
         for u, v in zip(got, want):
             np.testing.assert_array_equal(u, v)
