@@ -166,14 +166,16 @@ def numpy_blas_threads():
 
 
 def run_in_threads(fn, count):
-    """``[fn(0), ..., fn(count - 1)]``, each call on its own thread, all started before any is
-    joined; the first exception a call raised is re-raised here."""
+    """``[fn(0), ..., fn(count - 1)]``, each call on its own thread, the calls released together
+    (a barrier) so that they overlap; the first exception a call raised is re-raised here."""
     import threading
 
     results, errors = [None] * count, []
+    barrier = threading.Barrier(count)
 
     def work(i):
         try:
+            barrier.wait()
             results[i] = fn(i)
         except BaseException as exc:  # re-raised below
             errors.append(exc)

@@ -9,7 +9,7 @@ import gpunn
 from gpunn.callbacks import Callback
 from gpunn.layers import Dense
 
-from helpers import multiclass_data
+from helpers import multiclass_data, run_in_threads
 
 THREADS = 8
 ROWS = 150
@@ -21,27 +21,6 @@ def _model():
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy", "mae"])
     model.build()
     return model
-
-
-def _run_threads(work):
-    """Run ``work(thread_index)`` in THREADS threads started together; re-raise the first error."""
-    barrier = threading.Barrier(THREADS)
-    errors = []
-
-    def run(i):
-        try:
-            barrier.wait()
-            work(i)
-        except BaseException as exc:  # noqa: BLE001 - reported in the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def test_single_row_predicts_from_many_threads_match_a_serial_run():
@@ -56,7 +35,7 @@ def test_single_row_predicts_from_many_threads_match_a_serial_run():
         for k, i in enumerate(np.random.default_rng(t).permutation(ROWS)):  # each thread in its own order
             results[t, i] = calls[(k + t) % 3](x[i : i + 1])[0]
 
-    _run_threads(work)
+    run_in_threads(work, THREADS)
     for t in range(THREADS):
         np.testing.assert_array_equal(results[t], reference)
 
@@ -76,7 +55,7 @@ def test_evaluate_and_batched_predict_from_many_threads_match_a_serial_run():
             assert got[t] == expected[t]
             np.testing.assert_array_equal(outputs[t], predicted)
 
-    _run_threads(work)
+    run_in_threads(work, THREADS)
 
 
 def test_a_second_concurrent_fit_is_refused_with_a_clear_error():
